@@ -1,0 +1,1 @@
+"""The edge agent: onnxruntime inference, torch fine-tuning, selective uploads."""

@@ -1,0 +1,103 @@
+"""Prune a model, export it to ONNX, quantize it to int8 and report what that bought.
+
+The model is a zoo name (cnn, alexnet, vgg16, resnet18) or your own architecture as
+package.module:factory (a zero-argument callable returning the unpruned nn.Module),
+optionally with trained weights (--weights, a torch state_dict file). Without weights
+the model is pre-trained briefly on the data set first.
+
+examples:
+  pqsu export --model cnn --prune 0.5 --out cnn.int8.onnx
+  pqsu export --model vgg16 --weights vgg16.pt --prune 0.5 --calib-samples 512
+  pqsu export --model mypkg.nets:small_net --dataset mnist --data-root ~/mnist --no-prune
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pqsu.protocol.errors import PqsuError
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"prune ratio must be in (0, 1), got {value}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="cnn", help="zoo name or package.module:factory (default: cnn)")
+    p.add_argument("--weights", help="trained state_dict (.pt) for --model; without it the model is pre-trained")
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist or cifar10 (default: fashion-mnist)")
+    p.add_argument("--data-root", help="folder with the data set files (default: the data set's standard place)")
+    prune = p.add_mutually_exclusive_group()
+    prune.add_argument("--prune", type=_ratio, default=0.5, metavar="RATIO",
+                       help="fraction of channels to remove from every prunable layer (default: 0.5)")
+    prune.add_argument("--no-prune", action="store_true", help="export without pruning")
+    p.add_argument("--round-to", type=int, help="keep pruned widths multiples of this (e.g. 8 for int8 kernels)")
+    p.add_argument("--pretrain-epochs", type=float, help="epochs of pre-training (default: 1 without --weights, else 0)")
+    p.add_argument("--finetune-epochs", type=float, default=0.5, help="epochs of fine-tuning after pruning (default: 0.5)")
+    p.add_argument("--train-samples", type=int, help="train on a random subset of this size (default: all)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--calib-samples", type=int, default=256, help="training samples used to calibrate int8 (default: 256)")
+    p.add_argument("--calib-method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--eval-samples", type=int, help="test samples for the accuracy figures (default: the whole test split)")
+    p.add_argument("--latency-repeats", type=int, default=30, help="timed runs per latency figure (median is reported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/export/model.int8.onnx", help="int8 ONNX file to write (default: %(default)s)")
+    p.add_argument("--fp32-out", help="also keep the pruned fp32 ONNX file here")
+    p.add_argument("--report", help="JSON report path (default: report.json next to --out)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pqsu.export.pipeline import ExportConfig, run_export  # torch is imported only when exporting
+
+    for name in ("calib_samples", "latency_repeats", "batch_size"):
+        if getattr(args, name) < 1:
+            raise PqsuError(f"--{name.replace('_', '-')} must be at least 1")
+    out = Path(args.out)
+    report_path = Path(args.report) if args.report else out.with_name("report.json")
+    cfg = ExportConfig(model=args.model, weights=args.weights, dataset=args.dataset, data_root=args.data_root,
+                       prune=None if args.no_prune else args.prune, round_to=args.round_to,
+                       pretrain_epochs=args.pretrain_epochs, finetune_epochs=args.finetune_epochs,
+                       train_samples=args.train_samples, batch_size=args.batch_size, lr=args.lr,
+                       calib_samples=args.calib_samples, calib_method=args.calib_method,
+                       eval_samples=args.eval_samples, latency_repeats=args.latency_repeats, seed=args.seed,
+                       out=str(out), fp32_out=args.fp32_out, progress=not args.no_progress)
+    report = run_export(cfg)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    print(format_report(report.to_dict()))
+    print(f"\nint8 model: {out}  (model id {report.model_id})\nreport:     {report_path}")
+    return 0
+
+
+def format_report(r: dict) -> str:
+    """The report as a plain-text table a person reads in the terminal."""
+    lat = r["latency_ms"]
+    rows = [
+        ("", "unpruned fp32", f"pruned {r['prune_ratio']:.0%} fp32", f"pruned {r['prune_ratio']:.0%} int8"),
+        ("parameters", f"{r['params_fp32']:,}", f"{r['params_pruned']:,}", f"{r['params_pruned']:,}"),
+        ("MACs / sample", f"{r['macs_fp32']:,}", f"{r['macs_pruned']:,}", f"{r['macs_pruned']:,}"),
+        ("ONNX bytes", f"{r['bytes_fp32_onnx']:,}", f"{r['bytes_pruned_fp32_onnx']:,}", f"{r['bytes_int8_onnx']:,}"),
+        ("accuracy", f"{r['acc_unpruned_fp32']:.2%}", f"{r['acc_fp32']:.2%}", f"{r['acc_int8']:.2%}"),
+        ("latency b1 ms", f"{lat['torch_fp32_unpruned_b1']:.2f} (torch)", f"{lat['ort_fp32_pruned_b1']:.2f} (ort)",
+         f"{lat['ort_int8_pruned_b1']:.2f} (ort)"),
+        ("latency b64 ms", f"{lat['torch_fp32_unpruned_b64']:.2f} (torch)", f"{lat['ort_fp32_pruned_b64']:.2f} (ort)",
+         f"{lat['ort_int8_pruned_b64']:.2f} (ort)"),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [f"{r['model']} on {r['dataset']} ({r['eval_samples']} test samples)"]
+    lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+              for row in rows]
+    ratios = r["ratios"]
+    lines.append(f"size {ratios['size_fp32_over_int8']:.1f}x smaller, batch-1 {ratios['speedup_b1_int8_ort_vs_torch_fp32']:.1f}x "
+                 f"faster than unpruned fp32 torch; int8/fp32 argmax agreement {r['argmax_agreement']:.2%}; "
+                 f"bridge worst error {r['bridge_worst_error_steps']:.3f} quantization steps")
+    return "\n".join(lines)

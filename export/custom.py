@@ -1,0 +1,96 @@
+"""Users' own architectures, named `package.module:factory`.
+
+`factory()` returns the unpruned `nn.Module`. A pruned copy is rebuilt by building it
+and shrinking it to the recorded per-layer widths through the dependency graph, so no
+widths-aware constructor is needed. Importing a module named in a file is code
+execution, so a model that came over the network is only rebuilt this way when the
+receiver explicitly allows custom architectures.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pqsu.export.pruning import fold_batchnorm, layer_widths, shrink_to_widths
+from pqsu.export.zoo import ARCHS, ModelSpec, ZooError, build_model
+
+
+def is_custom(arch: str) -> bool:
+    return ":" in arch
+
+
+def load_factory(arch: str):
+    module_name, _, attr = arch.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ZooError(f"cannot import architecture {arch!r} ({exc}); give a zoo name "
+                       f"({', '.join(ARCHS)}) or package.module:factory on the PYTHONPATH") from None
+    if not callable(factory):
+        raise ZooError(f"{arch!r} is not callable")
+    return factory
+
+
+def custom_model(arch: str, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The user's unpruned model, with a spec attached so it flows through the pipeline."""
+    model = load_factory(arch)()
+    if not isinstance(model, nn.Module):
+        raise ZooError(f"{arch}() returned {type(model).__name__}, not an nn.Module")
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(1, *in_shape))
+    if out.shape != (1, num_classes):
+        raise ZooError(f"{arch}() maps input {tuple(in_shape)} to {tuple(out.shape[1:])}, expected ({num_classes},)")
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    model.spec = ModelSpec(arch, layer_widths(model), tuple(in_shape), num_classes, has_bn)  # type: ignore[arg-type]
+    return model
+
+
+def build_any(spec: ModelSpec, *, allow_custom: bool = False) -> nn.Module:
+    """A fresh model for `spec`: a zoo architecture, or (when allowed) a user's own."""
+    if not is_custom(spec.arch):
+        return build_model(spec)
+    if not allow_custom:
+        raise ZooError(f"model uses custom architecture {spec.arch!r}; allow custom architectures "
+                       "to import and run that code")
+    model = custom_model(spec.arch, spec.in_shape, spec.num_classes)
+    shrink_to_widths(model.eval(), spec.widths, torch.zeros(1, *spec.in_shape))
+    if not spec.batchnorm:
+        fold_batchnorm(model)
+    model.spec = spec
+    return model
+
+
+def load_state_dict_file(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a user's state_dict (a local .pt file) safely: tensors only, shapes checked."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ZooError(f"weights file {path} does not exist") from None
+    except Exception as exc:  # a corrupt or non-torch file raises many types
+        raise ZooError(f"cannot read weights {path}: {exc}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ZooError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+             if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
+                 f"wrong shapes {wrong[:5]}" if wrong else ""]
+        raise ZooError(f"{path} does not match architecture {model.spec.arch}: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(state)
+    return model
+
+
+def spec_of(model: nn.Module) -> ModelSpec:
+    """The spec of a zoo or custom model as it is now (after pruning or BN folding)."""
+    widths = model.widths() if hasattr(model, "widths") else layer_widths(model)
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    return dataclasses.replace(model.spec, widths=tuple(widths), batchnorm=has_bn)

@@ -1,0 +1,1 @@
+"""The edge<->cloud contract: topics, messages, update codec, chunking. Depends on numpy only."""

@@ -1,0 +1,1 @@
+"""Command line, one-machine fleet, board bundles and benchmarks."""

@@ -1,0 +1,56 @@
+"""`pqsu`: one console script, one subcommand per entry point.
+
+Subcommand modules are imported only when chosen, so `pqsu edge` on a board never
+imports torch-pruning or matplotlib, and `pqsu --help` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pqsu.protocol.errors import PqsuError
+
+# name -> (module exposing add_arguments(parser) and run(args) -> int, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("pqsu.export.command", "prune a model, export it to ONNX, quantize to int8, report"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pqsu",
+        description="fl-pqsu: federated learning for small boards with structured Pruning, "
+        "int8 Quantization and Selective Updating.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        sp = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sp)
+        sp.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Our progress at INFO; third-party libraries (the ONNX exporter is chatty) only at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("pqsu").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return int(args._module.run(args) or 0)
+    except PqsuError as exc:
+        print(f"pqsu {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pqsu {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
