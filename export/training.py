@@ -64,7 +64,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig = Tra
         loss = F.cross_entropy(model(xb), yb)
         loss.backward()
         opt.step()
-        loss_sum, steps, seen = loss_sum + float(loss), steps + 1, seen + len(idx)
+        loss_sum, steps, seen = loss_sum + loss.item(), steps + 1, seen + len(idx)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum / steps:.3f}")
         if cfg.time_budget_s is not None and time.perf_counter() - start > cfg.time_budget_s:

@@ -15,6 +15,7 @@ from pqsu.protocol.errors import PqsuError
 # name -> (module exposing add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("pqsu.export.command", "prune a model, export it to ONNX, quantize to int8, report"),
+    "bench": ("pqsu.tools.bench", "run the measured benchmarks and print the ratios"),
 }
 
 

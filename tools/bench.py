@@ -1,0 +1,97 @@
+"""Run measured benchmarks and print the ratios that fl-pqsu's targets are stated in.
+
+Every figure is measured in this run on this machine; the JSON and markdown written
+under runs/bench-<date>/ are generated from those measurements, never edited by hand.
+
+suites:
+  export   zoo models pruned and quantized: size, latency, accuracy fp32 vs int8, bridge error
+  codec    update codec: bytes of a top-1% update vs dense fp32, encode/decode/aggregate speed
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("suites", nargs="*", default=["export", "codec"], help="suites to run (default: all)")
+    p.add_argument("--quick", action="store_true", help="small smoke version (used by the tests)")
+    p.add_argument("--out", help="output folder (default: runs/bench-<date>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pqsu.protocol.errors import PqsuError
+
+    suites = {"export": _export_suite, "codec": _codec_suite}
+    unknown = [s for s in args.suites if s not in suites]
+    if unknown:
+        raise PqsuError(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(suites)}")
+    out = Path(args.out or f"runs/bench-{dt.date.today().isoformat()}")
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
+               "quick": args.quick}
+    for name in args.suites:
+        start = time.perf_counter()
+        log.info("suite %s", name)
+        results[name] = suites[name](args.quick, out)
+        results[name]["seconds"] = round(time.perf_counter() - start, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(to_markdown(results))
+    print(to_markdown(results))
+    print(f"written: {out / 'results.json'}, {out / 'results.md'}")
+    return 0
+
+
+def _export_suite(quick: bool, out: Path) -> dict:
+    from pqsu.export.pipeline import ExportConfig, run_export
+    from pqsu.tools.bench_export import bridge_errors
+
+    # (model, samples to pre-train on, pre-train epochs, fine-tune epochs); CPU-sized "brief" training.
+    plans = [("vgg16", 3000, 1.0, 0.3), ("cnn", 60000, 1.0, 0.5), ("alexnet", 10000, 1.0, 0.5)]
+    if quick:
+        plans = [("cnn", 2000, 1.0, 0.2)]
+    reports = {}
+    for model, samples, pre, ft in plans:
+        cfg = ExportConfig(model=model, prune=0.5, pretrain_epochs=pre, finetune_epochs=ft, train_samples=samples,
+                           eval_samples=1000 if quick else None, latency_repeats=5 if quick else 30,
+                           out=str(out / f"{model}.int8.onnx"), progress=False)
+        r = run_export(cfg).to_dict()
+        r["train_samples"] = samples
+        reports[model] = r
+        log.info("%s: int8 acc %.4f fp32 acc %.4f unpruned %.4f", model, r["acc_int8"], r["acc_fp32"], r["acc_unpruned_fp32"])
+    return {"reports": reports, "bridge_worst_error_steps": bridge_errors(["cnn"] if quick else None)}
+
+
+def _codec_suite(quick: bool, out: Path) -> dict:
+    from pqsu.tools import bench_codec
+
+    return bench_codec.run(quick=quick)
+
+
+def to_markdown(results: dict) -> str:
+    lines = [f"# fl-pqsu benchmarks ({dt.datetime.now().isoformat(timespec='minutes')})", ""]
+    if "export" in results:
+        lines += ["## Export: pruned 50% + int8 ONNX vs unpruned fp32", "",
+                  "| model | trained on | acc unpruned fp32 | acc pruned fp32 | acc pruned int8 | int8 vs fp32 | "
+                  "argmax agree | ONNX size ratio | b1 speed-up vs torch fp32 | b64 speed-up |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in results["export"]["reports"].items():
+            ratios = r["ratios"]
+            lines.append(
+                f"| {name} | {r['train_samples']} | {r['acc_unpruned_fp32']:.2%} | {r['acc_fp32']:.2%} | "
+                f"{r['acc_int8']:.2%} | {100 * (r['acc_int8'] - r['acc_fp32']):+.2f} pt | {r['argmax_agreement']:.2%} | "
+                f"{ratios['size_fp32_over_int8']:.1f}x | {ratios['speedup_b1_int8_ort_vs_torch_fp32']:.1f}x | "
+                f"{ratios['speedup_b64_int8_ort_vs_torch_fp32']:.1f}x |")
+        lines += ["", "Bridge (int8 ONNX -> torch) worst weight error, in quantization steps (bound 0.5):", ""]
+        lines += [f"- {k}: {v:.4f}" for k, v in results["export"]["bridge_worst_error_steps"].items()]
+        lines.append("")
+    if "codec" in results:
+        lines += ["## Update codec", "", "```", json.dumps(results["codec"], indent=2), "```", ""]
+    return "\n".join(lines)
