@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from pqsu.export.custom import build_any
-from pqsu.export.zoo import ModelSpec
+from pqsu.export.zoo import ModelSpec, ZooError
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.model_id import ModelIdError
 from pqsu.protocol.model_info import ModelInfo, ModelInfoError
@@ -40,6 +40,14 @@ class Int8Weights:
 
 def read_int8_weights(source: str | Path | bytes) -> Int8Weights:
     """Dequantize every weight initializer of an fl-pqsu int8 ONNX file."""
+    weights = read_weights(source)
+    if weights.info.precision != "int8" or not any(s.any() for s in weights.steps.values()):
+        raise BridgeError("not an int8 model: it has no int8 weights (quantize it with `pqsu export`)")
+    return weights
+
+
+def read_weights(source: str | Path | bytes) -> Int8Weights:
+    """The weights of an fl-pqsu ONNX file, int8 (dequantized) or fp32 (steps are zero)."""
     from pqsu.export.onnx_export import read_info  # onnx_export pulls in the exporter; only needed here
 
     data = source if isinstance(source, bytes) else _read(source)
@@ -67,10 +75,7 @@ def read_int8_weights(source: str | Path | bytes) -> Int8Weights:
         name = node.input[0].removesuffix(QUANTIZED_SUFFIX)
         values[name] = ((q.astype(np.int64) - zero) * scale).astype(np.float32)
         steps[name] = np.broadcast_to(scale, q.shape)
-    if info.precision != "int8" or not any(inits[n + QUANTIZED_SUFFIX].data_type == onnx.TensorProto.INT8
-                                           for n in values if n + QUANTIZED_SUFFIX in inits):
-        raise BridgeError("not an int8 model: it has no int8 weights (quantize it with `pqsu export`)")
-    for name, tensor in inits.items():  # weights the quantizer left in fp32 (ops it does not cover)
+    for name, tensor in inits.items():  # fp32 models, and weights the quantizer left in fp32
         if tensor.data_type == onnx.TensorProto.FLOAT and name not in values and "." in name:
             values[name] = numpy_helper.to_array(tensor).astype(np.float32)
             steps[name] = np.zeros(values[name].shape, np.float32)
@@ -95,9 +100,20 @@ def worst_error_in_steps(reference: dict[str, np.ndarray], weights: Int8Weights)
 
 def torch_model_from_int8(source: str | Path | bytes, *, allow_custom: bool = False) -> tuple[nn.Module, ModelInfo]:
     """Rebuild the torch model an int8 ONNX file was exported from, with its dequantized weights."""
-    weights = read_int8_weights(source)
-    spec = dataclasses.replace(ModelSpec.from_dict(weights.info.spec), batchnorm=False)
-    model = build_any(spec, allow_custom=allow_custom)
+    return _rebuild(read_int8_weights(source), allow_custom)
+
+
+def torch_model_from_onnx(source: str | Path | bytes, *, allow_custom: bool = False) -> tuple[nn.Module, ModelInfo]:
+    """Like `torch_model_from_int8`, but fp32 fl-pqsu files are accepted too (the FedAvg baseline)."""
+    return _rebuild(read_weights(source), allow_custom)
+
+
+def _rebuild(weights: Int8Weights, allow_custom: bool) -> tuple[nn.Module, ModelInfo]:
+    try:
+        spec = dataclasses.replace(ModelSpec.from_dict(weights.info.spec), batchnorm=False)
+        model = build_any(spec, allow_custom=allow_custom)
+    except ZooError as exc:  # the file declares an architecture this board cannot build
+        raise BridgeError(f"cannot rebuild the model the file declares: {exc}") from None
     load_weights(model, weights.values)
     return model.eval(), weights.info
 

@@ -70,8 +70,9 @@ def load_state_dict_file(model: nn.Module, path: str | Path) -> nn.Module:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ZooError(f"weights file {path} does not exist") from None
-    except Exception as exc:  # a corrupt or non-torch file raises many types
-        raise ZooError(f"cannot read weights {path}: {exc}") from None
+    except Exception as exc:  # a corrupt or non-torch file raises many types, with long advice
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ZooError(f"{path} is not a PyTorch state_dict file (torch.save): {first}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

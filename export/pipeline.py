@@ -16,7 +16,7 @@ from torch import nn
 
 from pqsu.export import measure
 from pqsu.export.bridge import read_int8_weights, worst_error_in_steps
-from pqsu.export.custom import custom_model, is_custom, load_state_dict_file, spec_of
+from pqsu.export.custom import custom_model, is_custom, load_factory, load_state_dict_file, spec_of
 from pqsu.export.datasets import ArrayDataset, load_dataset
 from pqsu.export.onnx_export import export_onnx
 from pqsu.export.pruning import fold_batchnorm, prune_model
@@ -96,6 +96,10 @@ class ExportReport:
 
 def run_export(cfg: ExportConfig) -> ExportReport:
     torch.manual_seed(cfg.seed)
+    if is_custom(cfg.model):  # fail on a wrong model name before loading any data
+        load_factory(cfg.model)
+    else:
+        default_spec(cfg.model)
     log.info("[1/6] loading %s", cfg.dataset)
     train_data = load_dataset(cfg.dataset, "train", cfg.data_root)
     test_data = load_dataset(cfg.dataset, "test", cfg.data_root)

@@ -57,11 +57,19 @@ def prune_model(model: nn.Module, ratio: float, example_input: torch.Tensor, *,
     """
     if not 0.0 < ratio < 1.0:
         raise PruneError(f"prune ratio must be in (0, 1), got {ratio}")
+    keep = list(keep or [])
     if not inplace:
+        # `keep` names layers of the caller's model: find their counterparts in the copy.
+        names = {id(m): n for n, m in model.named_modules()}
+        missing = [m for m in keep if id(m) not in names]
+        if missing:
+            raise PruneError(f"{len(missing)} layer(s) in `keep` are not part of the model")
         model = copy.deepcopy(model)
+        copied = dict(model.named_modules())
+        keep = [copied[names[id(m)]] for m in keep]
     model.eval()
     before = layer_widths(model)
-    ignored = [classifier_of(model)] + list(keep or [])
+    ignored = [classifier_of(model)] + keep
     pruner = tp.pruner.MetaPruner(
         model, example_input,
         importance=tp.importance.GroupMagnitudeImportance(p=1),

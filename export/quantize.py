@@ -64,9 +64,12 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: Cal
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         # Shape inference and graph clean-up first: the quantizer needs shapes to pick per-channel axes.
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(out), calibration, quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
-                        calibrate_method=methods[method],
-                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        try:
+            quantize_static(str(pre), str(out), calibration, quant_format=QuantFormat.QDQ, per_channel=True,
+                            weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
+                            calibrate_method=methods[method],
+                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        except ValueError as exc:  # e.g. "No data is collected." from a reader that yields nothing
+            raise QuantizeError(f"calibration failed: {exc}") from None
         proto = onnx.load(str(out))
     return write_with_info(proto, int8_path, dataclasses.replace(info, precision="int8"))
