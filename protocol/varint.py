@@ -18,6 +18,9 @@ import numpy as np
 from pqsu.protocol.errors import CodecError
 
 __all__ = [
+    "INDEX_VARINT",
+    "INDEX_BITMAP",
+    "encode_index_set",
     "uvarint_sizes",
     "encode_uvarints",
     "decode_uvarints",
@@ -27,6 +30,22 @@ __all__ = [
     "encode_bitmap",
     "decode_bitmap",
 ]
+
+INDEX_VARINT, INDEX_BITMAP = 0, 1  # the "index coding" byte of a sparse block
+
+
+def encode_index_set(indices: np.ndarray, numel: int) -> tuple[int, bytes]:
+    """The smaller wire coding of sorted unique `indices` in [0, numel): (coding, index data).
+
+    Varint data is a u32 (little-endian) byte length followed by the gap stream; bitmap data
+    is ceil(numel / 8) bytes. Both are sized before either is built; ties go to varint.
+    """
+    gaps = gaps_from_indices(indices)
+    varint_bytes = 4 + int(uvarint_sizes(gaps).sum(dtype=np.int64))
+    if (numel + 7) // 8 < varint_bytes:
+        return INDEX_BITMAP, encode_bitmap(indices, numel).tobytes()
+    stream = encode_uvarints(gaps).tobytes()
+    return INDEX_VARINT, len(stream).to_bytes(4, "little") + stream
 
 
 def max_uvarint_bytes(bound: int) -> int:
@@ -77,30 +96,31 @@ def decode_uvarints(buf: np.ndarray, count: int, max_bytes: int) -> np.ndarray:
             raise CodecError(f"index stream has {buf.size} bytes but nnz is 0")
         return np.empty(0, dtype=np.uint64)
     if buf.size == count:  # the common case at low density: every gap < 128
-        if (buf >= 0x80).any():
+        if buf.max() >= 0x80:
             raise CodecError("index stream ends inside a varint")
         return buf.astype(np.uint64)
-    ends = np.flatnonzero(buf < 0x80)
+    ends = (buf < 0x80).nonzero()[0]  # the last byte of every varint
     if ends.size == 0 or ends[-1] != buf.size - 1:
         raise CodecError("index stream ends inside a varint")
     if ends.size != count:
         raise CodecError(f"index stream holds {ends.size} varints, nnz says {count}")
-    lengths = np.diff(ends, prepend=-1)
-    longest = int(lengths.max())
+    starts = np.empty_like(ends)  # (np.diff with prepend= would cost more than all the rest)
+    starts[0] = 0
+    np.add(ends[:-1], 1, out=starts[1:])
+    extra = ends - starts  # continuation bytes of each varint
+    longest = int(extra.max()) + 1
     if longest > max_bytes:
         raise CodecError(f"varint longer than {max_bytes} bytes (value out of range)")
-    multi = np.flatnonzero(lengths > 1)
-    if (buf[ends[multi]] == 0).any():
+    multi = extra.nonzero()[0]
+    if np.count_nonzero(buf[ends[multi]]) < multi.size:  # a last byte 0x00 after others
         raise CodecError("non-canonical varint (redundant trailing zero byte)")
     # One pass per byte position, each over only the varints that long: cheaper than a
     # segmented reduction because almost all gaps take one or two bytes.
-    starts = ends - (lengths - 1)
-    low = buf & 0x7F
-    values = low[starts].astype(np.uint64)
+    values = (buf[starts] & 0x7F).astype(np.uint64)
     for k in range(1, longest):
         if k > 1:
-            multi = multi[lengths[multi] > k]
-        values[multi] |= low[starts[multi] + k].astype(np.uint64) << np.uint64(7 * k)
+            multi = multi[extra[multi] >= k]
+        values[multi] |= (buf[starts[multi] + k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
     return values
 
 
@@ -120,11 +140,11 @@ def indices_from_gaps(gaps: np.ndarray, numel: int) -> np.ndarray:
         return np.empty(0, dtype=np.int64)
     if int(gaps.max()) >= numel:
         raise CodecError(f"index gap {int(gaps.max())} out of range for {numel} elements")
-    idx = np.cumsum(gaps + np.uint64(1), dtype=np.uint64)
+    idx = (gaps + np.uint64(1)).cumsum()  # uint64 in, uint64 out
     idx -= np.uint64(1)
     if int(idx[-1]) >= numel:
         raise CodecError(f"index {int(idx[-1])} out of range for {numel} elements")
-    return idx.astype(np.int64)
+    return idx.view(np.int64)  # every index < numel < 2**63: the same bits
 
 
 def encode_bitmap(indices: np.ndarray, numel: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from pqsu.export.custom import custom_model, spec_of
 from pqsu.export.onnx_export import export_onnx, read_info, write_with_info
 from pqsu.export.pruning import fold_batchnorm, prune_model
 from pqsu.export.quantize import ArrayCalibrationReader, quantize_int8
-from pqsu.export.zoo import ModelSpec, ZooError, build_model, default_spec
+from pqsu.export.zoo import build_model, default_spec
 from pqsu.protocol.errors import PqsuError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

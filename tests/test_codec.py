@@ -1,7 +1,8 @@
 """Update codec: round trips, quantization error bounds, signing, limits and malformed input.
 
 Malformed messages are crafted byte by byte from docs/protocol.md with `struct`, not with the
-codec's own encoder, so these tests also pin the documented wire format.
+codec's own encoder, so these tests also pin the documented wire format. Every rejection also
+pins its reason (`CodecError.reason`), which the coordinator counts.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from hypothesis.extra import numpy as hnp
 
 from pqsu.protocol import varint
 from pqsu.protocol.codec import Limits, TensorBlock, Update, decode, encode, peek_header
-from pqsu.protocol.errors import CodecError, PqsuError
+from pqsu.protocol.errors import (ChecksumError, CodecError, OversizeError, PqsuError,
+                                  SignatureError, TruncatedError, UnsupportedError)
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -54,6 +56,14 @@ def _sparse_varint(name: bytes, dims, nnz: int, stream: bytes, values: bytes,
                    scale: float = 0.1) -> bytes:
     return (_block(name, dims, 2) + struct.pack("<IfB", nnz, scale, 0)
             + struct.pack("<I", len(stream)) + stream + values)
+
+
+def _rejects(payload: bytes, reason: str, match: str = "", **kwargs) -> CodecError:
+    """decode(payload) raises a CodecError with this reason (and message), returned."""
+    with pytest.raises(CodecError, match=match) as info:
+        decode(payload, **kwargs)
+    assert info.value.reason == reason, f"{info.value!r} is {info.value.reason!r}, not {reason!r}"
+    return info.value
 
 
 def _varint_cost(indices: np.ndarray) -> int:
@@ -154,6 +164,56 @@ def test_skip_scalar_empty_and_zero_tensors_round_trip():
     assert [b.nnz for b in got.blocks] == [0, 1, 0, 6, 0]
 
 
+@SETTINGS
+@given(values=hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0,
+                                                      max_side=6),
+                         elements=st.floats(allow_nan=False, allow_infinity=False, width=32)))
+def test_dense32_round_trip_is_bit_exact(values):
+    # Any finite float32 (subnormals, -0.0, the extremes) travels unchanged, bit for bit.
+    block = TensorBlock.dense_fp32("fc.w", values)
+    payload = encode(_update(block))
+    got = decode(payload).block("fc.w")
+    assert got == block and got.kind == "dense32" and got.scale is None and got.indices is None
+    assert got.q.dtype == np.float32 and got.q.tobytes() == values.astype("<f4").tobytes()
+    deq = got.dequantize()
+    assert deq.dtype == np.float32 and deq.shape == values.shape
+    assert deq.tobytes() == values.tobytes()
+    assert got.nnz == values.size
+    assert block.nbytes_on_wire == 2 + 4 + 1 + 4 * values.ndim + 1 + 4 * values.size
+    assert len(payload) == 19 + 6 + 15 + 4 + block.nbytes_on_wire + 4
+
+
+def test_dense32_block_layout_is_byte_exact():
+    # docs/protocol.md, "Dense float32 (kind 3)": the block header, then the raw f32 values.
+    block = TensorBlock.dense_fp32("f", np.array([1.0, -0.0]))
+    payload = encode(_update(block))
+    assert payload[44:-4].hex(" ") == "01 00 66 01 02 00 00 00 03 00 00 80 3f 00 00 00 80"
+
+
+def test_dense_fp32_validates_and_copies():
+    src = np.array([[1.5, -2.0], [0.0, 3.0]])
+    block = TensorBlock.dense_fp32("w", src)
+    src[0, 0] = 99.0  # the block owns its values
+    assert block.q.tolist() == [1.5, -2.0, 0.0, 3.0] and block.shape == (2, 2)
+    assert not block.q.flags.writeable
+    assert TensorBlock.dense_fp32("i", np.arange(3)).q.dtype == np.float32
+    assert TensorBlock.dense_fp32("s", np.float32(2.5)).dequantize() == np.float32(2.5)
+    assert TensorBlock.dense_fp32("e", np.zeros((0, 4))).nnz == 0
+    for bad in (np.array([1.0, np.nan]), np.array([np.inf]), np.float32([-np.inf])):
+        with pytest.raises(CodecError, match="NaN or Inf"):
+            TensorBlock.dense_fp32("w", bad)
+    with pytest.raises(CodecError, match="float32 range"):
+        TensorBlock.dense_fp32("w", np.array([1e39]))  # finite in float64, Inf in float32
+    with pytest.raises(CodecError, match="no scale"):
+        TensorBlock("w", (1,), "dense32", q=np.float32([1]), scale=np.float32([1]))
+    with pytest.raises(CodecError, match="float32"):
+        TensorBlock("w", (1,), "dense32", q=np.float64([1]))
+    with pytest.raises(CodecError, match="2 values for 3"):
+        TensorBlock("w", (3,), "dense32", q=np.float32([1, 2]))
+    with pytest.raises(CodecError, match="NaN"):
+        TensorBlock("w", (1,), "dense32", q=np.float32([np.nan]))
+
+
 def test_update_metadata_round_trips_and_loss_is_float32():
     update = Update(2**32 - 1, "böard-ü", "", 2**32 - 1, 0.1, ())
     assert update.loss == float(np.float32(0.1))
@@ -196,17 +256,14 @@ def test_signed_round_trip_and_verification_rules():
     signed = encode(update, key=KEY)
     assert decode(signed, key=KEY) == update
     assert decode(signed) == update  # no key: accepted, signature unchecked (documented)
-    with pytest.raises(CodecError, match="HMAC mismatch"):
-        decode(signed, key=b"another-device")
-    with pytest.raises(CodecError, match="unsigned"):
-        decode(encode(update), key=KEY)
+    _rejects(signed, "bad-signature", "HMAC mismatch", key=b"another-device")
+    _rejects(encode(update), "bad-signature", "unsigned", key=KEY)
     # A forger who fixes the CRC still cannot fix the HMAC.
     body = bytearray(signed[:-36])
     body[14] ^= 0x01  # num_samples
     forged = bytes(body) + struct.pack("<I", zlib.crc32(body)) + signed[-32:]
     assert decode(forged).num_samples != update.num_samples
-    with pytest.raises(CodecError, match="HMAC mismatch"):
-        decode(forged, key=KEY)
+    _rejects(forged, "bad-signature", "HMAC mismatch", key=KEY)
     with pytest.raises(CodecError, match="key"):
         encode(update, key=b"")
 
@@ -221,6 +278,7 @@ def test_add_to_equals_dense_addition(values, mask, weight, dtype):
     base = np.random.default_rng(0).normal(size=(6, 5)).astype(dtype)
     for block in (TensorBlock.dense("w", values),
                   TensorBlock.sparse("w", (6, 5), np.flatnonzero(mask), values[mask]),
+                  TensorBlock.dense_fp32("w", values),
                   TensorBlock.skip("w", (6, 5))):
         out = base.copy()
         block.add_to(out, weight)
@@ -251,9 +309,9 @@ def test_peek_header_reads_only_the_header():
             h.num_tensors) == (1, 9, "dev-7", "vgg16-c10@ab12", 128, True, 1)
     assert h.loss == 0.25
     assert peek_header(payload[:44]) == h  # body and trailer not needed
-    with pytest.raises(CodecError, match="magic"):
+    with pytest.raises(UnsupportedError, match="magic"):
         peek_header(b"JUNK" + payload[4:])
-    with pytest.raises(CodecError, match="truncated"):
+    with pytest.raises(TruncatedError, match="truncated"):
         peek_header(payload[:30])
 
 
@@ -289,7 +347,7 @@ def test_header_claiming_1e12_elements_is_rejected_fast_without_allocating():
     payload = _frame(_header(1) + _block(b"huge", (1_000_000, 1_000_000), 1) + b"\x00")
     tracemalloc.start()
     t0 = time.perf_counter()
-    with pytest.raises(CodecError, match="1000000000000 elements"):
+    with pytest.raises(OversizeError, match="1000000000000 elements"):
         decode(payload)
     elapsed = time.perf_counter() - t0
     peak = tracemalloc.get_traced_memory()[1]
@@ -297,73 +355,83 @@ def test_header_claiming_1e12_elements_is_rejected_fast_without_allocating():
     assert elapsed < 0.05 and peak < 64 * 1024
 
 
-@pytest.mark.parametrize("payload, limits, message", [
-    (b"x" * 101, Limits(max_payload_bytes=100), "limit is 100"),
-    (_frame(_header(5000) + b"\x00" * 30000), Limits(), "5000 tensors"),
-    (_frame(_header(4000) + b"\x00" * 100), Limits(), "cannot fit"),
-    (_frame(_header(1) + _block(b"n" * 300, (1,), 0)), Limits(), "name length 300"),
-    (_frame(_header(1) + _block(b"d", (1,) * 9, 0)), Limits(), "9 dims"),
+@pytest.mark.parametrize("payload, limits, message, reason", [
+    (b"x" * 101, Limits(max_payload_bytes=100), "limit is 100", "oversize"),
+    (_frame(_header(5000) + b"\x00" * 30000), Limits(), "5000 tensors", "oversize"),
+    (_frame(_header(4000) + b"\x00" * 100), Limits(), "cannot fit", "truncated"),
+    (_frame(_header(1) + _block(b"n" * 300, (1,), 0)), Limits(), "name length 300", "oversize"),
+    (_frame(_header(1) + _block(b"d", (1,) * 9, 0)), Limits(), "9 dims", "oversize"),
     (_frame(_header(2) + _block(b"a", (1 << 25, 5), 0) + _block(b"b", (1 << 25, 5), 0)),
-     Limits(max_total_elements=1 << 28), "in total"),
-    (_frame(_header(1) + _block(b"a", (1 << 16, 1 << 16), 0)), Limits(), "elements, limit"),
+     Limits(max_total_elements=1 << 28), "in total", "oversize"),
+    (_frame(_header(1) + _block(b"a", (1 << 16, 1 << 16), 0)), Limits(), "elements, limit",
+     "oversize"),
     # A full bitmap claiming 2^20 entries but carrying no values: refused before decoding it.
     (_frame(_header(1) + _block(b"s", (1 << 20,), 2) + struct.pack("<IfB", 1 << 20, 0.1, 1)
-            + b"\xff" * (1 << 17)), Limits(), "bitmap and values"),
+            + b"\xff" * (1 << 17)), Limits(), "bitmap and values", "truncated"),
+    # The same for float32 values: 2^20 claimed, 4 bytes present.
+    (_frame(_header(1) + _block(b"f", (1 << 20,), 3) + b"\x00" * 4), Limits(),
+     "float32 values needs 4194304 bytes", "truncated"),
+    (_frame(_header(1) + _block(b"f", (1 << 20,), 3)), Limits(max_elements_per_tensor=1 << 19),
+     "elements, limit", "oversize"),
 ], ids=["payload", "tensors", "count-vs-bytes", "name", "ndim", "total", "per-tensor",
-        "bitmap-claim"])
-def test_limits_are_enforced(payload, limits, message):
-    with pytest.raises(CodecError, match=message):
-        decode(payload, limits=limits)
+        "bitmap-claim", "dense32-claim", "dense32-elements"])
+def test_limits_are_enforced(payload, limits, message, reason):
+    _rejects(payload, reason, message, limits=limits)
 
 
 # ------------------------------------------------------------------------- malformed
 
 _SPARSE_OK = _sparse_varint(b"s", (10,), 2, b"\x01\x03", b"\x05\x07")
+_C, _T, _U = "corrupt", "truncated", "unsupported"
 _BAD_BODIES = {
-    "nnz > numel": (_sparse_varint(b"s", (3,), 4, b"\x00" * 4, b"\x01" * 4), "exceeds"),
+    "nnz > numel": (_sparse_varint(b"s", (3,), 4, b"\x00" * 4, b"\x01" * 4), "exceeds", _C),
     "index out of range": (_sparse_varint(b"s", (10,), 2, b"\x05\x05", b"\x01\x01"),
-                           "out of range"),
+                           "out of range", _C),
     "varint past end": (_sparse_varint(b"s", (300,), 2, b"\x01\x81", b"\x01\x01"),
-                        "inside a varint"),
+                        "inside a varint", _C),
     "varint count": (_sparse_varint(b"s", (300,), 2, b"\x01\x01\x01", b"\x01\x01"),
-                     "3 varints"),
-    "stream too long": (_sparse_varint(b"s", (10,), 1, b"\x81\x00", b"\x01"), "cannot hold"),
+                     "3 varints", _C),
+    "stream too long": (_sparse_varint(b"s", (10,), 1, b"\x81\x00", b"\x01"), "cannot hold", _C),
     "overlong varint": (_sparse_varint(b"s", (300,), 2, b"\x81\x80\x01\x00", b"\x01\x01"),
-                        "longer than 2"),
+                        "longer than 2", _C),
     "non-canonical varint": (_sparse_varint(b"s", (300,), 1, b"\x81\x00", b"\x01"),
-                             "non-canonical"),
+                             "non-canonical", _C),
     "stream length lies": (_block(b"s", (10,), 2) + struct.pack("<IfBI", 2, 0.1, 0, 9)
-                           + b"\x01\x01\x01\x01", "cannot hold"),
+                           + b"\x01\x01\x01\x01", "cannot hold", _C),
+    "sparse values cut": (_sparse_varint(b"s", (10,), 2, b"\x01\x03", b"\x05"),
+                          "indices and values", _T),
     "bitmap popcount": (_block(b"s", (10,), 2) + struct.pack("<IfB", 1, 0.1, 1) + b"\xc0\x00"
-                        + b"\x01", "set bits"),
+                        + b"\x01", "set bits", _C),
     "bitmap padding": (_block(b"s", (10,), 2) + struct.pack("<IfB", 1, 0.1, 1) + b"\x00\x01"
-                       + b"\x01", "padding"),
+                       + b"\x01", "padding", _C),
     "NaN scale": (_sparse_varint(b"s", (10,), 2, b"\x01\x03", b"\x05\x07", math.nan),
-                  "finite"),
+                  "finite", _C),
     "Inf dense scale": (_block(b"d", (2,), 1) + b"\x00" + struct.pack("<f", math.inf)
-                        + b"\x01\x02", "finite"),
+                        + b"\x01\x02", "finite", _C),
     "negative scale": (_block(b"d", (2,), 1) + b"\x00" + struct.pack("<f", -1.0)
-                       + b"\x01\x02", "finite"),
+                       + b"\x01\x02", "finite", _C),
     "int8 -128": (_block(b"d", (2,), 1) + b"\x00" + struct.pack("<f", 1.0) + b"\x80\x00",
-                  "-128"),
+                  "-128", _C),
     "dense truncated": (_block(b"d", (4,), 1) + b"\x00" + struct.pack("<f", 1.0) + b"\x01",
-                        "truncated"),
-    "bad scale mode": (_block(b"d", (2,), 1) + b"\x07", "scale mode"),
-    "per-channel scalar": (_block(b"d", (), 1) + b"\x01", "scale mode"),
-    "unknown kind": (_block(b"k", (2,), 9), "unknown block kind"),
+                        "truncated", _T),
+    "bad scale mode": (_block(b"d", (2,), 1) + b"\x07", "scale mode", _U),
+    "per-channel scalar": (_block(b"d", (), 1) + b"\x01", "scale mode", _C),
+    "unknown kind": (_block(b"k", (2,), 9), "unknown block kind", _U),
     "unknown coding": (_block(b"s", (10,), 2) + struct.pack("<IfB", 0, 0.1, 5),
-                       "index coding"),
-    "empty name": (_block(b"", (2,), 0), "name length 0"),
-    "bad utf-8 name": (_block(b"\xff\xfe", (2,), 0), "UTF-8"),
-    "trailing bytes": (_SPARSE_OK + b"\x00\x00", "2 trailing bytes"),
+                       "index coding", _U),
+    "empty name": (_block(b"", (2,), 0), "name length 0", _C),
+    "bad utf-8 name": (_block(b"\xff\xfe", (2,), 0), "UTF-8", _C),
+    "trailing bytes": (_SPARSE_OK + b"\x00\x00", "2 trailing bytes", _C),
+    "dense32 NaN": (_block(b"f", (2,), 3) + struct.pack("<2f", 1.0, math.nan), "NaN or Inf", _C),
+    "dense32 -Inf": (_block(b"f", (2,), 3) + struct.pack("<2f", -math.inf, 1.0), "NaN or Inf", _C),
+    "dense32 truncated": (_block(b"f", (2,), 3) + struct.pack("<f", 1.0), "float32 values", _T),
 }
 
 
 @pytest.mark.parametrize("case", sorted(_BAD_BODIES))
 def test_malformed_block_is_rejected_with_reason(case):
-    body, message = _BAD_BODIES[case]
-    with pytest.raises(CodecError, match=message):
-        decode(_frame(_header(1) + body))
+    body, message, reason = _BAD_BODIES[case]
+    _rejects(_frame(_header(1) + body), reason, message)
 
 
 def test_crafted_valid_block_decodes():  # the crafting helpers themselves are right
@@ -371,33 +439,60 @@ def test_crafted_valid_block_decodes():  # the crafting helpers themselves are r
     assert got.indices.tolist() == [1, 5] and got.q.tolist() == [5, 7]
 
 
-@pytest.mark.parametrize("payload, message", [
-    (_frame(_header(2) + _block(b"a", (1,), 0) * 2), "duplicate"),
-    (_frame(_header(0, magic=b"PQSV")), "magic"),
-    (_frame(_header(0, version=2)), "version 2"),
-    (_frame(_header(0, kind=7)), "kind 7"),
-    (_frame(_header(0, flags=0x82)), "flag"),
-    (_frame(_header(0, loss=math.nan)), "loss"),
-    (_frame(_header(0, dev=b"\xc3")), "device_id"),
-    (_frame(_header(0))[:-1] + b"\x00", "CRC32"),
-    (_frame(_header(0)) + b"\x00", "CRC32"),
-    (_frame(_header(0, flags=1)), "trailer"),
-    (b"", "truncated"),
+@pytest.mark.parametrize("payload, message, reason", [
+    (_frame(_header(2) + _block(b"a", (1,), 0) * 2), "duplicate", "corrupt"),
+    (_frame(_header(0, magic=b"PQSV")), "magic", "unsupported"),
+    (_frame(_header(0, version=2)), "version 2", "unsupported"),
+    (_frame(_header(0, kind=7)), "kind 7", "unsupported"),
+    (_frame(_header(0, flags=0x82)), "flag", "unsupported"),
+    (_frame(_header(0, loss=math.nan)), "loss", "corrupt"),
+    (_frame(_header(0, dev=b"\xc3")), "device_id", "corrupt"),
+    (_frame(_header(0))[:-1] + b"\x00", "CRC32", "bad-checksum"),
+    (_frame(_header(0)) + b"\x00", "CRC32", "bad-checksum"),
+    (_frame(_header(0, flags=1)), "trailer", "truncated"),
+    (b"", "truncated", "truncated"),
 ], ids=["dup-names", "magic", "version", "msg-kind", "flags", "nan-loss", "utf8-id",
         "crc", "appended", "no-trailer", "empty"])
-def test_malformed_message_is_rejected_with_reason(payload, message):
-    with pytest.raises(CodecError, match=message):
-        decode(payload)
+def test_malformed_message_is_rejected_with_reason(payload, message, reason):
+    _rejects(payload, reason, message)
+
+
+def test_each_rejection_reason_has_its_class():
+    update = _update(TensorBlock.dense("a", np.ones((3, 4))),
+                     TensorBlock.sparse("b", (50,), [1, 2, 40], [1, 2, 3]))
+    payload, signed = encode(update), encode(update, key=KEY)
+    flipped = bytearray(payload)
+    flipped[60] ^= 0x10  # inside block "a", CRC left as it was
+    cases = [
+        (ChecksumError, "bad-checksum", bytes(flipped), {}),
+        (SignatureError, "bad-signature", signed, {"key": b"not-the-device-key"}),
+        (SignatureError, "bad-signature", payload, {"key": KEY}),  # unsigned, key required
+        (OversizeError, "oversize", payload, {"limits": Limits(max_payload_bytes=64)}),
+        (OversizeError, "oversize", payload, {"limits": Limits(max_tensors=1)}),
+        (TruncatedError, "truncated", payload[:30], {}),  # cut inside the header
+        (TruncatedError, "truncated", payload[:46], {}),  # header whole, no room for a trailer
+        (UnsupportedError, "unsupported", b"MQTT" + payload[4:], {}),
+    ]
+    for cls, reason, bad, kwargs in cases:
+        with pytest.raises(CodecError) as info:
+            decode(bad, **kwargs)
+        assert type(info.value) is cls and info.value.reason == reason, (reason, info.value)
+    assert CodecError.reason == "corrupt"
+    assert all(issubclass(cls, CodecError) and issubclass(cls, PqsuError) for cls, *_ in cases)
 
 
 def test_every_truncation_is_a_codec_error():
     payload = encode(_update(TensorBlock.dense("a", np.ones((3, 4))),
                              TensorBlock.sparse("b", (50,), [1, 2, 40], [1, 2, 3])), key=KEY)
+    reasons = set()
     for n in range(len(payload)):
-        with pytest.raises(CodecError):
-            decode(payload[:n])
-        with pytest.raises(CodecError):
-            decode(payload[:n], key=KEY)
+        for key in (None, KEY):
+            with pytest.raises(CodecError) as info:
+                decode(payload[:n], key=key)
+            reasons.add(info.value.reason)
+    # Cut inside the header: "truncated". Cut after it: the last 4 bytes left are not the CRC
+    # of the rest, and a CRC cannot tell a cut from a flip, so "bad-checksum" (documented).
+    assert reasons == {"truncated", "bad-checksum"}
 
 
 def test_decode_rejects_non_bytes_and_errors_are_pqsu_errors():

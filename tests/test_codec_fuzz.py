@@ -2,7 +2,8 @@
 
 Most random mutations die at the CRC check, which would leave the parser untested, so most
 mutants get their CRC recomputed and travel all the way through block parsing. The test also
-asserts that a good share of mutants really reach the parser.
+asserts that a good share of mutants really reach the parser, and that every rejection carries
+one of the documented reasons (each of which the mutants produce).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 
 from pqsu.protocol.codec import Limits, TensorBlock, Update, decode, encode
 from pqsu.protocol.errors import CodecError
+
+REASONS = {"corrupt", "bad-checksum", "bad-signature", "oversize", "truncated", "unsupported"}
 
 SEED = 0x5EED_C0DE
 RUNS = 12_000
@@ -35,12 +38,15 @@ def _seed_payloads() -> list[bytes]:
     bitmap = TensorBlock.sparse("fc.b", (64,), np.arange(0, 64, 2), rng.normal(size=32))
     skip = TensorBlock.skip("frozen", (8, 8))
     scalar = TensorBlock.dense("temp", np.float32(0.7))
+    fp32 = TensorBlock.dense_fp32("fc.w3", rng.normal(size=(3, 5)))
+    fp32_edges = TensorBlock.dense_fp32("edge", np.float32([0.0, -0.0, 1e-45, -3.4e38, 3.4e38]))
     updates = [Update(1, "dev-a", "m1", 10, 0.5, (dense, bias, sparse, skip)),
                Update(7, "dev-ü", "m2", 3, 1.5, (wide, bitmap, scalar)),
-               Update(0, "", "", 0, 0.0, ())]
+               Update(0, "", "", 0, 0.0, ()),
+               Update(2, "dev-b", "m1", 8, 0.25, (fp32, fp32_edges, skip))]
     payloads = [encode(u) for u in updates]
     assert sum(b.index_coding == "bitmap" for b in (sparse, wide, bitmap)) == 1
-    return payloads + [encode(u, key=KEY) for u in updates[:2]]
+    return payloads + [encode(u, key=KEY) for u in (updates[0], updates[1], updates[3])]
 
 
 def _refresh_crc(p: bytes) -> bytes:
@@ -113,8 +119,9 @@ def test_decode_never_raises_anything_but_codec_error():
         try:
             update = decode(payload, key=key, limits=limits)
         except CodecError as e:
-            outcomes["crc" if "CRC32" in str(e) else "rejected"] += 1
             assert str(e), "a CodecError must say what was wrong"
+            assert e.reason in REASONS, f"undocumented reason {e.reason!r}: {e}"
+            outcomes[e.reason] += 1
             continue
         except Exception as e:  # noqa: BLE001 - exactly what this test hunts
             foreign.append((payload, e))
@@ -124,6 +131,7 @@ def test_decode_never_raises_anything_but_codec_error():
     assert not foreign, f"{len(foreign)} foreign exceptions, first: {foreign[0][1]!r} " \
                         f"on {foreign[0][0].hex()}"
     assert sum(outcomes.values()) == RUNS
-    # The parser itself was exercised, not just the checksum.
-    assert outcomes["rejected"] > RUNS * 0.4, outcomes
+    # The parser itself was exercised, not just the checksum, and every reason came up.
+    assert RUNS - outcomes["bad-checksum"] - outcomes["ok"] > RUNS * 0.4, outcomes
     assert outcomes["ok"] > RUNS * 0.01, outcomes
+    assert set(outcomes) == REASONS | {"ok"}, outcomes
