@@ -171,3 +171,19 @@ def label_histogram(labels: Sequence[int] | np.ndarray, parts: Sequence[np.ndarr
     for i, p in enumerate(parts):
         hist[i] = np.bincount(y[np.asarray(p, dtype=np.int64)], minlength=n)
     return hist
+
+
+def federated_split(labels: np.ndarray, proxy_samples: int, clients: int, spec: str, seed: int = 0,
+                    samples_per_client: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(proxy indices, per-client indices) of a training set: the cloud's proxy split is taken
+    first from a seeded permutation, the rest is partitioned among the clients by `spec`.
+
+    Every driver of a federated run (in-process, MQTT) splits through here, so the same seed
+    gives every device the same data whichever way the run travels.
+    """
+    order = np.random.default_rng(seed).permutation(len(labels))
+    proxy, pool = order[:proxy_samples], order[proxy_samples:]
+    parts = [pool[p] for p in partition(spec, np.asarray(labels)[pool], clients, seed=seed)]
+    if samples_per_client:
+        parts = [p[:samples_per_client] for p in parts]
+    return np.sort(proxy), [np.sort(p) for p in parts]

@@ -1,0 +1,113 @@
+"""One device's part of a round: model bytes in, an encoded update (or a skip) out.
+
+model (int8 ONNX) -> torch via the bridge -> fine-tune on local data -> delta ->
+selective policy with error feedback -> sparse int8 update -> bytes. The in-process
+simulator and the MQTT agent both call `EdgeLearner.run_round`, so the two give the
+same bytes for the same seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pqsu.edge.selective import RoundContext, SelectivePolicy
+from pqsu.edge.state import DeviceState
+from pqsu.export.bridge import torch_model_from_onnx
+from pqsu.export.datasets import ArrayDataset
+from pqsu.export.training import TrainConfig, train
+from pqsu.protocol.codec import Update, encode
+from pqsu.protocol.errors import PqsuError
+from pqsu.protocol.messages import RoundTask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    round: int
+    payload: bytes | None   # None: the device skipped this round (its update stays in the residual)
+    reason: str
+    loss: float
+    samples: int
+    train_seconds: float
+    nnz: int
+
+
+class EdgeLearner:
+    """A device's learning side. `x` is raw uint8 (N, C, H, W): it is normalized with the
+    mean and std the model itself declares, so data and model can never disagree."""
+
+    def __init__(self, device_id: str, x: np.ndarray, y: np.ndarray, policy: SelectivePolicy, *,
+                 state_path: str | Path | None = None, key: bytes | None = None, allow_custom: bool = False):
+        if len(x) != len(y) or x.ndim != 4:
+            raise PqsuError(f"{device_id}: local data must be images (N, C, H, W) with one label each")
+        self.device_id, self.x, self.y, self.policy = device_id, x, y, policy
+        self.state_path = Path(state_path) if state_path else None
+        self.state = DeviceState.load(self.state_path) if self.state_path else DeviceState()
+        self.key, self.allow_custom = key, allow_custom
+        self._normalized: tuple[tuple, np.ndarray] | None = None
+
+    def inputs(self, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+        """The local images normalized for a model (cached while the normalization is unchanged)."""
+        if self._normalized is None or self._normalized[0] != (mean, std):
+            data = ArrayDataset(self.x, self.y, name="local", classes=[], mean=mean, std=std)
+            self._normalized = ((mean, std), data.normalized())
+        return self._normalized[1]
+
+    def save(self) -> None:
+        """Persist the device state; call once the round's payload is safe (sent or in the outbox)."""
+        if self.state_path:
+            self.state.save(self.state_path)
+
+    def run_round(self, task: RoundTask, model_bytes: bytes) -> RoundOutcome:
+        model, info = torch_model_from_onnx(model_bytes, allow_custom=self.allow_custom)
+        if info.model_id != task.model_id:
+            raise PqsuError(f"round {task.round} announced model {task.model_id} but the file is {info.model_id}")
+        received = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+        if not self.state.fits({k: v.shape for k, v in received.items()}):
+            log.info("%s: model architecture changed, starting a fresh residual", self.device_id)
+            self.state.reset_tensors()
+
+        cfg = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, momentum=task.momentum,
+                          time_budget_s=task.time_budget_s, seed=_seed(task.seed, self.device_id, task.round))
+        x = self.inputs(info.mean, info.std)
+        if x.shape[1:] != tuple(info.in_shape):
+            raise PqsuError(f"{self.device_id}: local images are {x.shape[1:]}, the model takes {tuple(info.in_shape)}")
+        stats = train(model, x, self.y, cfg)
+        delta = {k: v.detach().numpy() - received[k] for k, v in model.state_dict().items()}
+        if not (np.isfinite(stats.loss) and all(np.isfinite(d).all() for d in delta.values())):
+            # A diverged run must not reach the residual: that would poison every later round.
+            log.warning("%s: local training diverged in round %d; nothing sent, residual kept", self.device_id, task.round)
+            return RoundOutcome(task.round, None, "local training diverged", stats.loss, stats.samples,
+                                stats.seconds, 0)
+        update = {k: d + self.state.residual[k] if k in self.state.residual else d for k, d in delta.items()}
+        previous = self.state.previous
+        ctx = RoundContext(update=update, delta=delta, weights=received, loss=stats.loss,
+                           last_uploaded_loss=self.state.last_uploaded_loss,
+                           global_update={k: received[k] - previous[k] for k in received if k in previous} or None)
+        prepared = self.policy.prepare(ctx)
+
+        payload, nnz = None, 0
+        if prepared.blocks is not None:
+            msg = Update(round=task.round, device_id=self.device_id, model_id=task.model_id,
+                         num_samples=len(self.x), loss=stats.loss, blocks=tuple(prepared.blocks))
+            payload, nnz = encode(msg, key=self.key), sum(b.nnz for b in prepared.blocks)
+            self.state.last_uploaded_loss = stats.loss
+            self.state.uploads += 1
+            self.state.bytes_up += len(payload)
+        self.state.residual = prepared.residual
+        self.state.previous = received if self.policy.needs_previous else {}
+        self.state.last_round, self.state.rounds_joined = task.round, self.state.rounds_joined + 1
+        self.state.bytes_down += len(model_bytes)
+        return RoundOutcome(task.round, payload, prepared.decision.reason, stats.loss, stats.samples,
+                            stats.seconds, nnz)
+
+
+def _seed(base: int, device_id: str, round_: int) -> int:
+    """A per-device, per-round seed that does not depend on process or hash randomization."""
+    digest = hashlib.sha256(f"{base}/{device_id}/{round_}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")

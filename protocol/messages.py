@@ -1,0 +1,148 @@
+"""Control messages between coordinator and devices (JSON, small, versioned).
+
+Model files and updates are binary (see `model_id`, `codec`); everything else a round
+needs to say fits in a few hundred bytes of JSON, which any MQTT tool can read.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+
+from pqsu.protocol.errors import PqsuError
+
+VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+class MessageError(PqsuError):
+    """A control message that is not valid JSON of the expected shape."""
+
+
+@dataclass(frozen=True)
+class RoundTask:
+    """A round as announced to devices: which model, and how to train on it."""
+
+    round: int
+    model_id: str
+    epochs: float = 1.0
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.0
+    time_budget_s: float | None = None
+    seed: int = 0
+    devices: tuple[str, ...] = ()   # the devices asked this round; empty = every device
+    deadline: float | None = None   # unix time after which updates for this round are not counted
+    model_bytes: int = 0            # size of the model file (its chunks are on the model topics)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.devices, (list, tuple)):  # a bare string would become one id per letter
+            raise MessageError("invalid round task: devices must be a list of device ids")
+        object.__setattr__(self, "devices", tuple(self.devices))
+        checks = [
+            (_int(self.round) and 0 <= self.round < 2**32, "round must be an int in [0, 2**32)"),
+            (isinstance(self.model_id, str) and 0 < len(self.model_id) <= 64, "model_id must be a short string"),
+            (_num(self.epochs) and self.epochs > 0, "epochs must be > 0"),
+            (_int(self.batch_size) and 0 < self.batch_size <= 65536, "batch_size out of range"),
+            (_num(self.lr) and self.lr > 0, "lr must be > 0"),
+            (_num(self.momentum) and 0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (self.time_budget_s is None or (_num(self.time_budget_s) and self.time_budget_s > 0), "bad time budget"),
+            (_int(self.seed), "seed must be an int"),
+            (all(isinstance(d, str) and 0 < len(d) <= 64 for d in self.devices), "devices must be short strings"),
+            (self.deadline is None or _num(self.deadline), "deadline must be a number"),
+            (_int(self.model_bytes) and self.model_bytes >= 0, "model_bytes must be an int >= 0"),
+        ]
+        for ok, why in checks:
+            if not ok:
+                raise MessageError(f"invalid round task: {why}")
+
+    def asks(self, device_id: str) -> bool:
+        return not self.devices or device_id in self.devices
+
+    def to_json(self) -> bytes:
+        return json.dumps({"v": VERSION, "type": "round", **asdict(self)}, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "RoundTask":
+        body = _load(data, "round")
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in body.items() if k in known})
+        except TypeError as exc:
+            raise MessageError(f"invalid round task: {exc}") from None
+
+
+STATES = ("online", "offline", "training", "uploaded", "skipped", "failed")
+
+
+@dataclass(frozen=True)
+class Status:
+    """A device's state, retained on its status topic (the last will sets "offline")."""
+
+    device: str
+    state: str
+    round: int = -1
+    detail: str = ""
+    trains: bool = True  # False for inference-only devices
+    seconds: float = 0.0  # the device's compute for this round (rebuild, train, encode)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.device, str) and 0 < len(self.device) <= 64):
+            raise MessageError("invalid status: bad device id")
+        if self.state not in STATES:
+            raise MessageError(f"invalid status: state must be one of {', '.join(STATES)}")
+        if not _int(self.round) or not isinstance(self.detail, str) or not isinstance(self.trains, bool) \
+                or not (_num(self.seconds) and self.seconds >= 0):
+            raise MessageError("invalid status: bad field types")
+
+    def to_json(self) -> bytes:
+        return json.dumps({"v": VERSION, "type": "status", **asdict(self)}, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Status":
+        body = _load(data, "status")
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in body.items() if k in known})
+        except TypeError as exc:
+            raise MessageError(f"invalid status: {exc}") from None
+
+
+def done_message(rounds: int, model_id: str) -> bytes:
+    """Retained on the round topic when training ends: agents stop, inference devices keep the model."""
+    return json.dumps({"v": VERSION, "type": "done", "rounds": rounds, "model_id": model_id}).encode()
+
+
+def message_type(data: bytes) -> str:
+    """The `type` of a JSON control message, or MessageError."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError("control message too large")
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # b'[[[...' recurses
+        raise MessageError(f"control message is not JSON: {exc}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("type"), str):
+        raise MessageError("control message without a type")
+    return body["type"]
+
+
+def _int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not a round number
+
+
+def _num(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _load(data: bytes, kind: str) -> dict:
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"{kind} message of {len(data)} bytes is larger than {MAX_MESSAGE_BYTES}")
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # b'[[[...' recurses
+        raise MessageError(f"{kind} message is not JSON: {exc}") from None
+    if not isinstance(body, dict) or body.get("type") != kind:
+        raise MessageError(f"not a {kind} message")
+    if body.get("v") != VERSION:
+        raise MessageError(f"unsupported {kind} message version {body.get('v')!r}")
+    return body
