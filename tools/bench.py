@@ -4,8 +4,10 @@ Every figure is measured in this run on this machine; the JSON and markdown writ
 under runs/bench-<date>/ are generated from those measurements, never edited by hand.
 
 suites:
-  export   zoo models pruned and quantized: size, latency, accuracy fp32 vs int8, bridge error
-  codec    update codec: bytes of a top-1% update vs dense fp32, encode/decode/aggregate speed
+  export     zoo models pruned and quantized: size, latency, accuracy fp32 vs int8, bridge error
+  codec      update codec: bytes of a top-1% update vs dense fp32, encode/decode/aggregate speed
+  federated  FedAvg vs the paper's scheme vs ours on Fashion-MNIST (cnn, alexnet): accuracy and bytes
+  fleet      real MQTT rounds through Mosquitto: coordination overhead per round with 20 agents
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suites", nargs="*", default=["export", "codec"], help="suites to run (default: all)")
+    p.add_argument("suites", nargs="*", default=["export", "codec", "federated", "fleet"],
+                   help="suites to run (default: all)")
     p.add_argument("--quick", action="store_true", help="small smoke version (used by the tests)")
     p.add_argument("--out", help="output folder (default: runs/bench-<date>)")
 
@@ -29,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pqsu.protocol.errors import PqsuError
 
-    suites = {"export": _export_suite, "codec": _codec_suite}
+    suites = {"export": _export_suite, "codec": _codec_suite, "federated": _federated_suite, "fleet": _fleet_suite}
     unknown = [s for s in args.suites if s not in suites]
     if unknown:
         raise PqsuError(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(suites)}")
@@ -75,6 +78,24 @@ def _codec_suite(quick: bool, out: Path) -> dict:
     return bench_codec.run(quick=quick)
 
 
+def _federated_suite(quick: bool, out: Path) -> dict:
+    from pqsu.tools.bench_federated import run_table
+
+    common = dict(clients=10, partition="dirichlet:0.5", seed=0)
+    if quick:
+        return {"cnn": run_table("cnn", rounds=2, clients=3, samples_per_client=200, proxy_samples=500,
+                                 eval_samples=500)}
+    # CPU-sized: every client trains on a fixed share so that unpruned fp32 FedAvg stays affordable.
+    return {"cnn": run_table("cnn", rounds=20, samples_per_client=1000, **common),
+            "alexnet": run_table("alexnet", rounds=10, samples_per_client=300, **common)}
+
+
+def _fleet_suite(quick: bool, out: Path) -> dict:
+    from pqsu.tools.bench_fleet import run_fleet
+
+    return run_fleet(agents=3, rounds=1) if quick else run_fleet(agents=20, rounds=3)
+
+
 def to_markdown(results: dict) -> str:
     lines = [f"# fl-pqsu benchmarks ({dt.datetime.now().isoformat(timespec='minutes')})", ""]
     if "export" in results:
@@ -92,6 +113,17 @@ def to_markdown(results: dict) -> str:
         lines += ["", "Bridge (int8 ONNX -> torch) worst weight error, in quantization steps (bound 0.5):", ""]
         lines += [f"- {k}: {v:.4f}" for k, v in results["export"]["bridge_worst_error_steps"].items()]
         lines.append("")
+    if "federated" in results:
+        from pqsu.tools.bench_federated import to_markdown as table
+
+        lines += ["## Federated: same data, rounds and seed for every row", ""]
+        lines += [table(model, rows) for model, rows in results["federated"].items() if model != "seconds"]
+    if "fleet" in results:
+        f = results["fleet"]
+        lines += ["## Fleet over Mosquitto (loopback)", "",
+                  f"{f['agents']} agents, {f['model']} int8 model of {f['model_bytes']:,} bytes: coordination overhead "
+                  f"per round (announcement to last answer, minus the slowest device's compute) median "
+                  f"{f['overhead_median_s']:.3f} s, max {f['overhead_max_s']:.3f} s (target below {f['target_s']} s).", ""]
     if "codec" in results:
         lines += ["## Update codec", "", "```", json.dumps(results["codec"], indent=2), "```", ""]
     return "\n".join(lines)

@@ -15,11 +15,15 @@ from pqsu.protocol.errors import PqsuError
 # name -> (module exposing add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("pqsu.export.command", "prune a model, export it to ONNX, quantize to int8, report"),
+    "run": ("pqsu.tools.run", "the one-machine fleet: broker, coordinator and N agents; the main job"),
+    "cloud": ("pqsu.cloud.command", "run the coordinator: rounds through an MQTT broker"),
+    "edge": ("pqsu.edge.command", "run an edge agent on a board"),
+    "simulate": ("pqsu.tools.simulate", "federated training in one process (no broker): the round logic, measured"),
     "bench": ("pqsu.tools.bench", "run the measured benchmarks and print the ratios"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pqsu",
         description="fl-pqsu: federated learning for small boards with structured Pruning, "
@@ -28,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if name != chosen:  # only the chosen command's module is imported (a board may lack torch)
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(module_name)
         sp = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     # Our progress at INFO; third-party libraries (the ONNX exporter is chatty) only at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

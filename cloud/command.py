@@ -1,0 +1,71 @@
+"""Run the coordinator: prepare the model (or resume), then drive rounds through an MQTT broker.
+
+Every option can also come from a settings file (--config run.toml, keys named like the
+flags with underscores); flags on the command line win. Restarted with the same --out,
+the coordinator resumes after its last checkpointed round.
+
+example:
+  pqsu cloud --broker mqtt://broker.local:1883 --fleet farm --rounds 20 --min-devices 8 \\
+             --round-timeout 600 --out runs/farm
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+from pathlib import Path
+
+from pqsu.cloud.config import add_config_arguments, config_from_args
+from pqsu.protocol.errors import PqsuError
+
+
+def add_coordinator_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("broker and rounds")
+    g.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL, mqtt:// or mqtts:// (default: %(default)s)")
+    g.add_argument("--fleet", default="default", help="fleet name: topics live under pqsu/<fleet>/ (default: %(default)s)")
+    g.add_argument("--min-devices", type=int, default=1, help="devices that must be online before a round starts")
+    g.add_argument("--join-timeout", type=float, default=300.0, help="seconds round 1 waits for --min-devices (default: 300)")
+    g.add_argument("--round-timeout", type=float, default=300.0, help="a round's deadline in seconds (default: 300)")
+    g.add_argument("--chunk-limit", type=int, default=128 * 1024, help="largest MQTT payload in bytes; bigger messages are "
+                   "chunked (default: 131072, the AWS IoT cap)")
+    g.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto", help="MQTT version (default: auto)")
+    g.add_argument("--keys", help="JSON file {device id: hex HMAC key}: only these devices' signed updates count")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+    add_coordinator_arguments(p)
+    p.add_argument("--out", default="runs/cloud", help="folder for metrics, checkpoints, the final model and plots")
+
+
+def read_keys(path: str | None) -> dict[str, bytes] | None:
+    if not path:
+        return None
+    try:
+        raw = json.loads(Path(path).read_text())
+        return {str(d): bytes.fromhex(k) for d, k in raw.items()}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise PqsuError(f"device keys file {path} must be JSON {{device: hex key}}: {exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from pqsu.cloud.bootstrap import build_server  # torch is imported only when the coordinator really starts
+    from pqsu.cloud.coordinator import Coordinator, CoordinatorConfig
+
+    cfg = config_from_args(args)
+    out = Path(args.out)
+    server, meta = build_server(cfg, checkpoint_dir=out / "checkpoints", keys=read_keys(args.keys))
+    ccfg = CoordinatorConfig(broker=args.broker, fleet=args.fleet, rounds=cfg.rounds, min_devices=args.min_devices,
+                             join_timeout_s=args.join_timeout, round_timeout_s=args.round_timeout,
+                             fraction=cfg.fraction, chunk_limit=args.chunk_limit, seed=cfg.seed,
+                             protocol=args.protocol, out=str(out))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        summary = Coordinator(ccfg, server, meta=meta).run(stop)
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+    print(json.dumps(summary, indent=2))
+    return 0

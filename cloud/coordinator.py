@@ -1,0 +1,213 @@
+"""The coordinator over MQTT: drives `FederatedServer` rounds through a broker.
+
+Per round: choose devices among those online, publish the model (retained chunks, only
+when it changed), announce the round (retained), collect updates until every asked
+device has answered (uploaded, skipped, failed or gone offline) or the deadline passes,
+close the round, publish metrics, checkpoint. Restarted, it resumes after the last
+checkpointed round.
+
+MQTT callbacks run on paho's network thread; they only reassemble chunks and queue
+complete messages. All round logic runs on the caller's thread, so `FederatedServer`
+needs no locking.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pqsu.cloud import checkpoint, report
+from pqsu.cloud.server import FederatedServer, choose_devices
+from pqsu.protocol import chunking
+from pqsu.protocol.errors import PqsuError
+from pqsu.protocol.messages import MessageError, Status, done_message
+from pqsu.protocol.mqtt import MqttClient
+from pqsu.protocol.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    broker: str = "mqtt://127.0.0.1:1883"
+    fleet: str = "default"
+    rounds: int = 10
+    min_devices: int = 1
+    join_timeout_s: float = 300.0     # how long round 1 waits for min_devices to come online
+    round_timeout_s: float = 300.0    # a round's deadline
+    fraction: float = 1.0
+    chunk_limit: int = 128 * 1024     # the AWS IoT cap; EMQX allows 1 MB by default
+    seed: int = 0
+    protocol: str = "auto"
+    client_id: str = "pqsu-coordinator"
+    out: str = "runs/cloud"
+
+
+@dataclass
+class _Event:
+    kind: str         # "update" or "status"
+    device: str
+    payload: bytes
+
+
+class Coordinator:
+    def __init__(self, cfg: CoordinatorConfig, server: FederatedServer, *, meta: dict | None = None,
+                 client: MqttClient | None = None):
+        self.cfg, self.server = cfg, server
+        self.meta = meta or {}
+        self.out = Path(cfg.out)
+        self.topics = Topics(cfg.fleet)
+        self.client = client or MqttClient(cfg.broker, cfg.client_id, protocol=cfg.protocol)
+        self.events: queue.Queue[_Event] = queue.Queue(maxsize=10_000)
+        self.reassembler = chunking.Reassembler(max_messages=256, max_bytes=512 * 1024 * 1024)
+        self.devices: dict[str, Status] = {}
+        self.rounds: list[dict] = list(self.meta.pop("reports", []))
+        self.dropped = 0
+        self._published_model: tuple[str, int] | None = None  # (model id, chunk count)
+
+    # -- network thread --------------------------------------------------------------
+    def _on_update(self, topic: str, payload: bytes, retained: bool) -> None:
+        _, device = self.topics.parse(topic)
+        try:
+            message = self.reassembler.add(payload, source=device)
+        except chunking.ChunkError as exc:
+            log.info("bad update chunk from %s: %s", device, exc)
+            return
+        if message is not None:
+            self._enqueue(_Event("update", device, message))
+
+    def _on_status(self, topic: str, payload: bytes, retained: bool) -> None:
+        _, device = self.topics.parse(topic)
+        self._enqueue(_Event("status", device, payload))
+
+    def _enqueue(self, event: _Event) -> None:
+        try:
+            self.events.put_nowait(event)
+        except queue.Full:  # a flood must not grow memory without bound
+            self.dropped += 1
+
+    # -- round logic (caller's thread) ------------------------------------------------
+    def run(self, stop: threading.Event | None = None) -> dict:
+        stop = stop or threading.Event()
+        start = time.time()
+        self.client.connect(timeout_s=30)
+        try:
+            self.client.subscribe(self.topics.status_filter, self._on_status)
+            self.client.subscribe(self.topics.update_filter, self._on_update)
+            first = self.server.rounds_done + 1
+            if "initial_accuracy" not in self.meta:
+                self.meta["initial_accuracy"] = self.server.evaluate().accuracy
+            for r in range(first, self.cfg.rounds + 1):
+                if stop.is_set():
+                    break
+                self._run_round(r, stop, wait_s=self.cfg.join_timeout_s if r == first else self.cfg.round_timeout_s)
+            data, info = self.server.model_message()
+            self.client.publish(self.topics.round, done_message(len(self.rounds), info.model_id), retain=True)
+        finally:
+            self.client.close()
+        summary = report.summarize(self.rounds, arch=self.server.info.spec["arch"], in_shape=self.server.info.in_shape,
+                                   num_classes=len(self.server.info.classes), seconds=time.time() - start,
+                                   initial_accuracy=self.meta.get("initial_accuracy"))
+        summary["dropped_messages"] = self.dropped
+        report.write_outputs(self.out, config={**self.meta.get("config", {}), "precision": self.server.cfg.precision},
+                             rounds=self.rounds, summary=summary, model=data)
+        return summary
+
+    def _online(self) -> list[str]:
+        return sorted(d for d, s in self.devices.items() if s.state != "offline" and s.trains)
+
+    def _wait_for_devices(self, wait_s: float, stop: threading.Event) -> list[str]:
+        deadline = time.time() + wait_s
+        while len(self._online()) < self.cfg.min_devices and time.time() < deadline and not stop.is_set():
+            self._handle(self._next(0.2), None)
+        online = self._online()
+        if len(online) < self.cfg.min_devices:
+            raise PqsuError(f"only {len(online)} of the {self.cfg.min_devices} devices needed came online "
+                            f"within {wait_s:.0f}s (broker {self.cfg.broker}, fleet {self.cfg.fleet!r})")
+        return online
+
+    def _run_round(self, r: int, stop: threading.Event, wait_s: float) -> None:
+        selected = choose_devices(self._wait_for_devices(wait_s, stop), self.cfg.fraction, self.cfg.seed, r)
+        task = self.server.open_round(r, selected)
+        data, info = self.server.model_message()
+        self._publish_model(data, info.model_id)
+        deadline = time.time() + self.cfg.round_timeout_s
+        task = dataclasses.replace(task, devices=tuple(selected), deadline=deadline, model_bytes=len(data))
+        self.client.publish(self.topics.round, task.to_json(), retain=True)
+        announced = time.perf_counter()
+        log.info("round %d: %d devices, model %s (%d bytes)", r, len(selected), info.model_id[:12], len(data))
+        answered: dict[str, str] = {}
+        while not set(selected) <= answered.keys() and time.time() < deadline and not stop.is_set():
+            self._handle(self._next(0.05), (r, set(selected), answered))
+        collected = time.perf_counter()
+        if missing := set(selected) - answered.keys():
+            log.warning("round %d: deadline passed without %s", r, ", ".join(sorted(missing)))
+        rep = self.server.close_round(skipped=sum(v == "skipped" for v in answered.values())).to_dict()
+        rep["missing"] = len(set(selected) - answered.keys())
+        # Announcement to last answer, and the cloud's own work after it (aggregate, export, evaluate):
+        # `pqsu bench fleet` subtracts the slowest device's compute from the first to get the overhead.
+        rep["collect_seconds"] = collected - announced
+        rep["server_seconds"] = time.perf_counter() - collected
+        self.rounds.append(rep)
+        report.append_metrics(self.out, rep)
+        self.client.publish(self.topics.metrics, _json(rep), retain=True)
+        o = self.server.optimizer
+        checkpoint.save(self.out / "checkpoints", checkpoint.Checkpoint(
+            r, {k: v.copy() for k, v in self.server.master.items()}, o.velocity,
+            {**self.meta, "reports": self.rounds}))
+        log.info("round %d: accuracy %.4f, %d/%d uploads, %d bytes up", r, rep["accuracy"], rep["uploads"],
+                 rep["selected"], rep["bytes_up"])
+
+    def _publish_model(self, data: bytes, model_id: str) -> None:
+        if self._published_model and self._published_model[0] == model_id:
+            return
+        frames = chunking.split(data, self.cfg.chunk_limit, message_id=bytes.fromhex(model_id))
+        for i, frame in enumerate(frames):
+            self.client.publish(self.topics.model_chunk(i), frame, retain=True)
+        old_count = self._published_model[1] if self._published_model else 0
+        for i in range(len(frames), old_count):  # clear stale retained chunks of a longer old model
+            self.client.publish(self.topics.model_chunk(i), b"", retain=True)
+        self._published_model = (model_id, len(frames))
+
+    def _next(self, timeout: float) -> _Event | None:
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _handle(self, event: _Event | None, current: tuple[int, set, dict] | None) -> None:
+        if event is None:
+            return
+        if event.kind == "status":
+            try:
+                status = Status.from_json(event.payload)
+            except MessageError as exc:
+                log.info("bad status from %s: %s", event.device, exc)
+                return
+            if status.device != event.device:
+                log.info("status on %s's topic names %s: ignored", event.device, status.device)
+                return
+            self.devices[event.device] = status
+            if current:
+                r, selected, answered = current
+                if event.device in selected and event.device not in answered:
+                    if status.state in ("skipped", "failed") and status.round == r:
+                        answered[event.device] = status.state
+                    elif status.state == "offline":
+                        answered[event.device] = "offline"
+            return
+        verdict = self.server.submit(event.payload, sender=event.device)
+        if current is None:  # an update between rounds: there is nothing to count it in
+            return
+        r, selected, answered = current
+        if verdict.accepted:
+            answered[event.device] = "uploaded"
+
+
+def _json(obj: dict) -> bytes:
+    return json.dumps(obj).encode()
