@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from pqsu.protocol.atomic import atomic_file
 from pqsu.protocol.errors import PqsuError
 
 log = logging.getLogger(__name__)
@@ -43,16 +42,8 @@ def save(directory: str | Path, ckpt: Checkpoint) -> Path:
     arrays = {f"master/{k}": v for k, v in ckpt.master.items()}
     arrays.update({f"velocity/{k}": v for k, v in ckpt.velocity.items()})
     arrays["meta"] = np.frombuffer(json.dumps({"round": ckpt.round, **ckpt.meta}).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ckpt-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        np.savez(f, **arrays)
     for old in _listed(directory)[KEEP:]:
         old.unlink(missing_ok=True)
     return path

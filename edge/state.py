@@ -2,20 +2,19 @@
 
 The error-feedback residual is part of the model's training signal: losing it on a
 reboot silently drops everything the device chose not to send. So the state is written
-atomically (temp file + rename) after every round, as a plain `.npz` read back with
+atomically (`pqsu.protocol.atomic`) after every round, as a plain `.npz` read back with
 `allow_pickle=False`; nothing in it can execute code.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from pqsu.protocol.atomic import atomic_file
 from pqsu.protocol.errors import PqsuError
 
 _RESIDUAL, _PREVIOUS = "residual/", "previous/"
@@ -46,23 +45,13 @@ class DeviceState:
         self.residual, self.previous = {}, {}
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: getattr(self, k) for k in ("last_uploaded_loss", "last_round", "rounds_joined",
                                               "uploads", "bytes_up", "bytes_down")}
         arrays = {_RESIDUAL + k: v for k, v in self.residual.items()}
         arrays.update({_PREVIOUS + k: v for k, v in self.previous.items()})
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as f:
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "DeviceState":

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from pqsu.protocol import model_id
+from pqsu.protocol.atomic import atomic_write
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.model_info import ModelInfo
 
@@ -64,18 +64,3 @@ def read_info(source: str | Path | bytes) -> ModelInfo:
     model_id.verify(data)
     proto = onnx.load_from_string(data)
     return ModelInfo.from_metadata({p.key: p.value for p in proto.metadata_props})
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file and rename, so a reader never sees half a model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -81,7 +81,7 @@ def _codec_suite(quick: bool, out: Path) -> dict:
 def _federated_suite(quick: bool, out: Path) -> dict:
     from pqsu.tools.bench_federated import run_table
 
-    common = dict(clients=10, partition="dirichlet:0.5", seed=0)
+    common = dict(clients=10, partition="dirichlet:0.5", seed=0, eval_samples=None)
     if quick:
         return {"cnn": run_table("cnn", rounds=2, clients=3, samples_per_client=200, proxy_samples=500,
                                  eval_samples=500)}

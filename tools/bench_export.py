@@ -4,7 +4,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pqsu.export.bridge import read_int8_weights, worst_error_in_steps
