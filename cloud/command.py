@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import socket
 import threading
 from pathlib import Path
 
 from pqsu.cloud.config import add_config_arguments, config_from_args
 from pqsu.protocol.errors import PqsuError
+from pqsu.protocol.mqtt import BrokerURL
 
 
 def add_coordinator_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,12 +51,22 @@ def read_keys(path: str | None) -> dict[str, bytes] | None:
         raise PqsuError(f"device keys file {path} must be JSON {{device: hex key}}: {exc}") from None
 
 
+def check_broker(url: str, timeout_s: float = 5.0) -> None:
+    """The broker URL parses and something listens there (MQTT itself is checked on connect)."""
+    broker = BrokerURL.parse(url)
+    try:
+        socket.create_connection((broker.host, broker.port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise PqsuError(f"broker {broker} is unreachable ({exc.strerror or exc}); start it or pass --broker URL") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from pqsu.cloud.bootstrap import build_server  # torch is imported only when the coordinator really starts
     from pqsu.cloud.coordinator import Coordinator, CoordinatorConfig
 
     cfg = config_from_args(args)
     out = Path(args.out)
+    check_broker(args.broker)  # fail before minutes of model preparation, not after
     server, meta = build_server(cfg, checkpoint_dir=out / "checkpoints", keys=read_keys(args.keys))
     ccfg = CoordinatorConfig(broker=args.broker, fleet=args.fleet, rounds=cfg.rounds, min_devices=args.min_devices,
                              join_timeout_s=args.join_timeout, round_timeout_s=args.round_timeout,

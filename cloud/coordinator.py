@@ -27,7 +27,7 @@ from pqsu.protocol import chunking
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.messages import MessageError, Status, done_message
 from pqsu.protocol.mqtt import MqttClient
-from pqsu.protocol.topics import Topics
+from pqsu.protocol.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +67,37 @@ class Coordinator:
         self.reassembler = chunking.Reassembler(max_messages=256, max_bytes=512 * 1024 * 1024)
         self.devices: dict[str, Status] = {}
         self.rounds: list[dict] = list(self.meta.pop("reports", []))
-        self.dropped = 0
+        self.dropped = 0   # complete messages refused because the queue was full
+        self.foreign = 0   # messages on topics that are not ours, and undecodable chunks
         self._published_model: tuple[str, int] | None = None  # (model id, chunk count)
 
     # -- network thread --------------------------------------------------------------
     def _on_update(self, topic: str, payload: bytes, retained: bool) -> None:
-        _, device = self.topics.parse(topic)
+        device = self._device_of(topic)
+        if device is None:
+            return
         try:
             message = self.reassembler.add(payload, source=device)
         except chunking.ChunkError as exc:
+            self.foreign += 1
             log.info("bad update chunk from %s: %s", device, exc)
             return
         if message is not None:
             self._enqueue(_Event("update", device, message))
 
     def _on_status(self, topic: str, payload: bytes, retained: bool) -> None:
-        _, device = self.topics.parse(topic)
-        self._enqueue(_Event("status", device, payload))
+        device = self._device_of(topic)
+        if device is not None:
+            self._enqueue(_Event("status", device, payload))
+
+    def _device_of(self, topic: str) -> str | None:
+        """The device a topic belongs to, or None (counted, one log line) for a topic that is not ours."""
+        try:
+            return str(self.topics.parse(topic)[1])
+        except TopicError as exc:
+            self.foreign += 1
+            log.info("ignored message on %r: %s", topic, exc)
+            return None
 
     def _enqueue(self, event: _Event) -> None:
         try:
@@ -113,7 +127,8 @@ class Coordinator:
         summary = report.summarize(self.rounds, arch=self.server.info.spec["arch"], in_shape=self.server.info.in_shape,
                                    num_classes=len(self.server.info.classes), seconds=time.time() - start,
                                    initial_accuracy=self.meta.get("initial_accuracy"))
-        summary["dropped_messages"] = self.dropped
+        summary["dropped_messages"], summary["foreign_messages"] = self.dropped, self.foreign
+        summary["completed"] = len(self.rounds) >= self.cfg.rounds
         report.write_outputs(self.out, config={**self.meta.get("config", {}), "precision": self.server.cfg.precision},
                              rounds=self.rounds, summary=summary, model=data)
         return summary
@@ -121,18 +136,27 @@ class Coordinator:
     def _online(self) -> list[str]:
         return sorted(d for d, s in self.devices.items() if s.state != "offline" and s.trains)
 
-    def _wait_for_devices(self, wait_s: float, stop: threading.Event) -> list[str]:
+    def _wait_for_devices(self, needed: int, wait_s: float, stop: threading.Event) -> list[str]:
+        """The devices online once `needed` of them are (or raise after `wait_s`)."""
         deadline = time.time() + wait_s
-        while len(self._online()) < self.cfg.min_devices and time.time() < deadline and not stop.is_set():
+        while len(self._online()) < needed and time.time() < deadline and not stop.is_set():
             self._handle(self._next(0.2), None)
+        while (event := self._next(0)) is not None:  # statuses already queued count too
+            self._handle(event, None)
         online = self._online()
-        if len(online) < self.cfg.min_devices:
-            raise PqsuError(f"only {len(online)} of the {self.cfg.min_devices} devices needed came online "
+        if len(online) < needed and not stop.is_set():
+            raise PqsuError(f"only {len(online)} of the {needed} devices needed came online "
                             f"within {wait_s:.0f}s (broker {self.cfg.broker}, fleet {self.cfg.fleet!r})")
         return online
 
     def _run_round(self, r: int, stop: threading.Event, wait_s: float) -> None:
-        selected = choose_devices(self._wait_for_devices(wait_s, stop), self.cfg.fraction, self.cfg.seed, r)
+        # --min-devices gates the start of training; later rounds go on with whoever is online,
+        # so a board that dies does not stop the fleet.
+        needed = self.cfg.min_devices if not self.rounds else 1
+        online = self._wait_for_devices(needed, wait_s, stop)
+        if stop.is_set():
+            return
+        selected = choose_devices(online, self.cfg.fraction, self.cfg.seed, r)
         task = self.server.open_round(r, selected)
         data, info = self.server.model_message()
         self._publish_model(data, info.model_id)

@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="embedded broker: mosquitto when installed, else amqtt (default: auto)")
     g.add_argument("--fleet", default="local", help="fleet name (default: local)")
     g.add_argument("--round-timeout", type=float, default=300.0, help="a round's deadline in seconds (default: 300)")
+    g.add_argument("--join-timeout", type=float, default=300.0,
+                   help="seconds the first round waits for every agent to come online (default: 300)")
     g.add_argument("--chunk-limit", type=int, default=128 * 1024, help="largest MQTT payload (default: 131072)")
     g.add_argument("--agent-threads", type=int, default=1, help="torch threads per agent process (default: 1)")
 
@@ -52,11 +54,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     name = args.name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
     out = Path(args.runs_dir) / name
-    if (out / "summary.json").exists():
+    if (out / "summary.json").exists() and json.loads((out / "summary.json").read_text()).get("completed", True):
         raise PqsuError(f"{out} holds a finished run; choose another --name")
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    settings = out / "settings.json"
-    settings.write_text(json.dumps({k: v for k, v in cfg.to_dict().items() if v is not None}, indent=2) + "\n")
+    settings = out / "settings.json"  # every field, None included: the coordinator must not fall back on a preset
+    settings.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     devices = write_device_shards(cfg, out / "devices")
     print(f"pqsu run: {cfg.clients} devices, {cfg.rounds} rounds of {cfg.model} on {cfg.dataset} -> {out}", flush=True)
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cli = [sys.executable, "-m", "pqsu.tools.cli"]
         procs.append(_spawn(cli + ["cloud", "--config", str(settings), "--broker", url, "--fleet", args.fleet,
-                                   "--min-devices", str(cfg.clients), "--round-timeout", str(args.round_timeout),
+                                   "--min-devices", str(cfg.clients), "--join-timeout", str(args.join_timeout), "--round-timeout", str(args.round_timeout),
                                    "--chunk-limit", str(args.chunk_limit), "--out", str(out)],
                             out / "logs" / "cloud.log", threads=None))
         for device in devices:
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                                        "--data", str(out / "devices" / device / "data.npz"),
                                        "--state-dir", str(out / "devices" / device), "--upload", cfg.upload,
                                        "--select", cfg.select, "--chunk-limit", str(args.chunk_limit),
-                                       "--torch-threads", str(args.agent_threads)]
+                                       "--torch-threads", str(args.agent_threads), "--no-http"]
                                 + ([] if cfg.error_feedback else ["--no-error-feedback"]),
                                 out / "logs" / f"{device}.log", threads=args.agent_threads))
         code = _follow(procs[0], out, cfg.rounds)
