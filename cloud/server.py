@@ -47,7 +47,7 @@ class ServerConfig:
     momentum: float = 0.0
     time_budget_s: float | None = None
     seed: int = 0
-    limits: codec.Limits = codec.Limits()
+    limits: codec.Limits | None = None  # None: sized to the model (a dense fp32 update fits, nothing much larger)
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ class FederatedServer:
         self.keys = keys
         self.master = {k: v.detach().numpy() for k, v in self.model.state_dict().items()}  # views: updates write through
         self.shapes = {k: v.shape for k, v in self.master.items()}
+        self.limits = cfg.limits or limits_for(self.shapes)
         self.optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
         self._aggregator = make_aggregator(cfg.aggregator, self.shapes, cfg.clip_norm)  # validates the spec early
         self._model: tuple[bytes, ModelInfo] | None = None
@@ -164,7 +165,7 @@ class FederatedServer:
             if key is None:
                 return Verdict(False, "unknown-device", f"no key for device {header.device_id!r}")
         try:
-            update = codec.decode(payload, key=key, limits=self.cfg.limits)
+            update = codec.decode(payload, key=key, limits=self.limits)
         except CodecError as exc:
             return Verdict(False, _codec_reason(exc), str(exc))
         problem = self._mismatch(update)
@@ -211,6 +212,15 @@ class FederatedServer:
             bytes_up=sum(rnd.accepted.values()), bytes_down=len(old_bytes) * len(rnd.devices),
             model_bytes=len(data), seconds=time.perf_counter() - rnd.started,
             train_loss=float(np.mean(rnd.losses)) if rnd.losses else float("nan"))
+
+def limits_for(shapes: dict[str, tuple[int, ...]]) -> codec.Limits:
+    """Decode limits for updates to a model of these shapes: room for a dense fp32 update
+    (4 bytes an entry, plus headers) and no more, whatever the codec's generic defaults."""
+    numel = sum(int(np.prod(s)) for s in shapes.values())
+    default = codec.Limits()
+    return dataclasses.replace(default, max_payload_bytes=max(default.max_payload_bytes, 4 * numel + (1 << 20)),
+                               max_tensors=max(default.max_tensors, len(shapes)))
+
 
 def choose_devices(devices: list[str], fraction: float, seed: int, round_: int) -> list[str]:
     """The devices asked in a round: a seeded sample of `fraction` of them, the same for every driver."""

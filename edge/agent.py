@@ -9,6 +9,12 @@ repeat an upload (the coordinator counts a (round, device) once), never lose one
 
 Like the coordinator, MQTT callbacks only reassemble and queue; all work happens on the
 caller's thread.
+
+The current model is also kept on disk (`<state_dir>/model.onnx`, written atomically on
+every new verified version) and loaded at start, so a rebooted board serves predictions
+through its local inference API (`pqsu.edge.service`, on 127.0.0.1) before the broker is
+even reachable. An inference-only device (no learner, no torch) follows every model
+version the same way, reports `trains=False`, and keeps serving after training is over.
 """
 from __future__ import annotations
 
@@ -16,11 +22,12 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pqsu.edge.inference import InferenceModel
-from pqsu.protocol import chunking
+from pqsu.protocol import chunking, model_id
+from pqsu.protocol.atomic import atomic_write
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.messages import MessageError, RoundTask, Status, message_type
 from pqsu.protocol.mqtt import MqttClient, MqttError
@@ -39,7 +46,19 @@ class AgentConfig:
     protocol: str = "auto"
     connect_timeout_s: float = 10.0
     max_backoff_s: float = 30.0
-    exit_when_done: bool = True     # leave when the coordinator says training is over
+    exit_when_done: bool = True     # leave when the coordinator says training is over (training devices)
+    tls_ca: str | None = None       # CA bundle for an mqtts:// broker (None: the system CAs)
+    tls_cert: str | None = None     # client certificate and key, for brokers that want one
+    tls_key: str | None = None
+    username: str | None = None     # None: the one in the broker URL, if any
+    password: str | None = field(default=None, repr=False)
+    http_port: int | None = None    # local inference API on 127.0.0.1: None = off, 0 = any free port
+    http_required: bool = True      # False: a busy port only logs a warning (the agent runs without the API)
+    providers: tuple[str, ...] = ()  # onnxruntime execution providers by preference (CPU is the fallback)
+    inference_threads: int = 0      # onnxruntime intra-op threads (0: onnxruntime's choice)
+
+
+MODEL_FILE = "model.onnx"
 
 
 class EdgeAgent:
@@ -51,13 +70,40 @@ class EdgeAgent:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         will = (self.topics.status(cfg.device_id), self._status("offline").to_json(), 1, True)
         self.client = client or MqttClient(cfg.broker, cfg.device_id, will=will, protocol=cfg.protocol,
-                                           persistent_session=True)
+                                           persistent_session=True, tls_ca=cfg.tls_ca, tls_cert=cfg.tls_cert,
+                                           tls_key=cfg.tls_key, username=cfg.username, password=cfg.password)
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=1000)
         self.models = chunking.Reassembler(max_messages=4, max_bytes=1 << 30)
         self.model: InferenceModel | None = None
         self._model_bytes = b""
         self.rounds_joined = 0
         self.bad_messages = 0
+        self.models_received = 0   # new model versions swapped in by this process
+        self.model_bytes_down = 0  # their bytes (the downlink of an inference-only device)
+        self.service = None        # the local inference API while run() runs (pqsu.edge.service)
+        self._load_saved_model()
+
+    @property
+    def model_path(self) -> Path:
+        return self.state_dir / MODEL_FILE
+
+    def _load_saved_model(self) -> None:
+        """The model this device had before a restart, if it is still there and verifies."""
+        if not self.model_path.exists():
+            return
+        try:
+            data = self.model_path.read_bytes()
+            self.model = self._build_model(data)
+        except (OSError, PqsuError) as exc:
+            log.warning("%s: saved model %s not used (%s); waiting for the broker's", self.cfg.device_id,
+                        self.model_path, exc)
+            return
+        self._model_bytes = data
+        log.info("%s: serving saved model %s from %s", self.cfg.device_id, self.model.model_id[:12], self.model_path)
+
+    def _build_model(self, data: bytes) -> InferenceModel:
+        return InferenceModel(data, providers=list(self.cfg.providers) or None,
+                              threads=self.cfg.inference_threads or None)
 
     # -- network thread --------------------------------------------------------------
     def _on_round(self, topic: str, payload: bytes, retained: bool) -> None:
@@ -84,7 +130,30 @@ class EdgeAgent:
     # -- main loop -------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> int:
         stop = stop or threading.Event()
-        self._connect_with_backoff(stop)
+        self._start_service()
+        try:
+            if self._connect_with_backoff(stop):
+                self._loop(stop)
+        finally:
+            if self.service is not None:
+                self.service.stop()
+                self.service = None
+        return self.rounds_joined
+
+    def _start_service(self) -> None:
+        if self.cfg.http_port is None or self.cfg.http_port < 0:
+            return
+        from pqsu.edge.service import InferenceService, ServiceError
+
+        service = InferenceService(lambda: self.model, port=self.cfg.http_port, status=self.metrics)
+        try:
+            self.service = service.start()
+        except ServiceError as exc:
+            if self.cfg.http_required:
+                raise
+            log.warning("%s: running without the local inference API: %s", self.cfg.device_id, exc)
+
+    def _loop(self, stop: threading.Event) -> None:
         try:
             self.client.subscribe(self.topics.round, self._on_round)
             self.client.subscribe(self.topics.model_filter, self._on_model_chunk)
@@ -101,8 +170,8 @@ class EdgeAgent:
                 else:
                     task = self._parse_round(payload)
                     if task == "done":
-                        if self.cfg.exit_when_done:
-                            break
+                        if self.cfg.exit_when_done and self.learner is not None:
+                            break  # an inference-only device keeps serving the final model
                         continue
                     pending = task or pending
                 if pending is not None and self.model is not None and self.model.model_id == pending.model_id:
@@ -111,20 +180,21 @@ class EdgeAgent:
         finally:
             self._publish_status("offline")  # a clean disconnect does not send the last will
             self.client.close()
-        return self.rounds_joined
 
-    def _connect_with_backoff(self, stop: threading.Event) -> None:
+    def _connect_with_backoff(self, stop: threading.Event) -> bool:
+        """True once connected; False when `stop` was set first (the saved model kept serving meanwhile)."""
         delay = 1.0
-        while True:
+        while not stop.is_set():
             try:
                 self.client.connect(timeout_s=self.cfg.connect_timeout_s)
-                return
+                return True
             except MqttError as exc:
                 if stop.is_set():
-                    raise
+                    break
                 log.warning("%s; retrying in %.0fs", exc, delay)
                 stop.wait(delay)
                 delay = min(delay * 2, self.cfg.max_backoff_s)
+        return False
 
     def _parse_round(self, payload: bytes) -> RoundTask | str | None:
         try:
@@ -145,14 +215,27 @@ class EdgeAgent:
 
     def _swap_model(self, data: bytes) -> None:
         try:
-            model = InferenceModel(data)
+            claimed = model_id.verify(data)
         except PqsuError as exc:
             self.bad_messages += 1
             log.warning("received a model that does not verify: %s", exc)
             return
-        if self.model is None or model.model_id != self.model.model_id:
-            self.model, self._model_bytes = model, data  # one reference swap: in-flight requests keep theirs
-            log.info("%s: model %s (%d bytes)", self.cfg.device_id, model.model_id[:12], len(data))
+        if self.model is not None and claimed == self.model.model_id:
+            return  # the retained chunks of the model we have (after a reconnect or restart)
+        try:
+            model = self._build_model(data)
+        except PqsuError as exc:
+            self.bad_messages += 1
+            log.warning("received a model that onnxruntime cannot serve: %s", exc)
+            return
+        try:  # on disk first, so a reboot right after the swap serves this version
+            atomic_write(self.model_path, data)
+        except OSError as exc:
+            log.warning("%s: cannot save the model to %s: %s", self.cfg.device_id, self.model_path, exc)
+        self.model, self._model_bytes = model, data  # one reference swap: in-flight requests keep theirs
+        self.models_received += 1
+        self.model_bytes_down += len(data)
+        log.info("%s: model %s (%d bytes)", self.cfg.device_id, model.model_id[:12], len(data))
 
     def _do_round(self, task: RoundTask) -> None:
         self._publish_status("training", task.round)
@@ -199,7 +282,13 @@ class EdgeAgent:
             log.warning("%s: status %s not published: %s", self.cfg.device_id, state, exc)
 
     def metrics(self) -> dict:
+        """What `/healthz` and `/metrics` report. Bytes are the device's totals (kept in its state
+        across restarts) on a training device, this process's model downloads on an inference-only one."""
         state = self.learner.state if self.learner else None
-        return {"device": self.cfg.device_id, "model_id": self.model.model_id if self.model else None,
-                "rounds_joined": self.rounds_joined, "bad_messages": self.bad_messages,
-                "bytes_up": state.bytes_up if state else 0, "bytes_down": state.bytes_down if state else 0}
+        model = self.model
+        return {"device": self.cfg.device_id, "model_id": model.model_id if model else None,
+                "rounds_joined": self.rounds_joined, "bad_messages": self.bad_messages + self.client.handler_errors,
+                "bytes_up": state.bytes_up if state else 0,
+                "bytes_down": state.bytes_down if state else self.model_bytes_down,
+                "models_received": self.models_received, "connected": self.client.connected,
+                "trains": self.learner is not None}
