@@ -121,6 +121,7 @@ class Coordinator:
                     break
                 self._run_round(r, stop, wait_s=self.cfg.join_timeout_s if r == first else self.cfg.round_timeout_s)
             data, info = self.server.model_message()
+            self._publish_model(data, info.model_id)  # the final model, for every device that serves predictions
             self.client.publish(self.topics.round, done_message(len(self.rounds), info.model_id), retain=True)
         finally:
             self.client.close()

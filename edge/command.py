@@ -223,7 +223,7 @@ def _learner(s: dict):
     import torch
 
     from pqsu.edge.datastore import load_local_data
-    from pqsu.edge.learner import EdgeLearner
+    from pqsu.edge.learner import EdgeLearner, TrainingBudget
     from pqsu.edge.selective import SelectivePolicy
 
     if int(s.get("torch_threads") or 0) > 0:
@@ -238,5 +238,11 @@ def _learner(s: dict):
         except (OSError, ValueError) as exc:
             raise PqsuError(f"key file {s['key_file']} must hold a hex key: {exc}") from None
     policy = SelectivePolicy.from_spec(s["upload"], s["select"], bool(s["error_feedback"]))
+    board = s.get("board") if isinstance(s.get("board"), dict) else {}  # a flashed board's budget caps
+    try:
+        budget = TrainingBudget(max_epochs=board.get("max_epochs"), max_batch_size=board.get("max_batch_size"),
+                                time_budget_s=board.get("time_budget_s"))
+    except TypeError as exc:
+        raise PqsuError(f"bad [board] budget in the settings: {exc}") from None
     return EdgeLearner(s["device_id"], x, y, policy, state_path=Path(s["state_dir"]) / "state.npz", key=key,
-                       allow_custom=bool(s.get("allow_custom")))
+                       allow_custom=bool(s.get("allow_custom")), budget=budget)

@@ -7,6 +7,7 @@ same bytes for the same seed.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -27,6 +28,25 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class TrainingBudget:
+    """What a board accepts per round, whatever a round asks (its profile's caps)."""
+
+    max_epochs: float | None = None
+    max_batch_size: int | None = None
+    time_budget_s: float | None = None
+
+    def apply(self, task: RoundTask) -> RoundTask:
+        caps = {}
+        if self.max_epochs is not None and task.epochs > self.max_epochs:
+            caps["epochs"] = self.max_epochs
+        if self.max_batch_size is not None and task.batch_size > self.max_batch_size:
+            caps["batch_size"] = self.max_batch_size
+        if self.time_budget_s is not None and (task.time_budget_s is None or task.time_budget_s > self.time_budget_s):
+            caps["time_budget_s"] = self.time_budget_s
+        return dataclasses.replace(task, **caps) if caps else task
+
+
+@dataclass(frozen=True)
 class RoundOutcome:
     round: int
     payload: bytes | None   # None: the device skipped this round (its update stays in the residual)
@@ -42,13 +62,14 @@ class EdgeLearner:
     mean and std the model itself declares, so data and model can never disagree."""
 
     def __init__(self, device_id: str, x: np.ndarray, y: np.ndarray, policy: SelectivePolicy, *,
-                 state_path: str | Path | None = None, key: bytes | None = None, allow_custom: bool = False):
+                 state_path: str | Path | None = None, key: bytes | None = None, allow_custom: bool = False,
+                 budget: TrainingBudget = TrainingBudget()):
         if len(x) != len(y) or x.ndim != 4:
             raise PqsuError(f"{device_id}: local data must be images (N, C, H, W) with one label each")
         self.device_id, self.x, self.y, self.policy = device_id, x, y, policy
         self.state_path = Path(state_path) if state_path else None
         self.state = DeviceState.load(self.state_path) if self.state_path else DeviceState()
-        self.key, self.allow_custom = key, allow_custom
+        self.key, self.allow_custom, self.budget = key, allow_custom, budget
         self._normalized: tuple[tuple, np.ndarray] | None = None
 
     def inputs(self, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
@@ -72,6 +93,7 @@ class EdgeLearner:
             log.info("%s: model architecture changed, starting a fresh residual", self.device_id)
             self.state.reset_tensors()
 
+        task = self.budget.apply(task)
         cfg = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, momentum=task.momentum,
                           time_budget_s=task.time_budget_s, seed=_seed(task.seed, self.device_id, task.round))
         x = self.inputs(info.mean, info.std)

@@ -12,7 +12,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from pqsu.protocol.errors import PqsuError
@@ -67,6 +66,8 @@ def prune_model(model: nn.Module, ratio: float, example_input: torch.Tensor, *,
         model = copy.deepcopy(model)
         copied = dict(model.named_modules())
         keep = [copied[names[id(m)]] for m in keep]
+    import torch_pruning as tp  # only pruning needs it; a board rebuilding a model (fold, widths) does not
+
     model.eval()
     before = layer_widths(model)
     ignored = [classifier_of(model)] + keep
@@ -87,6 +88,8 @@ def shrink_to_widths(model: nn.Module, widths: tuple[int, ...] | list[int],
     shapes do. The dependency graph keeps coupled layers consistent, exactly as the
     pruner did when it produced `widths`. This rebuilds a user's own pruned module.
     """
+    import torch_pruning as tp  # as in prune_model: imported where it is needed
+
     current = layer_widths(model)
     if len(current) != len(widths):
         raise PruneError(f"widths spec has {len(widths)} entries, the model has {len(current)} conv/linear layers")

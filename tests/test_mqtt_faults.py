@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
 import signal
 import threading
 import time
@@ -361,14 +360,8 @@ def test_coordinator_gives_up_with_a_clear_error_when_the_broker_is_unreachable(
     while proc.exited is None and time.monotonic() < deadline:
         time.sleep(0.05)
     took = proc.exited - proc.started
-    assert took < 75, f"took {took:.0f}s to give up"  # start-up and model preparation + the connect window
-    # From its last log line before connecting (model preparation done) to the exit: the connect window.
-    stamps = re.findall(r"^(\d\d):(\d\d):(\d\d) INFO", proc.stderr, re.M)
-    assert stamps, proc.tail()
-    h, m, sec = map(int, stamps[-1])
-    exited = time.localtime(proc.exited_wall)
-    connect_window = (exited.tm_hour * 3600 + exited.tm_min * 60 + exited.tm_sec - (h * 3600 + m * 60 + sec)) % 86400
-    assert connect_window <= 40, f"gave up {connect_window}s after its model was ready"
+    # The broker is checked before minutes of model preparation: what remains is start-up (imports).
+    assert took < 45, f"took {took:.0f}s to give up"
     assert proc.url in proc.stderr, proc.tail()
     assert "Traceback" not in proc.stdout + proc.stderr, proc.tail(60)
     assert not (proc.out / "summary.json").exists()

@@ -276,3 +276,15 @@ def test_over_many_rounds_sent_plus_residual_equals_sum_of_deltas(select):
     assert residual == {}
     lost = max(float(np.abs(sent[n] - np.sum([d[n] for d in deltas], axis=0)).max()) for n in shapes)
     assert lost > 0.1
+
+
+def test_a_boards_training_budget_caps_what_a_round_asks():
+    from pqsu.edge.learner import TrainingBudget
+    from pqsu.protocol.messages import RoundTask
+
+    task = RoundTask(round=1, model_id="m", epochs=5.0, batch_size=128, lr=0.05, time_budget_s=None)
+    capped = TrainingBudget(max_epochs=1, max_batch_size=16, time_budget_s=60).apply(task)
+    assert (capped.epochs, capped.batch_size, capped.time_budget_s, capped.lr) == (1, 16, 60, 0.05)
+    modest = RoundTask(round=1, model_id="m", epochs=0.5, batch_size=8, time_budget_s=10)
+    assert TrainingBudget(max_epochs=1, max_batch_size=16, time_budget_s=60).apply(modest) == modest
+    assert TrainingBudget().apply(task) == task
