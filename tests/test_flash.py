@@ -25,7 +25,9 @@ import numpy as np
 import pytest
 
 from pqsu.protocol.settings import read_settings
+from pqsu.tools import bundle as bundle_mod
 from pqsu.tools import flash as flash_mod
+from pqsu.tools import wheels as wheels_mod
 from pqsu.tools.boards import BOARDS, CPU, get_board
 from pqsu.tools.broker import Mosquitto, free_port, mosquitto_path
 from pqsu.tools.cli import build_parser, main
@@ -53,7 +55,7 @@ def pqsu(capsys, *argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    return flash_mod.build_project_wheel(tmp_path_factory.mktemp("wheel"))
+    return wheels_mod.build_project_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture
@@ -370,7 +372,7 @@ def test_a_failure_midway_leaves_the_target_as_it_was(capsys, tmp_path, wheel, m
         (dest / "numpy-partial.whl").write_bytes(b"half a wheel")
         raise flash_mod.FlashError("downloading the wheelhouse for board rpi5 failed: network down")
 
-    monkeypatch.setattr(flash_mod, "download_wheelhouse", broken_download)
+    monkeypatch.setattr(bundle_mod, "download_wheelhouse", broken_download)
     code, _, err = pqsu(capsys, *base_args(target, wheel), "--wheelhouse", "--fleet", "other")
     assert code == 2 and "network down" in err
     assert tree(target) == before                          # old bundle intact, no staging folder
