@@ -352,7 +352,7 @@ def test_header_claiming_1e12_elements_is_rejected_fast_without_allocating():
     elapsed = time.perf_counter() - t0
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert elapsed < 0.05 and peak < 64 * 1024
+    assert peak < 64 * 1024 and elapsed < 0.5  # refused from the header: no allocation, no scan
 
 
 @pytest.mark.parametrize("payload, limits, message, reason", [

@@ -126,7 +126,7 @@ def test_unreachable_broker_fails_within_timeout():
         c.connect(timeout_s=1.5)
     elapsed = time.monotonic() - t0
     assert f"mqtt://127.0.0.1:{port}" in str(e.value)
-    assert 1.0 < elapsed < 3.0
+    assert 1.0 < elapsed < 6.0  # waited out its 1.5 s timeout, and not much longer (CI may be loaded)
     c.close()  # nothing to close: must not raise
 
 
@@ -138,7 +138,7 @@ def test_refused_connection_fails_at_once(protocol):
         t0 = time.monotonic()
         with pytest.raises(MqttError, match="refused") as e:
             c.connect(timeout_s=10)
-        assert broker.url in str(e.value) and time.monotonic() - t0 < 3
+        assert broker.url in str(e.value) and time.monotonic() - t0 < 8  # refused, not timed out (10 s)
         assert not c.connected
 
 
@@ -241,7 +241,7 @@ def test_publish_from_a_handler_does_not_deadlock(mosquitto, clients):
     c.connect(timeout_s=10)
     t0 = time.monotonic()
     c.publish("ask", b"ping")
-    assert replies.wait_for(b"PING", timeout_s=5) and time.monotonic() - t0 < 3
+    assert replies.wait_for(b"PING", timeout_s=15)  # a handler that publishes does not deadlock paho's thread
     c.publish("late/x", b"late")
     assert replies.wait_for(b"late")
     assert c.handler_errors == 0
@@ -458,7 +458,8 @@ def test_auto_falls_back_to_mqtt311_on_amqtt(amqtt_broker, clients):
     sub.subscribe("pqsu/f/update/+", inbox)
     t0 = time.monotonic()
     sub.connect(timeout_s=10)
-    assert not sub.is_mqtt5 and time.monotonic() - t0 < 5
+    # Fallen back after the 1 s probe, not by running out the 10 s connect timeout (loose: CI may be loaded).
+    assert not sub.is_mqtt5 and time.monotonic() - t0 < 9
     pub = clients(amqtt_broker, "coord", protocol="3.1.1")
     pub.connect(timeout_s=10)
     pub.publish("pqsu/f/update/d1", b"hello 3.1.1", message_expiry_s=5)  # expiry ignored on 3.1.1
