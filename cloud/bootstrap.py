@@ -48,6 +48,7 @@ def build_server(cfg: FederatedConfig, *, checkpoint_dir: str | Path | None = No
         server.rounds_done = resumed.round
         server.optimizer.velocity = {k: np.asarray(v) for k, v in resumed.velocity.items()}
         meta["reports"] = resumed.meta.get("reports", [])
+        meta["devices"] = resumed.meta.get("devices", {})
         if "initial_accuracy" in resumed.meta:
             meta["initial_accuracy"] = resumed.meta["initial_accuracy"]
     return server, meta

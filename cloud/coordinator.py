@@ -65,7 +65,11 @@ class Coordinator:
         self.client = client or MqttClient(cfg.broker, cfg.client_id, protocol=cfg.protocol)
         self.events: queue.Queue[_Event] = queue.Queue(maxsize=10_000)
         self.reassembler = chunking.Reassembler(max_messages=256, max_bytes=512 * 1024 * 1024)
-        self.devices: dict[str, Status] = {}
+        # The device registry: every device seen, with its last status. A restarted coordinator gets it
+        # back from the checkpoint as "offline" until the broker's retained statuses say otherwise.
+        self.devices: dict[str, Status] = {
+            d: Status(d, "offline", st.get("round", -1), trains=st.get("trains", True))
+            for d, st in self.meta.pop("devices", {}).items()}
         self.rounds: list[dict] = list(self.meta.pop("reports", []))
         self.dropped = 0   # complete messages refused because the queue was full
         self.foreign = 0   # messages on topics that are not ours, and undecodable chunks
@@ -184,7 +188,8 @@ class Coordinator:
         o = self.server.optimizer
         checkpoint.save(self.out / "checkpoints", checkpoint.Checkpoint(
             r, {k: v.copy() for k, v in self.server.master.items()}, o.velocity,
-            {**self.meta, "reports": self.rounds}))
+            {**self.meta, "reports": self.rounds,
+             "devices": {d: dataclasses.asdict(st) for d, st in self.devices.items()}}))
         log.info("round %d: accuracy %.4f, %d/%d uploads, %d bytes up", r, rep["accuracy"], rep["uploads"],
                  rep["selected"], rep["bytes_up"])
 

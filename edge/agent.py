@@ -254,12 +254,15 @@ class EdgeAgent:
         if outcome.payload is None:
             self._publish_status("skipped", task.round, outcome.reason, seconds)
             return
-        self._send(task.round, outcome.payload)
+        self._send(task.round, outcome.payload, task.deadline)
         self._publish_status("uploaded", task.round, f"{len(outcome.payload)} bytes, {outcome.nnz} entries", seconds)
 
-    def _send(self, round_: int, payload: bytes) -> None:
+    def _send(self, round_: int, payload: bytes, deadline: float | None = None) -> None:
+        # On MQTT 5 the broker drops an update still queued after its round's deadline (it could not count).
+        expiry = max(1, int(deadline - time.time())) if deadline is not None else None
         try:
-            self.client.publish_chunked(self.topics.update(self.cfg.device_id), payload, self.cfg.chunk_limit)
+            self.client.publish_chunked(self.topics.update(self.cfg.device_id), payload, self.cfg.chunk_limit,
+                                        message_expiry_s=expiry)
             self._outbox(round_).unlink(missing_ok=True)
         except MqttError as exc:  # stays in the outbox; sent again after reconnecting
             log.warning("%s: upload of round %d not confirmed (%s); kept in the outbox", self.cfg.device_id, round_, exc)
