@@ -72,7 +72,7 @@ class EdgeAgent:
         self.client = client or MqttClient(cfg.broker, cfg.device_id, will=will, protocol=cfg.protocol,
                                            persistent_session=True, tls_ca=cfg.tls_ca, tls_cert=cfg.tls_cert,
                                            tls_key=cfg.tls_key, username=cfg.username, password=cfg.password)
-        self.events: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=1000)
+        self.events: queue.Queue[tuple[str, bytes, float]] = queue.Queue(maxsize=1000)
         self.models = chunking.Reassembler(max_messages=4, max_bytes=1 << 30)
         self.model: InferenceModel | None = None
         self._model_bytes = b""
@@ -123,7 +123,7 @@ class EdgeAgent:
 
     def _enqueue(self, item: tuple[str, bytes]) -> None:
         try:
-            self.events.put_nowait(item)
+            self.events.put_nowait((*item, time.perf_counter()))
         except queue.Full:
             self.bad_messages += 1
 
@@ -160,22 +160,26 @@ class EdgeAgent:
             self._publish_status("online")
             self._flush_outbox()
             pending: RoundTask | None = None
+            pending_at = model_at = 0.0  # when each reached this device (queued by the network thread)
             while not stop.is_set():
                 try:
-                    kind, payload = self.events.get(timeout=0.2)
+                    kind, payload, received = self.events.get(timeout=0.2)
                 except queue.Empty:
                     continue
                 if kind == "model":
                     self._swap_model(payload)
+                    model_at = received
                 else:
                     task = self._parse_round(payload)
                     if task == "done":
                         if self.cfg.exit_when_done and self.learner is not None:
                             break  # an inference-only device keeps serving the final model
                         continue
-                    pending = task or pending
+                    if task:
+                        pending, pending_at = task, received
                 if pending is not None and self.model is not None and self.model.model_id == pending.model_id:
-                    self._do_round(pending)
+                    # The device's own work starts once it holds both the task and the model.
+                    self._do_round(pending, max(pending_at, model_at))
                     pending = None
         finally:
             self._publish_status("offline")  # a clean disconnect does not send the last will
@@ -237,9 +241,11 @@ class EdgeAgent:
         self.model_bytes_down += len(data)
         log.info("%s: model %s (%d bytes)", self.cfg.device_id, model.model_id[:12], len(data))
 
-    def _do_round(self, task: RoundTask) -> None:
+    def _do_round(self, task: RoundTask, started: float) -> None:
+        """Train, keep the update safe, send it. `started` (perf_counter) is when the device had
+        everything for this round: the status reports the device's compute from then on
+        (verifying and loading the model, training, encoding), for the fleet benchmark."""
         self._publish_status("training", task.round)
-        started = time.perf_counter()
         try:
             outcome = self.learner.run_round(task, self._model_bytes)
         except PqsuError as exc:

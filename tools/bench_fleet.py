@@ -3,8 +3,10 @@
 A private Mosquitto, the coordinator as its own process (`pqsu cloud`), and N edge agents
 as threads of this process (real `EdgeAgent`s, each with its own MQTT connection). Per
 round, overhead = (announcement to last answer, measured by the coordinator) minus the
-slowest selected device's own compute (rebuild + train + encode, reported in its status).
-What is left is moving the model and the updates through the broker, and waiting.
+slowest selected device's own compute, which each device reports in its status: from the
+moment it holds both the round's task and the complete model, to its upload being confirmed
+(verifying and loading the model, training, encoding). What is left is moving the model and
+the updates through the broker, the coordinator's handling, and waiting.
 """
 from __future__ import annotations
 
