@@ -4,7 +4,14 @@
 arrives and then dropped, so memory is O(model size) however many devices report; a
 sparse update touches only its entries. The robust aggregators (`Median`,
 `TrimmedMean`) need every value of a coordinate at once, so they hold the round's
-updates densely: O(updates x model). Norm clipping (`clip_norm`) works with all three.
+updates densely: O(updates x model). Norm clipping (`clip_norm`) works with all three:
+an absolute bound, or `median:F`, F times the median norm of the round's updates.
+
+With sparse top-k updates most coordinates are sent by one or two devices of ten. The
+robust aggregators therefore reduce each coordinate over the devices that sent it (an
+entry not sent is no vote, not a vote for 0) and weight the result by the fraction that
+sent it, as FedAvg does; counting unsent entries as zeros made the median of a round of
+top-2% updates nearly zero, and training stalled.
 
 The server step (`ServerOptimizer`) applies the aggregated delta to the fp32 master
 weights with a server learning rate and optional momentum (FedAvgM).
@@ -75,28 +82,41 @@ class _Holding(ABC):
 
     def add(self, update: Update) -> None:
         factor = _clip_factor(update, self.clip_norm)
-        dense = {k: np.zeros(s, np.float32) for k, s in self.shapes.items()}
+        held = {k: np.full(s, np.nan, np.float32) for k, s in self.shapes.items()}  # NaN: not sent
         for b in update.blocks:
-            b.add_to(dense[b.name], factor)
-        self._held.append(dense)
+            if b.kind == "sparse":
+                held[b.name].reshape(-1)[b.indices] = 0
+            elif b.kind != "skip":
+                held[b.name][...] = 0
+            b.add_to(held[b.name], factor)
+        self._held.append(held)
         self.count += 1
 
     def result(self) -> dict[str, np.ndarray] | None:
         if not self._held:
             return None
-        return {k: self._reduce(np.stack([h[k] for h in self._held])) for k in self.shapes}
+        out = {}
+        for k in self.shapes:
+            ordered = np.sort(np.stack([h[k] for h in self._held]), axis=0)  # NaN (not sent) sorts last
+            sent = np.count_nonzero(~np.isnan(ordered), axis=0)
+            value = np.where(sent > 0, self._reduce(ordered, sent), 0.0)
+            out[k] = (sent / len(self._held) * value).astype(np.float32)
+        return out
 
     @abstractmethod
-    def _reduce(self, stacked: np.ndarray) -> np.ndarray:
-        """Reduce (updates, *shape) to (*shape)."""
+    def _reduce(self, ordered: np.ndarray, sent: np.ndarray) -> np.ndarray:
+        """Reduce (updates, *shape), sorted along axis 0 with the `sent` values of each coordinate
+        first, to (*shape); coordinates with sent == 0 are ignored."""
 
 
 @dataclass
 class Median(_Holding):
     """Coordinate-wise median: robust to a minority of arbitrary updates."""
 
-    def _reduce(self, stacked: np.ndarray) -> np.ndarray:
-        return np.median(stacked, axis=0).astype(np.float32)
+    def _reduce(self, ordered: np.ndarray, sent: np.ndarray) -> np.ndarray:
+        low = _take(ordered, np.maximum(sent - 1, 0) // 2)
+        high = _take(ordered, sent // 2)
+        return (low.astype(np.float64) + high) / 2
 
 
 @dataclass
@@ -105,11 +125,73 @@ class TrimmedMean(_Holding):
 
     trim: float = 0.1
 
-    def _reduce(self, stacked: np.ndarray) -> np.ndarray:
-        k = int(self.trim * len(stacked))
-        if k == 0 or len(stacked) - 2 * k < 1:
-            return stacked.mean(axis=0).astype(np.float32)
-        return np.sort(stacked, axis=0)[k:len(stacked) - k].mean(axis=0).astype(np.float32)
+    def _reduce(self, ordered: np.ndarray, sent: np.ndarray) -> np.ndarray:
+        # Trim as many values as the assumed number of attackers among all updates, but keep at
+        # least the middle one: a coordinate few devices sent is not trimmed to nothing.
+        k = np.minimum(int(self.trim * len(ordered)), np.maximum(sent - 1, 0) // 2)
+        sums = np.cumsum(np.nan_to_num(ordered, nan=0.0), axis=0, dtype=np.float64)
+        sums = np.concatenate([np.zeros((1, *sums.shape[1:])), sums])
+        kept = sent - 2 * k
+        return (_take(sums, sent - k) - _take(sums, k)) / np.maximum(kept, 1)
+
+
+def _take(stacked: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """stacked[index[c], c] for every coordinate c."""
+    return np.take_along_axis(stacked, index[None], axis=0)[0]
+
+
+@dataclass
+class MedianNormClip:
+    """Clips each update to `factor` x the median norm of the round's updates, then aggregates
+    with `inner`. A fixed bound fits neither early rounds (large updates) nor late ones; the
+    median norm follows the honest majority. It is known only once the round is complete, so
+    the decoded updates are held until `result` (a sparse update costs its sent entries)."""
+
+    inner: FedAvg | _Holding
+    factor: float = 1.0
+    bound: float | None = None     # the last round's clip bound, once computed
+    _pending: list[Update] = field(default_factory=list, repr=False)
+
+    @property
+    def count(self) -> int:
+        return self.inner.count + len(self._pending)
+
+    def add(self, update: Update) -> None:
+        self._pending.append(update)
+
+    def result(self) -> dict[str, np.ndarray] | None:
+        if self._pending:
+            self.bound = self.factor * float(np.median([update_norm(u) for u in self._pending]))
+            self.inner.clip_norm = self.bound
+            for u in self._pending:
+                self.inner.add(u)
+            self._pending.clear()
+        return self.inner.result()
+
+
+def parse_clip(clip: float | str | None) -> tuple[float | None, float | None]:
+    """(absolute bound, relative factor) from a clip_norm setting: a number, or `median[:F]`."""
+    if clip is None:
+        return None, None
+    if isinstance(clip, str):
+        name, _, arg = clip.strip().partition(":")
+        if name == "median":
+            factor = _positive(arg or "1", clip)
+            return None, factor
+        if arg:
+            raise AggregationError(f"clip norm must be a number or median[:FACTOR], got {clip!r}")
+        return _positive(clip, clip), None
+    return _positive(clip, clip), None
+
+
+def _positive(value: object, spec: object) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = math.nan
+    if isinstance(value, bool) or not (math.isfinite(x) and x > 0):
+        raise AggregationError(f"clip norm must be a number > 0 or median[:FACTOR > 0], got {spec!r}")
+    return x
 
 
 def _clip_factor(update: Update, clip_norm: float | None) -> float:
@@ -119,8 +201,14 @@ def _clip_factor(update: Update, clip_norm: float | None) -> float:
     return 1.0 if norm <= clip_norm or norm == 0 else clip_norm / norm
 
 
-def make_aggregator(spec: str, shapes: dict[str, tuple[int, ...]], clip_norm: float | None = None):
-    """`fedavg`, `median` or `trimmed:FRACTION` (e.g. trimmed:0.1)."""
+def make_aggregator(spec: str, shapes: dict[str, tuple[int, ...]], clip_norm: float | str | None = None):
+    """`fedavg`, `median` or `trimmed:FRACTION` (e.g. trimmed:0.1); `clip_norm` a number or `median[:F]`."""
+    bound, relative = parse_clip(clip_norm)
+    agg = _aggregator(spec, shapes, bound)
+    return MedianNormClip(agg, relative) if relative is not None else agg
+
+
+def _aggregator(spec: str, shapes: dict[str, tuple[int, ...]], clip_norm: float | None):
     name, _, arg = spec.partition(":")
     if name == "fedavg" and not arg:
         return FedAvg(shapes, clip_norm)

@@ -13,6 +13,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 
+from pqsu.cloud.aggregate import make_aggregator
 from pqsu.cloud.prepare import PrepareConfig
 from pqsu.cloud.server import ServerConfig
 from pqsu.protocol.errors import PqsuError
@@ -25,6 +26,11 @@ SCHEMES: dict[str, dict] = {
     # cnn / Fashion-MNIST / Dirichlet 0.5 it closes most of top-2%'s gap to dense FedAvg (docs/results.md).
     "ours": dict(prune=0.5, precision="int8", upload="norm:0.0001", select="topk:0.02", error_feedback=True,
                  server_momentum=0.5),
+    # The paper table's ablation rows (pqsu bench paper): one technique added at a time.
+    "prune30": dict(prune=0.3, precision="fp32", upload="always", select="fp32", error_feedback=False),
+    "prune50": dict(prune=0.5, precision="fp32", upload="always", select="fp32", error_feedback=False),
+    "prune70": dict(prune=0.7, precision="fp32", upload="always", select="fp32", error_feedback=False),
+    "prune50+int8": dict(prune=0.5, precision="int8", upload="always", select="dense", error_feedback=False),
 }
 
 
@@ -51,7 +57,7 @@ class FederatedConfig:
     lr: float = 0.05
     momentum: float = 0.0
     aggregator: str = "fedavg"
-    clip_norm: float | None = None
+    clip_norm: float | str | None = None  # a bound, or "median[:F]": F x the round's median update norm
     server_lr: float = 1.0
     server_momentum: float = 0.0
     eval_samples: int | None = None  # the whole test split
@@ -64,6 +70,7 @@ class FederatedConfig:
             raise PqsuError("rounds and clients must be >= 1 and fraction in (0, 1]")
         if self.prune is not None and not 0 < self.prune < 1:
             raise PqsuError(f"prune ratio must be in (0, 1), got {self.prune}")
+        make_aggregator(self.aggregator, {}, self.clip_norm)  # a bad spec fails here, before any work
 
     @classmethod
     def for_scheme(cls, scheme: str, **overrides) -> "FederatedConfig":
@@ -96,9 +103,21 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(FederatedConfig):
         kind = hints[f.name]
         base = next((t for t in (bool, int, float, str) if t is kind or t in typing.get_args(kind)), str)
-        parse = _boolean if base is bool else _optional(base)
-        p.add_argument("--" + f.name.replace("_", "-"), type=parse, default=None, metavar=base.__name__.upper(),
-                       help=f"default: {SCHEMES['ours'].get(f.name, f.default)} (ours)")
+        parse = _boolean if base is bool else _optional(_number_or_text if str in typing.get_args(kind) else base)
+        metavar, text = FLAG_HELP.get(f.name, (base.__name__.upper(), ""))
+        p.add_argument("--" + f.name.replace("_", "-"), type=parse, default=None, metavar=metavar,
+                       help=f"{text}default: {SCHEMES['ours'].get(f.name, f.default)} (ours)")
+
+
+# Against poisoning (an enrolled device sending scaled or sign-flipped updates): docs/reliability.md.
+FLAG_HELP = {
+    "aggregator": ("SPEC", "fedavg, median or trimmed:F (per coordinate, drop the largest and smallest fraction F). "
+                   "Against poisoning use median or trimmed:0.1 together with --clip-norm median; both reduce each "
+                   "entry over the devices that sent it and hold the round's updates in memory; "),
+    "clip_norm": ("NORM", "bound every update's L2 norm: a number, or median[:F] for F times the median norm of the "
+                  "round's updates (follows the honest majority as updates shrink). Against poisoning: median, "
+                  "which caps a scaled-up update at a typical one's size; "),
+}
 
 
 def config_from_args(args: argparse.Namespace) -> FederatedConfig:
@@ -120,6 +139,13 @@ def _boolean(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _number_or_text(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _optional(kind: type):

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pqsu.cloud.aggregate import (AggregationError, FedAvg, Median, ServerOptimizer, TrimmedMean, make_aggregator,
-                                  update_norm)
+from pqsu.cloud.aggregate import (AggregationError, FedAvg, Median, MedianNormClip, ServerOptimizer, TrimmedMean,
+                                  make_aggregator, parse_clip, update_norm)
 from pqsu.protocol.codec import TensorBlock, Update, decode, encode
 from pqsu.protocol.errors import PqsuError
 
@@ -71,31 +71,91 @@ def test_fedavg_is_the_sample_weighted_mean_of_dequantized_updates(ups):
     _close(got, want, "fedavg")
 
 
+def _sent(u: Update, shapes=SHAPES) -> dict[str, np.ndarray]:
+    """Dequantized values, NaN where the update sent nothing (skipped, left out, or not selected)."""
+    d = {k: np.full(s, np.nan) for k, s in shapes.items()}
+    for b in u.blocks:
+        if b.kind == "sparse":
+            d[b.name].reshape(-1)[b.indices] = b.dequantize().reshape(-1)[b.indices]
+        elif b.kind != "skip":
+            d[b.name] = b.dequantize().astype(np.float64)
+    return d
+
+
+def _per_coordinate(ups, reduce, shapes=SHAPES) -> dict[str, np.ndarray]:
+    """Each coordinate: reduce(the values sent there, number of updates) x the fraction of updates that sent it."""
+    held = [_sent(u, shapes) for u in ups]
+    out = {}
+    for k, s in shapes.items():
+        columns = np.stack([h[k].reshape(-1) for h in held]).T
+        out[k] = np.array([reduce(np.sort(c[~np.isnan(c)]), len(held)) * np.count_nonzero(~np.isnan(c)) / len(held)
+                           if not np.isnan(c).all() else 0.0 for c in columns]).reshape(s)
+    return out
+
+
+def _median_reference(values: np.ndarray, n: int) -> float:
+    return float(np.median(values))
+
+
+def _trimmed_reference(trim: float):
+    def reduce(values: np.ndarray, n: int) -> float:
+        k = min(int(math.floor(trim * n)), (len(values) - 1) // 2)
+        return float(values[k:len(values) - k].mean())
+    return reduce
+
+
 @SETTINGS
 @given(ups=updates(max_updates=7))
-def test_median_matches_numpy(ups):
+def test_median_is_taken_over_the_devices_that_sent_each_coordinate(ups):
     agg = Median(SHAPES)
     for u in ups:
         agg.add(u)
-    dense = [_dense(u) for u in ups]
-    _close(agg.result(), {k: np.median(np.stack([d[k] for d in dense]), axis=0) for k in SHAPES}, "median")
-
-
-def _trimmed_reference(stacked: np.ndarray, trim: float) -> np.ndarray:
-    n = len(stacked)
-    k = int(math.floor(trim * n))
-    return np.sort(stacked, axis=0)[k:n - k].mean(axis=0)
+    _close(agg.result(), _per_coordinate(ups, _median_reference), "median")
 
 
 @SETTINGS
 @given(ups=updates(max_updates=8), trim=st.sampled_from([0.0, 0.1, 0.2, 0.25, 0.34, 0.49]))
-def test_trimmed_mean_matches_numpy(ups, trim):
+def test_trimmed_mean_is_taken_over_the_devices_that_sent_each_coordinate(ups, trim):
     agg = make_aggregator(f"trimmed:{trim}", SHAPES)
     assert isinstance(agg, TrimmedMean)
     for u in ups:
         agg.add(u)
-    dense = [_dense(u) for u in ups]
-    _close(agg.result(), {k: _trimmed_reference(np.stack([d[k] for d in dense]), trim) for k in SHAPES}, "trimmed")
+    _close(agg.result(), _per_coordinate(ups, _trimmed_reference(trim)), "trimmed")
+
+
+@pytest.mark.parametrize("spec, numpy_reduce", [
+    ("median", lambda s: np.median(s, axis=0)),
+    ("trimmed:0.2", lambda s: np.sort(s, axis=0)[1:len(s) - 1].mean(axis=0))])
+def test_on_dense_updates_the_robust_aggregators_are_the_plain_numpy_statistics(spec, numpy_reduce):
+    rng = np.random.default_rng(3)
+    ups = [_one({k: rng.normal(0, 1, s).astype(np.float32) for k, s in SHAPES.items()}, device=f"d{i}")
+           for i in range(7)]
+    agg = make_aggregator(spec, SHAPES)
+    for u in ups:
+        agg.add(u)
+    _close(agg.result(), {k: numpy_reduce(np.stack([_dense(u)[k] for u in ups])) for k in SHAPES}, spec)
+
+
+@pytest.mark.parametrize("spec", ["median", "trimmed:0.1"])
+def test_robust_aggregators_keep_the_signal_of_sparse_top_k_updates(spec):
+    # Ten devices agree on a direction but each sends its own top 2% of it plus noise: few
+    # coordinates are sent by more than one device. Counting unsent entries as 0-votes made the
+    # median of such a round almost 0; reduced over the senders it stays close to FedAvg.
+    shapes = {"w": (50, 100)}
+    rng = np.random.default_rng(7)
+    direction = rng.normal(0, 1, shapes["w"])
+    ups = []
+    for i in range(10):
+        values = (direction + rng.normal(0, 1, shapes["w"])).ravel()
+        idx = np.sort(np.argpartition(np.abs(values), -100)[-100:])
+        ups.append(Update(1, f"d{i}", "m", 10, 0.0, (TensorBlock.sparse("w", shapes["w"], idx, values[idx]),)))
+    robust, avg = make_aggregator(spec, shapes), FedAvg(shapes)
+    for u in ups:
+        robust.add(u)
+        avg.add(u)
+    r, a = robust.result()["w"].ravel(), avg.result()["w"].ravel()
+    assert float(r @ a) / (np.linalg.norm(r) * np.linalg.norm(a)) > 0.95
+    assert 0.8 < np.linalg.norm(r) / np.linalg.norm(a) <= 1.0 + 1e-6
 
 
 def test_trimmed_mean_drops_an_outlier_that_the_mean_would_follow():
@@ -150,6 +210,57 @@ def test_clip_norm_leaves_a_small_update_alone_and_keeps_sample_weights():
 def test_no_updates_gives_no_result():
     for spec in ("fedavg", "median", "trimmed:0.1"):
         assert make_aggregator(spec, SHAPES).result() is None
+        assert make_aggregator(spec, SHAPES, clip_norm="median").result() is None
+
+
+def _of_norm(norm: float, rng, device: str) -> Update:
+    values = {k: rng.normal(0, 1, s) for k, s in SHAPES.items()}
+    total = math.sqrt(sum(float(np.sum(v ** 2)) for v in values.values()))
+    return _one({k: (v * norm / total).astype(np.float32) for k, v in values.items()}, device=device)
+
+
+@pytest.mark.parametrize("spec", ["fedavg", "median", "trimmed:0.2"])
+@pytest.mark.parametrize("factor", [1.0, 2.0])
+def test_median_norm_clip_bounds_each_update_by_the_rounds_median_norm(spec, factor):
+    rng = np.random.default_rng(4)
+    ups = [_of_norm(n, rng, f"d{i}") for i, n in enumerate([1.0, 2.0, 3.0, 4.0, 100.0])]  # one scaled attacker
+    bound = factor * float(np.median([update_norm(u) for u in ups]))
+    assert bound == pytest.approx(3.0 * factor, rel=1e-2)
+    agg = make_aggregator(spec, SHAPES, clip_norm=f"median:{factor:g}")
+    assert isinstance(agg, MedianNormClip)
+    fixed = make_aggregator(spec, SHAPES, clip_norm=bound)  # what the median norm works out to this round
+    for u in ups:
+        agg.add(u)
+        fixed.add(u)
+    assert agg.count == 5
+    _close(agg.result(), fixed.result(), f"median:{factor}")
+    assert agg.bound == pytest.approx(bound)
+    _close(agg.result(), fixed.result(), "a second call")  # result() is idempotent
+
+
+def test_median_norm_clip_follows_the_round_as_updates_shrink():
+    rng = np.random.default_rng(5)
+    agg = make_aggregator("fedavg", SHAPES, clip_norm="median")
+    for i, n in enumerate([0.1, 0.2, 0.3, 50.0]):
+        agg.add(_of_norm(n, rng, f"d{i}"))
+    got = agg.result()
+    assert agg.bound == pytest.approx(0.25, rel=1e-2)
+    # clipped norms 0.1, 0.2, 0.25, 0.25: their mean has norm <= 0.2 (unclipped, the outlier alone gives 12.5)
+    assert math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in got.values())) <= 0.2 + 1e-6
+
+
+@pytest.mark.parametrize("clip, want", [(None, (None, None)), (1.5, (1.5, None)), ("1.5", (1.5, None)), (2, (2.0, None)),
+                                        ("median", (None, 1.0)), ("median:2", (None, 2.0)), (" median:0.5", (None, 0.5))])
+def test_parse_clip(clip, want):
+    assert parse_clip(clip) == want
+
+
+@pytest.mark.parametrize("clip", [0, -1.0, "-1", "0", "nan", "inf", float("nan"), True, "foo", "median:0", "median:-2",
+                                  "median:x", "mean:2", "1.5:2", ""])
+def test_bad_clip_norms_are_refused(clip):
+    with pytest.raises(AggregationError) as info:
+        make_aggregator("fedavg", SHAPES, clip_norm=clip)
+    assert isinstance(info.value, PqsuError) and "clip norm" in str(info.value)
 
 
 def test_make_aggregator_builds_each_kind():
