@@ -7,6 +7,15 @@ the coordinator resumes after its last checkpointed round.
 example:
   pqsu cloud --broker mqtt://broker.local:1883 --fleet farm --rounds 20 --min-devices 8 \\
              --round-timeout 600 --out runs/farm
+  pqsu cloud --broker mqtts://broker.local:8883 --tls-ca ca.crt --tls-cert coordinator.crt \\
+             --tls-key coordinator.key --username pqsu-coordinator --password-file coordinator.password \\
+             --keys device-keys.json --fleet farm --out runs/farm
+
+Removing a device from the fleet (docs/protocol.md, "Security"): delete its entry from the
+--keys file (the coordinator re-reads the file at every round start when it changed: from the
+next round the device is not asked and its updates are refused as unknown-device, no restart),
+and on the broker remove its user from the password file and reload Mosquitto (kill -HUP):
+its connection is closed and refused from then on.
 """
 from __future__ import annotations
 
@@ -18,6 +27,7 @@ import threading
 from pathlib import Path
 
 from pqsu.cloud.config import add_config_arguments, config_from_args
+from pqsu.cloud.device_keys import DeviceKeys
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.mqtt import BrokerURL
 
@@ -32,7 +42,15 @@ def add_coordinator_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk-limit", type=int, default=128 * 1024, help="largest MQTT payload in bytes; bigger messages are "
                    "chunked (default: 131072, the AWS IoT cap)")
     g.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto", help="MQTT version (default: auto)")
-    g.add_argument("--keys", help="JSON file {device id: hex HMAC key}: only these devices' signed updates count")
+    g.add_argument("--keys", metavar="FILE", help="JSON file {device id: hex HMAC key}: only these devices are asked "
+                   "and only their signed updates count; re-read at each round start when it changed, so deleting "
+                   "a device's entry removes it from the fleet without a restart")
+    sec = p.add_argument_group("broker security (the coordinator's own identity)")
+    sec.add_argument("--tls-ca", metavar="FILE", help="CA certificate(s) for an mqtts:// broker (default: the system CAs)")
+    sec.add_argument("--tls-cert", metavar="FILE", help="the coordinator's client certificate (PEM)")
+    sec.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    sec.add_argument("--username", help="MQTT user name (overrides one in the broker URL)")
+    sec.add_argument("--password-file", metavar="FILE", help="file holding the MQTT password (keep it 0600)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,14 +59,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/cloud", help="folder for metrics, checkpoints, the final model and plots")
 
 
-def read_keys(path: str | None) -> dict[str, bytes] | None:
+def read_password(path: str | None) -> str | None:
+    """The MQTT password from --password-file (first line, without its newline)."""
     if not path:
         return None
     try:
-        raw = json.loads(Path(path).read_text())
-        return {str(d): bytes.fromhex(k) for d, k in raw.items()}
-    except (OSError, ValueError, AttributeError) as exc:
-        raise PqsuError(f"device keys file {path} must be JSON {{device: hex key}}: {exc}") from None
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise PqsuError(f"cannot read the password file {path}: {exc.strerror or exc}") from None
+    return text.splitlines()[0] if text else ""
 
 
 def check_broker(url: str, timeout_s: float = 5.0) -> None:
@@ -60,6 +79,17 @@ def check_broker(url: str, timeout_s: float = 5.0) -> None:
         raise PqsuError(f"broker {broker} is unreachable ({exc.strerror or exc}); start it or pass --broker URL") from None
 
 
+def check_tls_files(args: argparse.Namespace) -> None:
+    """The TLS files exist and go with an mqtts:// URL."""
+    files = {name: getattr(args, name) for name in ("tls_ca", "tls_cert", "tls_key") if getattr(args, name)}
+    broker = BrokerURL.parse(args.broker)
+    if files and not broker.tls:
+        raise PqsuError(f"TLS files given for a plain broker URL {broker}: use mqtts://")
+    for name, path in files.items():
+        if not Path(path).is_file():
+            raise PqsuError(f"--{name.replace('_', '-')} {path}: no such file")
+
+
 def run(args: argparse.Namespace) -> int:
     from pqsu.cloud.bootstrap import build_server  # torch is imported only when the coordinator really starts
     from pqsu.cloud.coordinator import Coordinator, CoordinatorConfig
@@ -67,11 +97,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = Path(args.out)
     check_broker(args.broker)  # fail before minutes of model preparation, not after
-    server, meta = build_server(cfg, checkpoint_dir=out / "checkpoints", keys=read_keys(args.keys))
+    check_tls_files(args)
+    keys = DeviceKeys(args.keys) if args.keys else None  # a bad keys or password file fails here, before the model
+    password = read_password(args.password_file)
+    server, meta = build_server(cfg, checkpoint_dir=out / "checkpoints", keys=keys)
     ccfg = CoordinatorConfig(broker=args.broker, fleet=args.fleet, rounds=cfg.rounds, min_devices=args.min_devices,
                              join_timeout_s=args.join_timeout, round_timeout_s=args.round_timeout,
                              fraction=cfg.fraction, chunk_limit=args.chunk_limit, seed=cfg.seed,
-                             protocol=args.protocol, out=str(out))
+                             protocol=args.protocol, out=str(out), tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                             tls_key=args.tls_key, username=args.username, password=password)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

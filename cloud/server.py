@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,7 +90,7 @@ class _Round:
 
 class FederatedServer:
     def __init__(self, model: nn.Module, info: ModelInfo, calibration: np.ndarray, eval_x: np.ndarray,
-                 eval_y: np.ndarray, cfg: ServerConfig = ServerConfig(), *, keys: dict[str, bytes] | None = None):
+                 eval_y: np.ndarray, cfg: ServerConfig = ServerConfig(), *, keys: Mapping[str, bytes] | None = None):
         """`model` is the BN-folded (pruned) master; `info` carries class names and normalization."""
         self.model, self.info, self.cfg = model.eval(), info, cfg
         self.calibration, self.eval_x, self.eval_y = calibration, eval_x, eval_y
@@ -143,6 +144,10 @@ class FederatedServer:
             log.info("rejected update (%s): %s", verdict.reason, verdict.detail)
         return verdict
 
+    def admits(self, device: str) -> bool:
+        """Whether `device` may be asked to train: any device without keys, else one that has a key."""
+        return self.keys is None or device in self.keys
+
     def _check_and_add(self, payload: bytes, sender: str | None) -> Verdict:
         rnd = self._round
         if rnd is None:
@@ -153,17 +158,18 @@ class FederatedServer:
             return Verdict(False, _codec_reason(exc), str(exc))
         if sender is not None and header.device_id != sender:
             return Verdict(False, "topic-mismatch", f"update from {sender!r} names device {header.device_id!r}")
+        # Who sends before what it sends: a device removed from the keys is refused as unknown in any round.
+        key = None
+        if self.keys is not None:
+            key = self.keys.get(header.device_id)
+            if key is None:
+                return Verdict(False, "unknown-device", f"no key for device {header.device_id!r}")
         if header.round != rnd.task.round:
             return Verdict(False, "wrong-round", f"update for round {header.round}, round {rnd.task.round} is open")
         if header.device_id not in rnd.devices:
             return Verdict(False, "not-selected", f"device {header.device_id!r} was not asked this round")
         if header.device_id in rnd.accepted:
             return Verdict(False, "duplicate", f"device {header.device_id!r} already counted this round")
-        key = None
-        if self.keys is not None:
-            key = self.keys.get(header.device_id)
-            if key is None:
-                return Verdict(False, "unknown-device", f"no key for device {header.device_id!r}")
         try:
             update = codec.decode(payload, key=key, limits=self.limits)
         except CodecError as exc:
