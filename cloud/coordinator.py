@@ -12,24 +12,29 @@ needs no locking.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pqsu.cloud import checkpoint, report
+from pqsu.cloud.device_keys import DeviceKeys
 from pqsu.cloud.server import FederatedServer, choose_devices
 from pqsu.protocol import chunking
+from pqsu.protocol.atomic import atomic_write
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.messages import MessageError, Status, done_message
 from pqsu.protocol.mqtt import MqttClient
 from pqsu.protocol.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
+REPUBLISH_GRACE_S = 2.0  # after a reconnect, how long the retained announcement has to come back
+RESUME_GRACE_S = 5.0     # how long a resumed coordinator waits for the devices it knew to show up again
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,11 @@ class CoordinatorConfig:
     protocol: str = "auto"
     client_id: str = "pqsu-coordinator"
     out: str = "runs/cloud"
+    tls_ca: str | None = None         # the coordinator's own broker identity, like an agent's
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -62,7 +72,9 @@ class Coordinator:
         self.meta = meta or {}
         self.out = Path(cfg.out)
         self.topics = Topics(cfg.fleet)
-        self.client = client or MqttClient(cfg.broker, cfg.client_id, protocol=cfg.protocol)
+        self.client = client or MqttClient(cfg.broker, cfg.client_id, protocol=cfg.protocol, tls_ca=cfg.tls_ca,
+                                           tls_cert=cfg.tls_cert, tls_key=cfg.tls_key, username=cfg.username,
+                                           password=cfg.password)
         self.events: queue.Queue[_Event] = queue.Queue(maxsize=10_000)
         self.reassembler = chunking.Reassembler(max_messages=256, max_bytes=512 * 1024 * 1024)
         # The device registry: every device seen, with its last status. A restarted coordinator gets it
@@ -71,9 +83,21 @@ class Coordinator:
             d: Status(d, "offline", st.get("round", -1), trains=st.get("trains", True))
             for d, st in self.meta.pop("devices", {}).items()}
         self.rounds: list[dict] = list(self.meta.pop("reports", []))
+        self._known = {d for d, st in self.devices.items() if st.trains}  # resumed: whom to give a moment
+        self._early: collections.deque[_Event] = collections.deque(maxlen=1024)  # updates before a round opened
         self.dropped = 0   # complete messages refused because the queue was full
         self.foreign = 0   # messages on topics that are not ours, and undecodable chunks
         self._published_model: tuple[str, int] | None = None  # (model id, chunk count)
+        # Refusals before a message reaches the server (bad frames, foreign topics, a full queue, no round
+        # open), counted by reason on the network thread and merged into the next round's `rejected`.
+        self._refused: collections.Counter = collections.Counter()
+        self._refused_lock = threading.Lock()
+        # A broker restarted without its state has lost the retained model and round: after a reconnect
+        # the coordinator waits for its own announcement to come back and publishes both again if it does not.
+        self._announced: bytes | None = None
+        self._echo: bytes | None = None
+        self._reconnected_at: float | None = None
+        self.client.on_connect.append(self._on_connect)
 
     # -- network thread --------------------------------------------------------------
     def _on_update(self, topic: str, payload: bytes, retained: bool) -> None:
@@ -84,6 +108,7 @@ class Coordinator:
             message = self.reassembler.add(payload, source=device)
         except chunking.ChunkError as exc:
             self.foreign += 1
+            self._count("chunk-" + exc.reason)
             log.info("bad update chunk from %s: %s", device, exc)
             return
         if message is not None:
@@ -100,23 +125,47 @@ class Coordinator:
             return str(self.topics.parse(topic)[1])
         except TopicError as exc:
             self.foreign += 1
+            self._count("foreign-topic")
             log.info("ignored message on %r: %s", topic, exc)
             return None
 
     def _enqueue(self, event: _Event) -> None:
         try:
             self.events.put_nowait(event)
-        except queue.Full:  # a flood must not grow memory without bound
+        except queue.Full:  # a flood must not grow memory without bound; a lost update is re-sent on re-announcement
             self.dropped += 1
+            self._count("queue-full")
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("event queue full: %d messages dropped so far (%s from %s)", self.dropped, event.kind,
+                            event.device)
+
+    def _count(self, reason: str) -> None:
+        with self._refused_lock:
+            self._refused[reason] += 1
+
+    def _take_refused(self) -> dict[str, int]:
+        with self._refused_lock:
+            taken, self._refused = dict(self._refused), collections.Counter()
+        return taken
+
+    def _on_connect(self, client: MqttClient) -> None:
+        self._echo, self._reconnected_at = None, time.monotonic()
+
+    def _on_round_echo(self, topic: str, payload: bytes, retained: bool) -> None:
+        self._echo = payload
 
     # -- round logic (caller's thread) ------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> dict:
         stop = stop or threading.Event()
         start = time.time()
+        # Subscribed before connecting: what the broker queued in our session while we were away
+        # arrives right after CONNACK and needs its handler.
+        self.client.subscribe(self.topics.status_filter, self._on_status)
+        self.client.subscribe(self.topics.update_filter, self._on_update)
+        self.client.subscribe(self.topics.round, self._on_round_echo)
         self.client.connect(timeout_s=30)
         try:
-            self.client.subscribe(self.topics.status_filter, self._on_status)
-            self.client.subscribe(self.topics.update_filter, self._on_update)
+            self._rewrite_metrics()
             first = self.server.rounds_done + 1
             if "initial_accuracy" not in self.meta:
                 self.meta["initial_accuracy"] = self.server.evaluate().accuracy
@@ -138,8 +187,31 @@ class Coordinator:
                              rounds=self.rounds, summary=summary, model=data)
         return summary
 
+    def _rewrite_metrics(self) -> None:
+        """metrics.jsonl as the checkpoint has it: a run killed after appending a round's line but before
+        checkpointing it redoes that round, and must not list it twice."""
+        path = self.out / "metrics.jsonl"
+        lines = "".join(json.dumps(rep) + "\n" for rep in self.rounds)
+        if path.exists() and path.read_text() != lines:
+            log.info("metrics.jsonl rewritten from the checkpoint (%d rounds)", len(self.rounds))
+            atomic_write(path, lines.encode())
+
+    def _republish_if_lost(self, data: bytes, model_id: str) -> None:
+        """After a reconnect, publish the model and the announcement again if the broker lost them."""
+        since = self._reconnected_at
+        if since is None or self._announced is None or time.monotonic() - since < REPUBLISH_GRACE_S:
+            return
+        self._reconnected_at = None
+        if self._echo == self._announced:
+            return
+        log.warning("the broker lost the retained round announcement: publishing the model and round again")
+        self._published_model = None
+        self._publish_model(data, model_id)
+        self.client.publish(self.topics.round, self._announced, retain=True)
+
     def _online(self) -> list[str]:
-        return sorted(d for d, s in self.devices.items() if s.state != "offline" and s.trains)
+        return sorted(d for d, s in self.devices.items()
+                      if s.state != "offline" and s.trains and self.server.admits(d))
 
     def _wait_for_devices(self, needed: int, wait_s: float, stop: threading.Event) -> list[str]:
         """The devices online once `needed` of them are (or raise after `wait_s`)."""
@@ -158,6 +230,13 @@ class Coordinator:
         # --min-devices gates the start of training; later rounds go on with whoever is online,
         # so a board that dies does not stop the fleet.
         needed = self.cfg.min_devices if not self.rounds else 1
+        if isinstance(self.server.keys, DeviceKeys):
+            self.server.keys.refresh()  # a device removed from the keys file is neither asked nor counted from now on
+        if self._known:  # resumed: their retained statuses arrive right after subscribing; do not start without them
+            grace = time.time() + RESUME_GRACE_S
+            while not self._known <= set(self._online()) and time.time() < grace and not stop.is_set():
+                self._handle(self._next(0.2), None)
+            self._known = set()
         online = self._wait_for_devices(needed, wait_s, stop)
         if stop.is_set():
             return
@@ -167,29 +246,46 @@ class Coordinator:
         self._publish_model(data, info.model_id)
         deadline = time.time() + self.cfg.round_timeout_s
         task = dataclasses.replace(task, devices=tuple(selected), deadline=deadline, model_bytes=len(data))
-        self.client.publish(self.topics.round, task.to_json(), retain=True)
+        self._announced, self._reconnected_at = task.to_json(), None
+        self.client.publish(self.topics.round, self._announced, retain=True)
         announced = time.perf_counter()
         log.info("round %d: %d devices, model %s (%d bytes)", r, len(selected), info.model_id[:12], len(data))
         answered: dict[str, str] = {}
+        while self._early:  # updates that arrived between rounds: a resent one may belong to this round
+            self._handle(self._early.popleft(), (r, set(selected), answered))
         while not set(selected) <= answered.keys() and time.time() < deadline and not stop.is_set():
             self._handle(self._next(0.05), (r, set(selected), answered))
+            self._republish_if_lost(data, info.model_id)
         collected = time.perf_counter()
         if missing := set(selected) - answered.keys():
             log.warning("round %d: deadline passed without %s", r, ", ".join(sorted(missing)))
         rep = self.server.close_round(skipped=sum(v == "skipped" for v in answered.values())).to_dict()
+        self._announced = None
+        try:  # the retained announcement now says the round is over, so a device joining later does not train for it
+            self.client.publish(self.topics.round, dataclasses.replace(task, deadline=time.time()).to_json(), retain=True)
+        except PqsuError as exc:
+            log.warning("round %d: closing announcement not published: %s", r, exc)
         rep["missing"] = len(set(selected) - answered.keys())
+        for reason, n in self._take_refused().items():
+            rep["rejected"][reason] = rep["rejected"].get(reason, 0) + n
         # Announcement to last answer, and the cloud's own work after it (aggregate, export, evaluate):
         # `pqsu bench fleet` subtracts the slowest device's compute from the first to get the overhead.
         rep["collect_seconds"] = collected - announced
         rep["server_seconds"] = time.perf_counter() - collected
         self.rounds.append(rep)
-        report.append_metrics(self.out, rep)
-        self.client.publish(self.topics.metrics, _json(rep), retain=True)
         o = self.server.optimizer
-        checkpoint.save(self.out / "checkpoints", checkpoint.Checkpoint(
-            r, {k: v.copy() for k, v in self.server.master.items()}, o.velocity,
-            {**self.meta, "reports": self.rounds,
-             "devices": {d: dataclasses.asdict(st) for d, st in self.devices.items()}}))
+        try:  # a full disk keeps the previous checkpoint valid; the run goes on and tries again next round
+            checkpoint.save(self.out / "checkpoints", checkpoint.Checkpoint(
+                r, {k: v.copy() for k, v in self.server.master.items()}, o.velocity,
+                {**self.meta, "reports": self.rounds,
+                 "devices": {d: dataclasses.asdict(st) for d, st in self.devices.items()}}))
+        except OSError as exc:
+            log.error("round %d: checkpoint not written (%s); a restart resumes from the previous one", r, exc)
+        report.append_metrics(self.out, rep)
+        try:  # metrics.jsonl has the report already; the retained copy is for dashboards
+            self.client.publish(self.topics.metrics, _json(rep), retain=True)
+        except PqsuError as exc:
+            log.warning("round %d: metrics not published: %s", r, exc)
         log.info("round %d: accuracy %.4f, %d/%d uploads, %d bytes up", r, rep["accuracy"], rep["uploads"],
                  rep["selected"], rep["bytes_up"])
 
@@ -231,9 +327,12 @@ class Coordinator:
                     elif status.state == "offline":
                         answered[event.device] = "offline"
             return
-        verdict = self.server.submit(event.payload, sender=event.device)
-        if current is None:  # an update between rounds: there is nothing to count it in
+        if current is None:  # between rounds (e.g. what our session queued while we restarted): kept for the next
+            if len(self._early) == self._early.maxlen:
+                self._count("no-round")  # the oldest one falls out
+            self._early.append(event)
             return
+        verdict = self.server.submit(event.payload, sender=event.device)
         r, selected, answered = current
         if verdict.accepted:
             answered[event.device] = "uploaded"

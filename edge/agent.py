@@ -203,6 +203,7 @@ class EdgeAgent:
     def _parse_round(self, payload: bytes) -> RoundTask | str | None:
         try:
             if message_type(payload) == "done":
+                self._clear_outbox()
                 return "done"
             task = RoundTask.from_json(payload)
         except MessageError as exc:
@@ -211,10 +212,17 @@ class EdgeAgent:
             return None
         if self.learner is None or not task.asks(self.cfg.device_id):
             return None
-        if task.round <= self.learner.state.last_round:
-            return None  # already done (a retained announcement seen again after a reconnect)
         if task.deadline is not None and time.time() > task.deadline:
+            return None  # a round that is over (its announcement is re-published with the closing time)
+        if task.round <= self.learner.state.last_round:
+            # Already done: the retained announcement seen again after a reconnect, or published again by a
+            # coordinator whose broker lost its state (and maybe our update with it). Send the update again;
+            # the coordinator counts one per (round, device).
+            if task.round == self.learner.state.last_round and self._outbox(task.round).exists():
+                log.info("%s: round %d announced again: sending its update again", self.cfg.device_id, task.round)
+                self._send(task.round, self._outbox(task.round).read_bytes(), task.deadline)
             return None
+        self._clear_outbox(before=task.round)
         return task
 
     def _swap_model(self, data: bytes) -> None:
@@ -267,15 +275,25 @@ class EdgeAgent:
         # On MQTT 5 the broker drops an update still queued after its round's deadline (it could not count).
         expiry = max(1, int(deadline - time.time())) if deadline is not None else None
         try:
+            # The outbox file stays until a later round is announced: a broker that restarts without its
+            # state can lose an update it acknowledged, and a re-announced round sends it again.
             self.client.publish_chunked(self.topics.update(self.cfg.device_id), payload, self.cfg.chunk_limit,
                                         message_expiry_s=expiry)
-            self._outbox(round_).unlink(missing_ok=True)
         except MqttError as exc:  # stays in the outbox; sent again after reconnecting
             log.warning("%s: upload of round %d not confirmed (%s); kept in the outbox", self.cfg.device_id, round_, exc)
 
     def _flush_outbox(self) -> None:
+        """At start: send an update written just before a crash (its round not committed to the state).
+        The last committed round's update is sent again only if that round is announced again."""
+        done = self.learner.state.last_round if self.learner else -1
         for path in sorted(self.state_dir.glob("outbox-*.bin")):
-            self._send(int(path.stem.split("-")[1]), path.read_bytes())
+            if int(path.stem.split("-")[1]) > done:
+                self._send(int(path.stem.split("-")[1]), path.read_bytes())
+
+    def _clear_outbox(self, before: int | None = None) -> None:
+        for path in self.state_dir.glob("outbox-*.bin"):
+            if before is None or int(path.stem.split("-")[1]) < before:
+                path.unlink(missing_ok=True)
 
     def _outbox(self, round_: int) -> Path:
         return self.state_dir / f"outbox-{round_:06d}.bin"

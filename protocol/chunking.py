@@ -11,9 +11,10 @@ rest (at least one byte; an empty message is one frame with no data). This rule 
 frame's data at a known offset without trusting a per-frame offset field, and lets the
 receiver reject a frame of the wrong size on sight.
 
-`Reassembler` is fed untrusted frames from the network thread: it allocates only what a
-message declares, after checking it against a fixed byte budget, so a peer can never make it
-hold more than `max_bytes`; every failure is a `ChunkError` with a countable `reason`.
+`Reassembler` is fed untrusted frames from the network thread: a message's declared size is
+reserved against a fixed byte budget on its first frame, and memory is then taken only for
+the frames that actually arrive, so a peer can never make it hold more than `max_bytes` (nor
+make a 69-byte frame cost megabytes); every failure is a `ChunkError` with a countable `reason`.
 """
 from __future__ import annotations
 
@@ -114,10 +115,10 @@ def split(payload: bytes, limit: int, message_id: bytes | None = None) -> list[b
 class _Partial:
     header: FrameHeader
     cost: int                 # bytes reserved: the declared total plus one bit per frame
-    buffer: bytearray
-    seen: bytearray           # bit i set once frame i arrived
+    # Frames as they arrive, index -> data. Not one buffer of the declared size: a lone forged
+    # 69-byte frame may declare hundreds of MB, and memory should follow the bytes that came.
+    frames: dict[int, bytes]
     touched: float
-    received: int = 0
 
 
 class Reassembler:
@@ -126,7 +127,7 @@ class Reassembler:
     `add()` returns the verified message when its last missing frame arrives, None otherwise
     (more frames needed, or a duplicate). Bounds: at most `max_messages` incomplete messages
     and `max_bytes` buffered (the declared total is reserved on a message's first frame,
-    checked BEFORE allocating); the least recently active incomplete message is evicted to
+    checked before anything is kept; frames are stored as they come); the least recently active incomplete message is evicted to
     make room, and one idle for `ttl_s` (no frame since) expires. Idle rather than age
     because a large model over a slow link may legitimately take longer than `ttl_s`.
     Completed ids are remembered (the `remember` most recent) so late duplicates, e.g.
@@ -185,16 +186,12 @@ class Reassembler:
                                  f"{o.total}, {o.sha256.hex()[:12]}", "inconsistent")
         p.touched = now
         self._partials.move_to_end(key)
-        byte, bit = divmod(h.index, 8)
-        if p.seen[byte] & (1 << bit):
+        if h.index in p.frames:
             return None
-        p.seen[byte] |= 1 << bit
-        p.received += 1
-        start = h.index * h.chunk_size
-        p.buffer[start:start + len(frame) - HEADER_SIZE] = memoryview(frame)[HEADER_SIZE:]
-        if p.received < h.count:
+        p.frames[h.index] = bytes(memoryview(frame)[HEADER_SIZE:])
+        if len(p.frames) < h.count:
             return None
-        message = bytes(p.buffer)
+        message = b"".join(p.frames[i] for i in range(h.count))
         self._drop(key)
         if hashlib.sha256(message).digest() != h.sha256:
             raise ChunkError("reassembled message does not match its SHA-256", "hash-mismatch")
@@ -213,7 +210,7 @@ class Reassembler:
                                   or self.buffered_bytes + cost > self.max_bytes):
             self._drop(next(iter(self._partials)))
             self.evicted += 1
-        p = _Partial(h, cost, bytearray(h.total), bytearray((h.count + 7) // 8), self.clock())
+        p = _Partial(h, cost, {}, self.clock())
         self._partials[key] = p
         self.buffered_bytes += cost
         return p
