@@ -1,0 +1,237 @@
+"""The FL-PQSU paper's table, reproduced on this machine, with our scheme beside it.
+
+Rows (FederatedConfig presets, cloud/config.py SCHEMES): dense fp32 FedAvg; +pruning 30/50/70%
+(fp32 model, dense fp32 uploads); +pruning 50% +int8 (int8 model, dense int8 uploads every
+round); the paper's full scheme (+ loss-gated whole uploads); ours (top-k int8 with error
+feedback, selective upload, FedAvgM); and ours at 70% pruning (same settings, more pruning).
+
+Every row runs the same devices, data split, rounds and seed, and starts from the same round-0
+pre-training on the cloud's proxy split (computed once per table, then pruned per row exactly as
+`prepare_master` does). Columns are measured: accuracy per round, bytes each device really sent
+and received, each device's `run_round` wall time (bridge + training + encoding), batch-1
+inference latency of the shipped ONNX under onnxruntime vs the unpruned model in eager torch
+fp32, and the shipped model's size. `radio_table` turns them into simulated time to a target
+accuracy on each link profile (tools/radio.py).
+
+Target rule: TARGET_FRACTION of dense FedAvg's final accuracy (so FedAvg always reaches it).
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import logging
+import statistics
+from pathlib import Path
+
+import torch
+
+from pqsu.cloud.config import FederatedConfig
+from pqsu.cloud.server import FederatedServer
+from pqsu.export import measure
+from pqsu.export.datasets import load_dataset
+from pqsu.export.partition import federated_split
+from pqsu.export.pipeline import model_info
+from pqsu.export.pruning import fold_batchnorm, prune_model
+from pqsu.export.training import TrainConfig, train
+from pqsu.export.zoo import build_model, default_spec
+from pqsu.tools import radio
+from pqsu.tools.simulate import device_ids, simulate
+
+log = logging.getLogger(__name__)
+
+ROWS: dict[str, tuple[str, dict]] = {  # label -> (scheme preset, overrides)
+    "fedavg": ("fedavg", {}),
+    "prune30": ("prune30", {}),
+    "prune50": ("prune50", {}),
+    "prune70": ("prune70", {}),
+    "prune50+int8": ("prune50+int8", {}),
+    "paper": ("paper", {}),
+    "ours": ("ours", {}),
+    "ours@70%": ("ours", {"prune": 0.7}),
+}
+TARGET_FRACTION = 0.95
+
+# CPU-sized for a shared 2-core machine (the whole suite in about 45 minutes): unpruned fp32 AlexNet trains at
+# 10-60 samples/s here depending on load, and every device parses the 118 MB fp32 model each FedAvg round, so
+# few devices hold a small share each; the proxy pre-training is computed once and shared between rows.
+FULL = dict(clients=5, partition="dirichlet:0.5", seed=0, samples_per_client=64, proxy_samples=2000,
+            eval_samples=1000)
+PLANS_FULL = {"alexnet": dict(rounds=8, pretrain_epochs=3.0, finetune_epochs=2.0),
+              "vgg16": dict(rounds=6, pretrain_epochs=2.0, finetune_epochs=1.0)}
+QUICK = dict(clients=2, partition="dirichlet:0.5", seed=0, samples_per_client=48, proxy_samples=200,
+             eval_samples=200, rounds=2, pretrain_epochs=0.5, finetune_epochs=0.5)
+
+
+def plans(quick: bool, mnist: str | None = None, cifar10: str | None = None) -> list[tuple[str, dict]]:
+    """(table name, FederatedConfig overrides) for each table the suite measures."""
+    if quick:
+        return [("cnn/fashion-mnist", dict(model="cnn", dataset="fashion-mnist", **QUICK))]
+    out = [("alexnet/fashion-mnist", dict(model="alexnet", dataset="fashion-mnist", **FULL, **PLANS_FULL["alexnet"]))]
+    if mnist:
+        out.append(("alexnet/mnist", dict(model="alexnet", dataset="mnist", data_root=mnist, **FULL,
+                                          **PLANS_FULL["alexnet"])))
+    dataset = dict(dataset="cifar10", data_root=cifar10) if cifar10 else dict(dataset="fashion-mnist")
+    out.append((f"vgg16/{dataset['dataset']}", dict(model="vgg16", **dataset, **FULL, **PLANS_FULL["vgg16"])))
+    return out
+
+
+def run_table(overrides: dict, rows: dict[str, tuple[str, dict]] = ROWS, latency_repeats: int = 30) -> dict:
+    """Every row on the same split and seed; returns per-row measurements plus the radio analysis."""
+    base = FederatedConfig.for_scheme("fedavg", **overrides)
+    data = _Data(base)
+    pretrained = _pretrained(base, data)
+    x1 = data.test_x[:1]
+    table = {"config": {k: v for k, v in base.to_dict().items() if k in overrides or k in ("epochs", "batch_size", "lr")},
+             "torch_fp32_unpruned_b1_ms": measure.torch_latency_ms(copy.deepcopy(pretrained), x1, latency_repeats),
+             "rows": {}}
+    for label, (scheme, extra) in rows.items():
+        cfg = FederatedConfig.for_scheme(scheme, **{**overrides, **extra})
+        log.info("paper %s / %s: %d rounds, %d clients", cfg.model, label, cfg.rounds, cfg.clients)
+        result = simulate(cfg, lambda r: log.info("  round %d acc %.4f up %d", r.round, r.accuracy, r.bytes_up),
+                          server=_server(cfg, pretrained, data))
+        ort_ms = measure.ort_latency_ms(measure.ort_session(result.model), x1, latency_repeats)
+        table["rows"][label] = _row(scheme, cfg, result, ort_ms)
+    analyze(table)
+    return table
+
+
+def _row(scheme: str, cfg: FederatedConfig, result, ort_ms: float) -> dict:
+    rounds = result.rounds
+    seconds = [d["seconds"] for r in rounds for d in r["devices"].values()]
+    return {
+        "scheme": scheme, "prune": cfg.prune, "precision": cfg.precision, "upload": cfg.upload, "select": cfg.select,
+        "error_feedback": cfg.error_feedback, "server_momentum": cfg.server_momentum,
+        "initial_accuracy": result.summary["initial_accuracy"],
+        "accuracy_per_round": [r["accuracy"] for r in rounds],
+        "final_accuracy": rounds[-1]["accuracy"],
+        "last3_accuracy": statistics.mean(r["accuracy"] for r in rounds[-3:]),
+        "uploads": sum(r["uploads"] for r in rounds), "skipped": sum(r["skipped"] for r in rounds),
+        "selected": sum(r["selected"] for r in rounds),
+        "bytes_up_total": sum(r["bytes_up"] for r in rounds),
+        "bytes_down_total": sum(r["bytes_down"] for r in rounds),
+        # per selected client per round, skipped uploads counted as 0 bytes
+        "up_bytes_per_client_round": sum(r["bytes_up"] for r in rounds) / sum(r["selected"] for r in rounds),
+        "down_bytes_per_client_round": sum(r["bytes_down"] for r in rounds) / sum(r["selected"] for r in rounds),
+        "edge_round_s_median": statistics.median(seconds), "edge_round_s_mean": statistics.mean(seconds),
+        "inference_b1_ms": ort_ms,
+        "model_bytes": len(result.model),
+        "wall_seconds": result.summary["wall_seconds"],
+        "devices_per_round": [{d: [round(v["seconds"], 4), v["bytes_up"]] for d, v in r["devices"].items()}
+                              for r in rounds],
+        "bytes_down_per_round": [r["bytes_down"] // max(1, r["selected"]) for r in rounds],
+    }
+
+
+def analyze(table: dict, profiles: dict[str, radio.LinkProfile] = radio.PROFILES) -> None:
+    """Add the target, byte ratios and per-profile simulated times to `table` (in place)."""
+    rows = table["rows"]
+    ref = rows["fedavg"]
+    target = TARGET_FRACTION * ref["final_accuracy"]
+    table["target_accuracy"] = target
+    table["target_rule"] = f"{TARGET_FRACTION:.0%} of dense FedAvg's final accuracy"
+    seed = table["config"].get("seed", 0)
+    factors = radio.device_factors(device_ids(table["config"]["clients"]), seed)
+    for row in rows.values():
+        row["uplink_ratio_vs_fedavg"] = _ratio(ref["up_bytes_per_client_round"], row["up_bytes_per_client_round"])
+        row["downlink_ratio_vs_fedavg"] = _ratio(ref["down_bytes_per_client_round"], row["down_bytes_per_client_round"])
+        row["last3_delta_pt_vs_fedavg"] = 100 * (row["last3_accuracy"] - ref["last3_accuracy"])
+        row["final_delta_pt_vs_fedavg"] = 100 * (row["final_accuracy"] - ref["final_accuracy"])
+        row["rounds_to_target"] = radio.rounds_to_target(row["accuracy_per_round"], target)
+        row["radio"] = {}
+        for key, link in profiles.items():
+            times = [radio.round_seconds({d: radio.DeviceRound(v[0], down, v[1]) for d, v in devs.items()}, link, factors)
+                     for devs, down in zip(row["devices_per_round"], row["bytes_down_per_round"])]
+            row["radio"][key] = {"round_s": times, "total_s": sum(times),
+                                 "time_to_target_s": radio.time_to_target(times, row["accuracy_per_round"], target)}
+    for row in rows.values():
+        for key in profiles:
+            r = row["radio"][key]
+            for name in ("fedavg", "paper"):
+                r[f"speedup_vs_{name}"] = speedup(rows[name]["radio"][key], r) if name in rows else None
+
+
+def speedup(reference: dict, row: dict) -> dict:
+    """reference time to target / row time to target. When only the row reaches the target, the
+    reference's whole run is a lower bound on its time: the ratio is then a lower bound ("at least")."""
+    mine, theirs = row["time_to_target_s"], reference["time_to_target_s"]
+    if mine is None:
+        return {"value": None, "bound": "not reached"}
+    if theirs is None:
+        return {"value": reference["total_s"] / mine, "bound": "at least"}
+    return {"value": theirs / mine, "bound": "exact"}
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+class _Data:
+    """The splits every row of one table shares (what `build_server` would load)."""
+
+    def __init__(self, cfg: FederatedConfig):
+        train_set = load_dataset(cfg.dataset, "train", cfg.data_root)
+        test = load_dataset(cfg.dataset, "test", cfg.data_root)
+        if cfg.eval_samples:
+            test = test.sample(min(cfg.eval_samples, len(test)), seed=cfg.seed)
+        proxy_idx, _ = federated_split(train_set.y, cfg.proxy_samples, cfg.clients, cfg.partition, cfg.seed)
+        self.proxy = train_set.subset(proxy_idx)
+        self.calibration = self.proxy.sample(min(256, len(self.proxy)), seed=cfg.seed + 1).normalized()
+        self.test_x, self.test_y = test.normalized(), test.y
+
+
+def _pretrained(cfg: FederatedConfig, data: _Data) -> torch.nn.Module:
+    """Round-0 pre-training, as `prepare_master` does it before pruning; shared by every row."""
+    p = cfg.prepare_config()
+    torch.manual_seed(p.seed)
+    model = build_model(default_spec(p.arch, data.proxy.input_shape, data.proxy.num_classes))
+    if p.pretrain_epochs > 0:
+        log.info("pre-training %s on %d proxy samples for %g epoch(s)", p.arch, len(data.proxy), p.pretrain_epochs)
+        train(model, data.proxy.normalized(), data.proxy.y,
+              TrainConfig(epochs=p.pretrain_epochs, batch_size=p.batch_size, lr=p.lr, momentum=0.9, seed=p.seed))
+    return model.eval()
+
+
+def _server(cfg: FederatedConfig, pretrained: torch.nn.Module, data: _Data) -> FederatedServer:
+    """A row's server: the shared pre-trained model pruned and fine-tuned as `prepare_master` does."""
+    p = cfg.prepare_config()
+    model = copy.deepcopy(pretrained)
+    if p.prune is not None:
+        model = prune_model(model, p.prune, torch.zeros(1, *data.proxy.input_shape)).model
+        if p.finetune_epochs > 0:
+            train(model, data.proxy.normalized(), data.proxy.y,
+                  TrainConfig(epochs=p.finetune_epochs, batch_size=p.batch_size, lr=p.lr, momentum=0.9, seed=p.seed + 1))
+    master = fold_batchnorm(model.eval())
+    return FederatedServer(master, model_info(master, data.proxy), data.calibration, data.test_x, data.test_y,
+                           cfg.server_config())
+
+
+def run(quick: bool = False, mnist: str | None = None, cifar10: str | None = None, out: Path | None = None) -> dict:
+    """Every table; each is kept in `out` as soon as it is measured and reused (re-analyzed) from there
+    by a later run, so a failure in one table does not cost the others (delete the file to measure again)."""
+    tables = {}
+    for name, overrides in plans(quick, mnist, cifar10):
+        saved = out / f"paper-{name.replace('/', '-')}{'-quick' if quick else ''}.json" if out else None
+        if saved and saved.exists():
+            log.info("paper %s: reusing %s (delete it to measure again)", name, saved)
+            tables[name] = json.loads(saved.read_text())
+            tables[name].setdefault("measured_at", dt.datetime.fromtimestamp(saved.stat().st_mtime).isoformat("T", "minutes"))
+            analyze(tables[name])
+            continue
+        tables[name] = run_table(overrides, latency_repeats=5 if quick else 30)
+        tables[name]["measured_at"] = dt.datetime.now().isoformat(timespec="minutes")
+        if saved:
+            saved.write_text(json.dumps(tables[name], indent=2) + "\n")
+    return {"tables": tables, "target_fraction": TARGET_FRACTION,
+            "profiles": {k: vars(v) for k, v in radio.PROFILES.items()}}
+
+
+def headline(paper: dict) -> tuple[str, dict] | None:
+    """The first table (alexnet on Fashion-MNIST in a full run): the README's figures come from it."""
+    return next(iter(paper["tables"].items()), None)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    import sys
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
