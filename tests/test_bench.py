@@ -127,3 +127,20 @@ def test_fleet_quick_round_over_mosquitto(tmp_path):
     assert 0 < row["slowest_device_compute_s"] < row["collect_s"]
     assert f["overhead_median_s"] == pytest.approx(row["collect_s"] - row["slowest_device_compute_s"])
     assert 0 < f["model_bytes"] < 500_000
+
+
+def test_fleet_section_lists_both_fleet_sizes_and_the_overhead_verdict():
+    def run(agents: int, model: str, overheads: list[float]) -> dict:
+        rows = [{"round": i + 1, "collect_s": 2.0 + o, "overhead_s": o, "uploads": agents, "selected": agents}
+                for i, o in enumerate(overheads)]
+        return {"agents": agents, "rounds": len(rows), "model": model, "prune": 0.5, "model_bytes": 1_000_000,
+                "per_round": rows, "round_latency_median_s": 2.1, "round_latency_max_s": 2.6,
+                "overhead_median_s": sorted(overheads)[len(overheads) // 2], "overhead_max_s": max(overheads),
+                "target_s": 0.5}
+    fleet = {**run(20, "resnet18", [0.1, 0.2, 0.6]), "scale": run(100, "cnn", [0.3, 0.4])}
+    md = bench.to_markdown({"machine": {"cores": 2, "python": "3"}, "fleet": fleet})
+    assert "| 20 | resnet18 pruned 50% int8 | 1,000,000 | 3 | 2.10 / 2.60 | 0.200 / 0.600 | 60/60 |" in md
+    assert "| 100 | cnn pruned 50% int8 |" in md and "200/200" in md
+    assert "met (median 0.200 s)" in md
+    fleet["overhead_median_s"] = 0.7
+    assert "missed (median 0.700 s)" in bench.to_markdown({"machine": {"cores": 2, "python": "3"}, "fleet": fleet})
