@@ -35,6 +35,8 @@ from pqsu.protocol.topics import TopicError, Topics
 log = logging.getLogger(__name__)
 REPUBLISH_GRACE_S = 2.0  # after a reconnect, how long the retained announcement has to come back
 RESUME_GRACE_S = 5.0     # how long a resumed coordinator waits for the devices it knew to show up again
+# Bounds on incomplete chunked updates held at once (the fuzzer replays them to predict what is counted).
+REASSEMBLY_MESSAGES, REASSEMBLY_BYTES = 256, 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ class Coordinator:
                                            tls_cert=cfg.tls_cert, tls_key=cfg.tls_key, username=cfg.username,
                                            password=cfg.password)
         self.events: queue.Queue[_Event] = queue.Queue(maxsize=10_000)
-        self.reassembler = chunking.Reassembler(max_messages=256, max_bytes=512 * 1024 * 1024)
+        self.reassembler = chunking.Reassembler(max_messages=REASSEMBLY_MESSAGES, max_bytes=REASSEMBLY_BYTES)
+        self._incomplete_dropped = 0  # the reassembler's evicted + expired, as far as already counted
         # The device registry: every device seen, with its last status. A restarted coordinator gets it
         # back from the checkpoint as "offline" until the broker's retained statuses say otherwise.
         self.devices: dict[str, Status] = {
@@ -111,6 +114,8 @@ class Coordinator:
             self._count("chunk-" + exc.reason)
             log.info("bad update chunk from %s: %s", device, exc)
             return
+        finally:
+            self._count_incomplete()
         if message is not None:
             self._enqueue(_Event("update", device, message))
 
@@ -139,9 +144,17 @@ class Coordinator:
                 log.warning("event queue full: %d messages dropped so far (%s from %s)", self.dropped, event.kind,
                             event.device)
 
-    def _count(self, reason: str) -> None:
+    def _count(self, reason: str, n: int = 1) -> None:
         with self._refused_lock:
-            self._refused[reason] += 1
+            self._refused[reason] += n
+
+    def _count_incomplete(self) -> None:
+        """An update whose frames never all came is a refusal too: counted when the reassembler drops it
+        (evicted to make room for newer ones, or idle past its ttl), not silently forgotten."""
+        dropped = self.reassembler.evicted + self.reassembler.expired
+        if dropped > self._incomplete_dropped:
+            self._count("chunk-incomplete", dropped - self._incomplete_dropped)
+            self._incomplete_dropped = dropped
 
     def _take_refused(self) -> dict[str, int]:
         with self._refused_lock:

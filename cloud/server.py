@@ -185,7 +185,7 @@ class FederatedServer:
     def _mismatch(self, update: codec.Update) -> tuple[str, str] | None:
         rnd = self._round
         if update.model_id != rnd.task.model_id:
-            return "wrong-model", f"update is relative to model {update.model_id}, not {rnd.task.model_id}"
+            return "wrong-model", f"update is relative to model {update.model_id!r}, not {rnd.task.model_id}"
         if update.num_samples == 0:
             return "no-samples", "update claims 0 training samples"
         for b in update.blocks:

@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "edge": ("pqsu.edge.command", "run an edge agent on a board"),
     "simulate": ("pqsu.tools.simulate", "federated training in one process (no broker): the round logic, measured"),
     "bench": ("pqsu.tools.bench", "run the measured benchmarks and print the ratios"),
+    "reliability": ("pqsu.tools.reliability", "measure security and fault tolerance against real processes"),
     "flash": ("pqsu.tools.flash", "build an agent bundle for a board (rpi4, rpi5, jetson-orin...) and install it"),
 }
 

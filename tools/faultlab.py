@@ -89,7 +89,7 @@ class Observer:
     """A plain client of the lab: keeps every status, round announcement, model and update it sees.
     Updates are reassembled without memory of earlier ones, so a re-sent update is seen again."""
 
-    def __init__(self, url: str, fleet: str):
+    def __init__(self, url: str, fleet: str, watch_updates: bool = True):
         self.topics = Topics(fleet)
         self.events: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
         self.models: dict[str, bytes] = {}
@@ -99,8 +99,10 @@ class Observer:
         self._updates = chunking.Reassembler(max_messages=64, max_bytes=1 << 28, remember=0)
         self.client = MqttClient(url, f"pqsu-lab-observer-{os.getpid()}-{fleet}", persistent_session=False)
         t = self.topics
-        for f, handler in ((t.status_filter, self._on_status), (t.round, self._on_round),
-                           (t.model_filter, self._on_model), (t.update_filter, self._on_update)):
+        watched = [(t.status_filter, self._on_status), (t.round, self._on_round), (t.model_filter, self._on_model)]
+        if watch_updates:  # off when the lab itself floods the update topics with garbage
+            watched.append((t.update_filter, self._on_update))
+        for f, handler in watched:
             self.client.subscribe(f, handler)
         self.client.connect(timeout_s=15)
 
@@ -163,12 +165,12 @@ def round_announced(n: int):
 class Lab:
     """One scenario's world: a folder, a Mosquitto, the processes started and an observer."""
 
-    def __init__(self, folder: Path, fleet: str):
+    def __init__(self, folder: Path, fleet: str, watch_updates: bool = True):
         self.folder, self.fleet = Path(folder), fleet
         self.folder.mkdir(parents=True, exist_ok=True)
         self.broker = Mosquitto(self.folder / "broker").start()
         self.procs: list[Proc] = []
-        self.observer = Observer(self.broker.url, fleet)
+        self.observer = Observer(self.broker.url, fleet, watch_updates)
         self.logs = self.folder / "logs"
 
     def cloud(self, out: Path, *, rounds: int, clients: int, min_devices: int, round_timeout: float,

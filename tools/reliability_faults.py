@@ -187,7 +187,7 @@ def damaged_checkpoint(folder: Path) -> dict:
         build_server(cfg, checkpoint_dir=ckpts)
         result["all_damaged_error"] = ""
     except checkpoint.CheckpointError as exc:
-        result["all_damaged_error"] = str(exc)
+        result["all_damaged_error"] = str(exc).replace(str(folder), "<scenario folder>")  # no temp path in the report
     result["checks"] = {
         f"{d}: previous checkpoint used, error logged": r["resumed_after_round"] == 1 and r["master_is_previous"]
         and bool(r["error_logged"]) for d, r in result.items() if isinstance(r, dict)}
@@ -204,13 +204,15 @@ w = {"w": np.ones((64, 64), np.float32)}
 checkpoint.save(folder, checkpoint.Checkpoint(1, w))
 before = sorted(os.listdir(folder))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # the write fails (EFBIG) instead of killing us
-resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))  # the next checkpoint (~16 KB) cannot be written
+# Only the soft limit: raising a lowered hard limit again needs CAP_SYS_RESOURCE, which containers lack.
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, hard))  # the next checkpoint (~16 KB) cannot be written
 try:
     checkpoint.save(folder, checkpoint.Checkpoint(2, {"w": np.full((64, 64), 2, np.float32)}))
     error = ""
 except OSError as exc:
     error = f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
-resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 print(json.dumps({"error": error, "files_unchanged": sorted(os.listdir(folder)) == before,
                   "loaded_round": checkpoint.load_latest(folder).round}))
 """
