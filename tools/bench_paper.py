@@ -7,7 +7,7 @@ feedback, selective upload, FedAvgM); and ours at 70% pruning (same settings, mo
 
 Every row runs the same devices, data split, rounds and seed, and starts from the same round-0
 pre-training on the cloud's proxy split (computed once per table, then pruned per row exactly as
-`prepare_master` does). Columns are measured: accuracy per round, bytes each device really sent
+`prepare_master` does, and fine-tuned on the proxy for the same epochs in every row, pruned or not). Columns are measured: accuracy per round, bytes each device really sent
 and received, each device's `run_round` wall time (bridge + training + encoding), batch-1
 inference latency of the shipped ONNX under onnxruntime vs the unpruned model in eager torch
 fp32, and the shipped model's size. `radio_table` turns them into simulated time to a target
@@ -48,17 +48,23 @@ ROWS: dict[str, tuple[str, dict]] = {  # label -> (scheme preset, overrides)
     "prune50+int8": ("prune50+int8", {}),
     "paper": ("paper", {}),
     "ours": ("ours", {}),
+    # FedAvgM (server momentum 0.5) lifted top-2% on the cnn by 2.6 points, but on VGG16 it compounds with
+    # error feedback (both re-apply old progress) and accuracy fell round after round: both are measured.
+    "ours@m0": ("ours", {"server_momentum": 0.0}),
     "ours@70%": ("ours", {"prune": 0.7}),
 }
 TARGET_FRACTION = 0.95
 
-# CPU-sized for a shared 2-core machine (the whole suite in about 45 minutes): unpruned fp32 AlexNet trains at
-# 10-60 samples/s here depending on load, and every device parses the 118 MB fp32 model each FedAvg round, so
-# few devices hold a small share each; the proxy pre-training is computed once and shared between rows.
-FULL = dict(clients=5, partition="dirichlet:0.5", seed=0, samples_per_client=64, proxy_samples=2000,
+# CPU-sized for a 2-core machine (about an hour for both tables): unpruned fp32 AlexNet trains at 25-45
+# samples/s here and every device parses the 118 MB fp32 model each FedAvg round, so five devices train 200
+# samples each per round. The proxy pre-training is computed once and shared between rows. It is kept short on
+# purpose: AlexNet reached 40% after 2 epochs on the 2,000 proxy samples and 62% after 4, and with 5 epochs
+# FedAvg's rounds stayed flat around 75% (the target was met in round 1 by every row, which measures nothing).
+# Starting lower, the rounds, not round 0, reach the target.
+FULL = dict(clients=5, partition="dirichlet:0.5", seed=0, samples_per_client=200, proxy_samples=2000,
             eval_samples=1000)
-PLANS_FULL = {"alexnet": dict(rounds=8, pretrain_epochs=3.0, finetune_epochs=2.0),
-              "vgg16": dict(rounds=6, pretrain_epochs=2.0, finetune_epochs=1.0)}
+PLANS_FULL = {"alexnet": dict(rounds=12, pretrain_epochs=2.0, finetune_epochs=1.0),
+              "vgg16": dict(rounds=10, pretrain_epochs=1.0, finetune_epochs=1.0)}
 QUICK = dict(clients=2, partition="dirichlet:0.5", seed=0, samples_per_client=48, proxy_samples=200,
              eval_samples=200, rounds=2, pretrain_epochs=0.5, finetune_epochs=0.5)
 
@@ -89,7 +95,7 @@ def run_table(overrides: dict, rows: dict[str, tuple[str, dict]] = ROWS, latency
         cfg = FederatedConfig.for_scheme(scheme, **{**overrides, **extra})
         log.info("paper %s / %s: %d rounds, %d clients", cfg.model, label, cfg.rounds, cfg.clients)
         result = simulate(cfg, lambda r: log.info("  round %d acc %.4f up %d", r.round, r.accuracy, r.bytes_up),
-                          server=_server(cfg, pretrained, data))
+                          server=_server(cfg, pretrained, data, base.finetune_epochs))
         ort_ms = measure.ort_latency_ms(measure.ort_session(result.model), x1, latency_repeats)
         table["rows"][label] = _row(scheme, cfg, result, ort_ms)
     analyze(table)
@@ -192,15 +198,18 @@ def _pretrained(cfg: FederatedConfig, data: _Data) -> torch.nn.Module:
     return model.eval()
 
 
-def _server(cfg: FederatedConfig, pretrained: torch.nn.Module, data: _Data) -> FederatedServer:
-    """A row's server: the shared pre-trained model pruned and fine-tuned as `prepare_master` does."""
+def _server(cfg: FederatedConfig, pretrained: torch.nn.Module, data: _Data, finetune_epochs: float) -> FederatedServer:
+    """A row's server: the shared pre-trained model pruned and fine-tuned as `prepare_master` does.
+
+    Unpruned rows train the same `finetune_epochs` on the proxy without pruning: every row gets
+    the same cloud training before round 1, so no row starts ahead on proxy epochs alone."""
     p = cfg.prepare_config()
     model = copy.deepcopy(pretrained)
     if p.prune is not None:
         model = prune_model(model, p.prune, torch.zeros(1, *data.proxy.input_shape)).model
-        if p.finetune_epochs > 0:
-            train(model, data.proxy.normalized(), data.proxy.y,
-                  TrainConfig(epochs=p.finetune_epochs, batch_size=p.batch_size, lr=p.lr, momentum=0.9, seed=p.seed + 1))
+    if finetune_epochs > 0:
+        train(model, data.proxy.normalized(), data.proxy.y,
+              TrainConfig(epochs=finetune_epochs, batch_size=p.batch_size, lr=p.lr, momentum=0.9, seed=p.seed + 1))
     master = fold_batchnorm(model.eval())
     return FederatedServer(master, model_info(master, data.proxy), data.calibration, data.test_x, data.test_y,
                            cfg.server_config())

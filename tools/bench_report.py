@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 UPLINK_X, ACC_PT, DOWNLINK_X, NBIOT_VS_FEDAVG_X, NBIOT_VS_PAPER_X = 150.0, 1.0, 12.0, 30.0, 3.0
 MEMORY_FLAT_GROWTH = 1.5   # peak at the most devices / peak at the fewest, for "flat in the number of devices"
-OUR_ROWS = ("ours", "ours@70%")
+OUR_ROWS = ("ours", "ours@m0", "ours@70%")
 
 
 @dataclass(frozen=True)
