@@ -13,7 +13,9 @@ inference latency of the shipped ONNX under onnxruntime vs the unpruned model in
 fp32, and the shipped model's size. `radio_table` turns them into simulated time to a target
 accuracy on each link profile (tools/radio.py).
 
-Target rule: TARGET_FRACTION of dense FedAvg's final accuracy (so FedAvg always reaches it).
+Target rule: TARGET_FRACTION of dense FedAvg's mean accuracy over its last three rounds (so FedAvg
+always reaches it). Not of its final round: on non-IID data FedAvg's accuracy swings by several
+points from one round to the next, and one unlucky last round would set the bar for every row.
 """
 from __future__ import annotations
 
@@ -133,9 +135,9 @@ def analyze(table: dict, profiles: dict[str, radio.LinkProfile] = radio.PROFILES
     """Add the target, byte ratios and per-profile simulated times to `table` (in place)."""
     rows = table["rows"]
     ref = rows["fedavg"]
-    target = TARGET_FRACTION * ref["final_accuracy"]
+    target = TARGET_FRACTION * ref["last3_accuracy"]
     table["target_accuracy"] = target
-    table["target_rule"] = f"{TARGET_FRACTION:.0%} of dense FedAvg's final accuracy"
+    table["target_rule"] = f"{TARGET_FRACTION:.0%} of dense FedAvg's mean accuracy over its last three rounds"
     seed = table["config"].get("seed", 0)
     factors = radio.device_factors(device_ids(table["config"]["clients"]), seed)
     for row in rows.values():

@@ -115,7 +115,8 @@ def paper_markdown(paper: dict) -> str:
              "(skipped uploads count 0). Edge round: median wall time of one device's `run_round` on this machine "
              "(bridge + training + encoding). Inference: batch 1, onnxruntime on the shipped ONNX vs the unpruned "
              "model in eager torch fp32. Rounds to target: first round at or above the target "
-             f"({paper['target_fraction']:.0%} of dense FedAvg's final accuracy). Accuracy is on a fixed test sample.", ""]
+             f"({paper['target_fraction']:.0%} of dense FedAvg's mean accuracy over its last three rounds). Accuracy is on a "
+             "fixed test sample.", ""]
     for name, t in paper["tables"].items():
         c = t["config"]
         lines += [f"### {name}: {c['clients']} clients, {c['partition']}, {c['rounds']} rounds, "
