@@ -146,6 +146,8 @@ def analyze(table: dict, profiles: dict[str, radio.LinkProfile] = radio.PROFILES
         row["downlink_ratio_vs_fedavg"] = _ratio(ref["down_bytes_per_client_round"], row["down_bytes_per_client_round"])
         row["last3_delta_pt_vs_fedavg"] = 100 * (row["last3_accuracy"] - ref["last3_accuracy"])
         row["final_delta_pt_vs_fedavg"] = 100 * (row["final_accuracy"] - ref["final_accuracy"])
+        if "prune50+int8" in rows:  # what selective updating costs on its own: same pruned int8 model, dense uploads
+            row["last3_delta_pt_vs_dense_int8"] = 100 * (row["last3_accuracy"] - rows["prune50+int8"]["last3_accuracy"])
         row["rounds_to_target"] = radio.rounds_to_target(row["accuracy_per_round"], target)
         row["radio"] = {}
         for key, link in profiles.items():

@@ -10,6 +10,9 @@ Link profiles are nominal peak rates (bit/s) of one device's link:
          (half-duplex, one HARQ process; GSMA "NB-IoT Deployment Guide", 2019, table 2; 3GPP TR 45.820)
   ltem   3GPP Rel-13 Cat-M1: 1 Mbit/s uplink and downlink (GSMA "LTE-M Deployment Guide", 2019)
   wifi   a 2.4 GHz 802.11n link to a board at range: 20 Mbit/s both ways (an assumption, not a standard's peak)
+  nbiot-up  NB-IoT's uplink alone, the model download not charged: the design brief states its time target
+         "over a simulated 60 kbit/s uplink" (a cell can broadcast one model to every device, or boards may
+         fetch it on another link). Shown beside the full up+down figure, never instead of it.
 
 Heterogeneity: every device gets two seeded multipliers, drawn once per (seed, device):
 its link rate is the profile's times exp(N(0, rate_sigma^2)) (log-normal, median 1: some
@@ -34,12 +37,15 @@ class LinkProfile:
     up_bps: float
     down_bps: float
     source: str
+    charges_download: bool = True  # False: only the uplink counts (the model reaches the device another way)
 
 
 PROFILES: dict[str, LinkProfile] = {
     "nbiot": LinkProfile("NB-IoT", 62_500.0, 26_200.0, "3GPP Rel-13 Cat-NB1 peak rates (GSMA NB-IoT Deployment Guide)"),
     "ltem": LinkProfile("LTE-M", 1_000_000.0, 1_000_000.0, "3GPP Rel-13 Cat-M1 peak rates (GSMA LTE-M Deployment Guide)"),
     "wifi": LinkProfile("Wi-Fi", 20_000_000.0, 20_000_000.0, "assumed 802.11n 2.4 GHz link at range"),
+    "nbiot-up": LinkProfile("NB-IoT uplink only", 62_500.0, 26_200.0, "the NB-IoT uplink; model download not charged",
+                            charges_download=False),
 }
 
 
@@ -78,8 +84,8 @@ def transfer_seconds(nbytes: int, bps: float) -> float:
 
 def device_seconds(part: DeviceRound, link: LinkProfile, factors: DeviceFactors = DeviceFactors(1.0, 1.0)) -> float:
     """One device's round: its compute, then the model down and its update up, at its own rates."""
-    return (part.compute_s * factors.compute + transfer_seconds(part.bytes_down, link.down_bps * factors.rate)
-            + transfer_seconds(part.bytes_up, link.up_bps * factors.rate))
+    down = transfer_seconds(part.bytes_down, link.down_bps * factors.rate) if link.charges_download else 0.0
+    return part.compute_s * factors.compute + down + transfer_seconds(part.bytes_up, link.up_bps * factors.rate)
 
 
 def round_seconds(parts: Mapping[str, DeviceRound], link: LinkProfile,
