@@ -50,8 +50,9 @@ ROWS: dict[str, tuple[str, dict]] = {  # label -> (scheme preset, overrides)
     "prune50+int8": ("prune50+int8", {}),
     "paper": ("paper", {}),
     "ours": ("ours", {}),
-    # FedAvgM (server momentum 0.5) lifted top-2% on the cnn by 2.6 points, but on VGG16 it compounds with
-    # error feedback (both re-apply old progress) and accuracy fell round after round: both are measured.
+    # FedAvgM (server momentum 0.5) lifted top-2% on the cnn by 2.6 points, but in a shorter VGG16 run (64
+    # samples a device, 6 rounds) it compounded with error feedback (both re-apply old progress) and accuracy
+    # fell round after round, while without it it did not: both are measured here.
     "ours@m0": ("ours", {"server_momentum": 0.0}),
     "ours@70%": ("ours", {"prune": 0.7}),
 }
