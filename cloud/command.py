@@ -29,6 +29,7 @@ from pathlib import Path
 from pqsu.cloud.config import add_config_arguments, config_from_args
 from pqsu.cloud.device_keys import DeviceKeys
 from pqsu.protocol.errors import PqsuError
+from pqsu.protocol.identity_args import add_identity_arguments
 from pqsu.protocol.mqtt import BrokerURL
 
 
@@ -45,12 +46,7 @@ def add_coordinator_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keys", metavar="FILE", help="JSON file {device id: hex HMAC key}: only these devices are asked "
                    "and only their signed updates count; re-read at each round start when it changed, so deleting "
                    "a device's entry removes it from the fleet without a restart")
-    sec = p.add_argument_group("broker security (the coordinator's own identity)")
-    sec.add_argument("--tls-ca", metavar="FILE", help="CA certificate(s) for an mqtts:// broker (default: the system CAs)")
-    sec.add_argument("--tls-cert", metavar="FILE", help="the coordinator's client certificate (PEM)")
-    sec.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
-    sec.add_argument("--username", help="MQTT user name (overrides one in the broker URL)")
-    sec.add_argument("--password-file", metavar="FILE", help="file holding the MQTT password (keep it 0600)")
+    add_identity_arguments(p.add_argument_group("broker security (the coordinator's own identity)"), "the coordinator's")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -27,6 +27,7 @@ import threading
 from pathlib import Path
 
 from pqsu.protocol.errors import PqsuError
+from pqsu.protocol.identity_args import add_identity_arguments
 from pqsu.protocol.settings import read_settings
 
 log = logging.getLogger(__name__)
@@ -83,12 +84,7 @@ def add_settings_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--torch-threads", type=int, help="torch CPU threads for training (default: torch's choice)")
     r.add_argument("--stay", action="store_true", default=None,
                    help="keep running after the coordinator says done (inference-only devices always stay)")
-    g = r.add_argument_group("broker security")
-    g.add_argument("--tls-ca", metavar="FILE", help="CA certificate(s) for an mqtts:// broker (default: the system CAs)")
-    g.add_argument("--tls-cert", metavar="FILE", help="this device's client certificate (PEM)")
-    g.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
-    g.add_argument("--username", help="MQTT user name (overrides one in the broker URL)")
-    g.add_argument("--password-file", metavar="FILE", help="file holding the MQTT password (keep it 0600)")
+    add_identity_arguments(r.add_argument_group("broker security"), "this device's")
     h = r.add_argument_group("local inference API (127.0.0.1 only)")
     h.add_argument("--http-port", type=int, metavar="PORT",
                    help=f"port of POST /predict, GET /healthz, GET /metrics (default: {DEFAULT_HTTP_PORT}; "

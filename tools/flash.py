@@ -33,6 +33,7 @@ import re
 import sys
 from pathlib import Path
 
+from pqsu.protocol.identity_args import add_identity_arguments
 from pqsu.protocol.mqtt import BrokerURL
 from pqsu.protocol.topics import check_device, check_fleet
 from pqsu.tools.boards import BOARDS, format_boards, get_board
@@ -66,11 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="another agent setting for agent.toml (e.g. upload=always); repeatable")
     c = p.add_argument_group("credentials (copied into the bundle with mode 0600)")
-    c.add_argument("--tls-ca", metavar="FILE", help="CA certificate of the broker (mqtts://)")
-    c.add_argument("--tls-cert", metavar="FILE", help="this device's client certificate")
-    c.add_argument("--tls-key", metavar="FILE", help="this device's client private key")
-    c.add_argument("--username", help="MQTT user name")
-    c.add_argument("--password-file", metavar="FILE", help="file holding the MQTT password")
+    add_identity_arguments(c, "this device's")
     c.add_argument("--key-file", metavar="FILE", help="file with the device's HMAC key (hex) for signed updates")
     b = p.add_argument_group("bundle")
     b.add_argument("--target", help="the board's root: a folder (mounted SD card...) or ssh://[user@]host[:port][/root]")
