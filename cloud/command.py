@@ -29,7 +29,7 @@ from pathlib import Path
 from pqsu.cloud.config import add_config_arguments, config_from_args
 from pqsu.cloud.device_keys import DeviceKeys
 from pqsu.protocol.errors import PqsuError
-from pqsu.protocol.identity_args import add_identity_arguments
+from pqsu.protocol.identity_args import add_identity_arguments, read_password_file
 from pqsu.protocol.mqtt import BrokerURL
 
 
@@ -53,17 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     add_coordinator_arguments(p)
     p.add_argument("--out", default="runs/cloud", help="folder for metrics, checkpoints, the final model and plots")
-
-
-def read_password(path: str | None) -> str | None:
-    """The MQTT password from --password-file (first line, without its newline)."""
-    if not path:
-        return None
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise PqsuError(f"cannot read the password file {path}: {exc.strerror or exc}") from None
-    return text.splitlines()[0] if text else ""
 
 
 def check_broker(url: str, timeout_s: float = 5.0) -> None:
@@ -95,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     check_broker(args.broker)  # fail before minutes of model preparation, not after
     check_tls_files(args)
     keys = DeviceKeys(args.keys) if args.keys else None  # a bad keys or password file fails here, before the model
-    password = read_password(args.password_file)
+    password = read_password_file(args.password_file)
     server, meta = build_server(cfg, checkpoint_dir=out / "checkpoints", keys=keys)
     ccfg = CoordinatorConfig(broker=args.broker, fleet=args.fleet, rounds=cfg.rounds, min_devices=args.min_devices,
                              join_timeout_s=args.join_timeout, round_timeout_s=args.round_timeout,

@@ -32,17 +32,31 @@ class PrepareConfig:
 
 def prepare_master(cfg: PrepareConfig, proxy: ArrayDataset, *, progress: bool = False) -> nn.Module:
     """The initial global model: pre-trained on `proxy`, pruned, fine-tuned, BN folded."""
+    model = pretrained_model(cfg, proxy, progress=progress)
+    return finished_master(model, cfg, proxy, cfg.finetune_epochs if cfg.prune is not None else 0.0,
+                           progress=progress)
+
+
+def pretrained_model(cfg: PrepareConfig, proxy: ArrayDataset, *, progress: bool = False) -> nn.Module:
+    """The architecture, seeded, pre-trained on `proxy` (`pqsu bench paper` shares one between its rows)."""
     torch.manual_seed(cfg.seed)
     model = build_model(default_spec(cfg.arch, proxy.input_shape, proxy.num_classes))
-    x = proxy.normalized()
     if cfg.pretrain_epochs > 0 and len(proxy):
         log.info("pre-training %s on %d proxy samples for %g epoch(s)", cfg.arch, len(proxy), cfg.pretrain_epochs)
-        train(model, x, proxy.y, TrainConfig(epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                                             momentum=0.9, seed=cfg.seed), progress=progress, desc="pre-train")
+        train(model, proxy.normalized(), proxy.y, TrainConfig(epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size,
+                                                              lr=cfg.lr, momentum=0.9, seed=cfg.seed),
+              progress=progress, desc="pre-train")
+    return model.eval()
+
+
+def finished_master(model: nn.Module, cfg: PrepareConfig, proxy: ArrayDataset, finetune_epochs: float, *,
+                    progress: bool = False) -> nn.Module:
+    """`model` (changed in place) pruned by `cfg.prune` if set, fine-tuned `finetune_epochs` on `proxy`, BN folded."""
     if cfg.prune is not None:
         log.info("pruning %.0f%% of channels", 100 * cfg.prune)
         model = prune_model(model, cfg.prune, torch.zeros(1, *proxy.input_shape)).model
-        if cfg.finetune_epochs > 0 and len(proxy):
-            train(model, x, proxy.y, TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                                                 momentum=0.9, seed=cfg.seed + 1), progress=progress, desc="fine-tune")
+    if finetune_epochs > 0 and len(proxy):
+        train(model, proxy.normalized(), proxy.y, TrainConfig(epochs=finetune_epochs, batch_size=cfg.batch_size,
+                                                              lr=cfg.lr, momentum=0.9, seed=cfg.seed + 1),
+              progress=progress, desc="fine-tune")
     return fold_batchnorm(model.eval())

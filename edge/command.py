@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 
 from pqsu.protocol.errors import PqsuError
-from pqsu.protocol.identity_args import add_identity_arguments
+from pqsu.protocol.identity_args import add_identity_arguments, read_password_file
 from pqsu.protocol.settings import read_settings
 
 log = logging.getLogger(__name__)
@@ -124,13 +124,7 @@ def providers(s: dict) -> tuple[str, ...]:
 
 def password(s: dict) -> str | None:
     """The MQTT password from --password-file (first line, without its newline)."""
-    if not s.get("password_file"):
-        return None
-    try:
-        text = Path(s["password_file"]).read_text()
-    except OSError as exc:
-        raise PqsuError(f"cannot read the password file {s['password_file']}: {exc.strerror or exc}") from None
-    return text.splitlines()[0] if text else ""
+    return read_password_file(s.get("password_file"))
 
 
 def http_port(s: dict) -> tuple[int | None, bool]:

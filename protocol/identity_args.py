@@ -4,6 +4,9 @@ the broker: TLS files and an MQTT user. One definition, so `pqsu cloud`, `pqsu e
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from pqsu.protocol.errors import PqsuError
 
 
 def add_identity_arguments(group: argparse._ArgumentGroup, whose: str) -> None:
@@ -14,3 +17,14 @@ def add_identity_arguments(group: argparse._ArgumentGroup, whose: str) -> None:
     group.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
     group.add_argument("--username", help="MQTT user name (overrides one in the broker URL)")
     group.add_argument("--password-file", metavar="FILE", help="file holding the MQTT password (keep it 0600)")
+
+
+def read_password_file(path: str | None) -> str | None:
+    """The MQTT password from a --password-file (its first line, without the newline); None without one."""
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise PqsuError(f"cannot read the password file {path}: {exc.strerror or exc}") from None
+    return text.splitlines()[0] if text else ""

@@ -28,15 +28,12 @@ from pathlib import Path
 
 import torch
 
+from pqsu.cloud.bootstrap import CloudData, cloud_data
 from pqsu.cloud.config import FederatedConfig
+from pqsu.cloud.prepare import finished_master, pretrained_model
 from pqsu.cloud.server import FederatedServer
 from pqsu.export import measure
-from pqsu.export.datasets import load_dataset
-from pqsu.export.partition import federated_split
 from pqsu.export.pipeline import model_info
-from pqsu.export.pruning import fold_batchnorm, prune_model
-from pqsu.export.training import TrainConfig, train
-from pqsu.export.zoo import build_model, default_spec
 from pqsu.tools import radio
 from pqsu.tools.simulate import device_ids, simulate
 
@@ -89,8 +86,8 @@ def plans(quick: bool, mnist: str | None = None, cifar10: str | None = None) -> 
 def run_table(overrides: dict, rows: dict[str, tuple[str, dict]] = ROWS, latency_repeats: int = 30) -> dict:
     """Every row on the same split and seed; returns per-row measurements plus the radio analysis."""
     base = FederatedConfig.for_scheme("fedavg", **overrides)
-    data = _Data(base)
-    pretrained = _pretrained(base, data)
+    data = cloud_data(base)
+    pretrained = pretrained_model(base.prepare_config(), data.proxy)  # round 0's pre-training, shared by every row
     x1 = data.test_x[:1]
     table = {"config": {k: v for k, v in base.to_dict().items() if k in overrides or k in ("epochs", "batch_size", "lr")},
              "torch_fp32_unpruned_b1_ms": measure.torch_latency_ms(copy.deepcopy(pretrained), x1, latency_repeats),
@@ -178,45 +175,12 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-class _Data:
-    """The splits every row of one table shares (what `build_server` would load)."""
-
-    def __init__(self, cfg: FederatedConfig):
-        train_set = load_dataset(cfg.dataset, "train", cfg.data_root)
-        test = load_dataset(cfg.dataset, "test", cfg.data_root)
-        if cfg.eval_samples:
-            test = test.sample(min(cfg.eval_samples, len(test)), seed=cfg.seed)
-        proxy_idx, _ = federated_split(train_set.y, cfg.proxy_samples, cfg.clients, cfg.partition, cfg.seed)
-        self.proxy = train_set.subset(proxy_idx)
-        self.calibration = self.proxy.sample(min(256, len(self.proxy)), seed=cfg.seed + 1).normalized()
-        self.test_x, self.test_y = test.normalized(), test.y
-
-
-def _pretrained(cfg: FederatedConfig, data: _Data) -> torch.nn.Module:
-    """Round-0 pre-training, as `prepare_master` does it before pruning; shared by every row."""
-    p = cfg.prepare_config()
-    torch.manual_seed(p.seed)
-    model = build_model(default_spec(p.arch, data.proxy.input_shape, data.proxy.num_classes))
-    if p.pretrain_epochs > 0:
-        log.info("pre-training %s on %d proxy samples for %g epoch(s)", p.arch, len(data.proxy), p.pretrain_epochs)
-        train(model, data.proxy.normalized(), data.proxy.y,
-              TrainConfig(epochs=p.pretrain_epochs, batch_size=p.batch_size, lr=p.lr, momentum=0.9, seed=p.seed))
-    return model.eval()
-
-
-def _server(cfg: FederatedConfig, pretrained: torch.nn.Module, data: _Data, finetune_epochs: float) -> FederatedServer:
+def _server(cfg: FederatedConfig, pretrained: torch.nn.Module, data: CloudData, finetune_epochs: float) -> FederatedServer:
     """A row's server: the shared pre-trained model pruned and fine-tuned as `prepare_master` does.
 
     Unpruned rows train the same `finetune_epochs` on the proxy without pruning: every row gets
     the same cloud training before round 1, so no row starts ahead on proxy epochs alone."""
-    p = cfg.prepare_config()
-    model = copy.deepcopy(pretrained)
-    if p.prune is not None:
-        model = prune_model(model, p.prune, torch.zeros(1, *data.proxy.input_shape)).model
-    if finetune_epochs > 0:
-        train(model, data.proxy.normalized(), data.proxy.y,
-              TrainConfig(epochs=finetune_epochs, batch_size=p.batch_size, lr=p.lr, momentum=0.9, seed=p.seed + 1))
-    master = fold_batchnorm(model.eval())
+    master = finished_master(copy.deepcopy(pretrained), cfg.prepare_config(), data.proxy, finetune_epochs)
     return FederatedServer(master, model_info(master, data.proxy), data.calibration, data.test_x, data.test_y,
                            cfg.server_config())
 
