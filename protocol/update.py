@@ -178,7 +178,7 @@ class TensorBlock:
         # The decoder establishes every invariant of __post_init__ by construction (sizes from
         # the header, indices rebuilt increasing and range-checked, read-only buffers) and
         # checks the value ranges itself; skipping the re-check halves aggregator decode time.
-        # tests/test_codec_fuzz.py re-validates every decoded block through __post_init__.
+        # tests/protocol/test_codec_fuzz.py re-validates every decoded block through __post_init__.
         self = object.__new__(cls)
         vars(self).update(name=name, shape=shape, kind=kind, q=q, scale=scale, indices=indices)
         return self

@@ -6,7 +6,6 @@ up to 10x slower, and the results do not depend on the thread count.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-from pqsu.export.custom import spec_of
 from pqsu.export.datasets import ArrayDataset, load_dataset
 from pqsu.export.onnx_export import export_onnx
 from pqsu.export.pruning import fold_batchnorm, prune_model
@@ -25,19 +23,7 @@ from pqsu.export.training import TrainConfig, train
 from pqsu.export.zoo import build_model, default_spec
 from pqsu.protocol.model_info import ModelInfo
 
-FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
-FIXTURES = Path(__file__).parent / "fixtures"
-USER_ARCH = "user_models:residual_net"
-
-
-@contextlib.contextmanager
-def single_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from tests.support.nets import FIXTURES, FMNIST_ROOT, USER_ARCH, info_for, single_torch_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -51,26 +37,6 @@ def user_models(monkeypatch):
     """tests/fixtures on sys.path, so `user_models:residual_net` imports as a user's package would."""
     monkeypatch.syspath_prepend(str(FIXTURES))
     return importlib.import_module("user_models")
-
-
-def info_for(model: nn.Module, data: ArrayDataset) -> ModelInfo:
-    """The metadata a caller hands to export_onnx (opset and id are filled in by the exporter)."""
-    return ModelInfo(spec=spec_of(model).to_dict(), input_name="input", mean=tuple(data.mean), std=tuple(data.std),
-                     classes=tuple(data.classes), precision="fp32", opset=0)
-
-
-def set_bn_stats(model: nn.Module, in_shape: tuple[int, ...], seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial running stats and affine parameters, then switch to eval."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))
-        model.train()
-        for _ in range(3):
-            model(1.5 * torch.randn(8, *in_shape, generator=gen) + 0.3)
-    return model.eval()
 
 
 @pytest.fixture(scope="session")

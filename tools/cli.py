@@ -15,13 +15,13 @@ from pqsu.protocol.errors import PqsuError
 # name -> (module exposing add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("pqsu.export.command", "prune a model, export it to ONNX, quantize to int8, report"),
-    "run": ("pqsu.tools.run", "the one-machine fleet: broker, coordinator and N agents; the main job"),
+    "run": ("pqsu.tools.fleet.run", "the one-machine fleet: broker, coordinator and N agents; the main job"),
     "cloud": ("pqsu.cloud.command", "run the coordinator: rounds through an MQTT broker"),
     "edge": ("pqsu.edge.command", "run an edge agent on a board"),
-    "simulate": ("pqsu.tools.simulate", "federated training in one process (no broker): the round logic, measured"),
-    "bench": ("pqsu.tools.bench", "run the measured benchmarks and print the ratios"),
-    "reliability": ("pqsu.tools.reliability", "measure security and fault tolerance against real processes"),
-    "flash": ("pqsu.tools.flash", "build an agent bundle for a board (rpi4, rpi5, jetson-orin...) and install it"),
+    "simulate": ("pqsu.tools.fleet.simulate", "federated training in one process (no broker): the round logic, measured"),
+    "bench": ("pqsu.tools.bench.command", "run the measured benchmarks and print the ratios"),
+    "reliability": ("pqsu.tools.reliability.command", "measure security and fault tolerance against real processes"),
+    "flash": ("pqsu.tools.flash.command", "build an agent bundle for a board (rpi4, rpi5, jetson-orin...) and install it"),
 }
 
 

@@ -1,0 +1,201 @@
+"""Markdown for the paper suite: the table, the radio table, the Targets verdicts, the README block.
+
+Everything here formats measured figures from results.json; nothing is typed by hand. The
+targets are the issue's (uplink, downlink, NB-IoT time to target, coordinator memory); each
+verdict and gap is computed from the measurements.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+UPLINK_X, ACC_PT, DOWNLINK_X, NBIOT_VS_FEDAVG_X, NBIOT_VS_PAPER_X = 150.0, 1.0, 12.0, 30.0, 3.0
+MEMORY_FLAT_GROWTH = 1.5   # peak at the most devices / peak at the fewest, for "flat in the number of devices"
+OUR_ROWS = ("ours", "ours@m0", "ours@70%")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    where: str
+    measured: str
+    met: bool
+    gap: str
+
+
+def _x(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:,.1f}x" if v < 100 else f"{v:,.0f}x"
+
+
+def _speed(s: dict | None) -> str:
+    if not s or s["value"] is None:
+        return "not reached"
+    return ("≥ " if s["bound"] == "at least" else "") + _x(s["value"])
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "not reached"
+    return f"{seconds:,.1f} s" if seconds < 120 else f"{seconds / 60:,.1f} min" if seconds < 7200 else \
+        f"{seconds / 3600:,.1f} h"
+
+
+def _ratio_verdict(target: str, where: str, value: float | None, need: float, bound: str = "exact") -> Verdict:
+    if value is None:
+        return Verdict(target, where, "not reached", False, "target accuracy not reached")
+    prefix = "≥ " if bound == "at least" else ""
+    met = value >= need
+    gap = f"+{value / need - 1:.0%} margin" if met else f"{value:.1f}x of {need:g}x: short by {need / value:.2f}x"
+    if bound == "at least" and not met:
+        gap += " (a lower bound: the reference never reached the target)"
+    return Verdict(target, where, prefix + _x(value), met, gap)
+
+
+def verdicts(results: dict) -> list[Verdict]:
+    out = []
+    for name, table in results.get("paper", {}).get("tables", {}).items():
+        for label in OUR_ROWS:
+            row = table["rows"].get(label)
+            if row is None:
+                continue
+            where = f"{name} {label}"
+            up, delta = row["uplink_ratio_vs_fedavg"], row["last3_delta_pt_vs_fedavg"]
+            ok = up is not None and up >= UPLINK_X and delta >= -ACC_PT
+            gaps = []
+            if up is None or up < UPLINK_X:
+                gaps.append(f"uplink short by {UPLINK_X / up:.2f}x" if up else "no uploads")
+            if delta < -ACC_PT:
+                gaps.append(f"accuracy {-ACC_PT - delta:.2f} pt beyond the 1 pt allowance")
+            out.append(Verdict(f"uplink ≥ {UPLINK_X:g}x below FedAvg at ≤ {ACC_PT:g} pt accuracy (last-3 mean)", where,
+                               f"{_x(up)}, {delta:+.2f} pt", ok,
+                               "; ".join(gaps) or f"+{up / UPLINK_X - 1:.0%} margin, {delta + ACC_PT:.2f} pt to spare"))
+            out.append(_ratio_verdict(f"downlink ≥ {DOWNLINK_X:g}x below FedAvg", where, row["downlink_ratio_vs_fedavg"],
+                                      DOWNLINK_X))
+            for profile, link in (("nbiot-up", "NB-IoT uplink only"), ("nbiot", "NB-IoT up+down")):
+                for ref, need in (("fedavg", NBIOT_VS_FEDAVG_X), ("paper", NBIOT_VS_PAPER_X)):
+                    s = row["radio"].get(profile, {}).get(f"speedup_vs_{ref}")
+                    out.append(_ratio_verdict(f"{link}: time to target ≥ {need:g}x faster than {ref}", where,
+                                              s["value"] if s else None, need, s["bound"] if s else "exact"))
+    scaling = results.get("codec", {}).get("scaling")
+    if scaling:
+        first, last = scaling["points"][0], scaling["points"][-1]
+        g = scaling["peak_growth"]
+        out.append(Verdict(f"coordinator memory flat in devices (peak growth ≤ {MEMORY_FLAT_GROWTH:g}x)",
+                           f"{first['devices']:,} -> {last['devices']:,} devices",
+                           f"{g:.2f}x ({first['peak_vs_model']:.2f} -> {last['peak_vs_model']:.2f} x model)",
+                           g <= MEMORY_FLAT_GROWTH,
+                           f"{scaling['bytes_per_extra_device']:,.0f} B per extra device (round bookkeeping)"))
+    return out
+
+
+def targets_markdown(results: dict) -> str:
+    rows = verdicts(results)
+    if not rows:
+        return ""
+    lines = ["## Targets", "", "Each verdict and gap is computed by tools/bench/report.py from the measurements below; \"ours\" is the "
+             "preset, \"ours@m0\" the preset without server momentum, \"ours@70%\" the preset with 70% of channels "
+             "pruned. The brief states the time target over a 60 kbit/s uplink: \"NB-IoT uplink only\" charges the "
+             "uplink alone, \"NB-IoT up+down\" also the model download at 26.2 kbit/s, where the int8 model every "
+             "round bounds any scheme that ships it.", "",
+             "| target | where | measured | verdict | gap |", "|---|---|---|---|---|"]
+    lines += [f"| {v.target} | {v.where} | {v.measured} | {'met' if v.met else '**missed**'} | {v.gap} |" for v in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _pt(delta: float | None) -> str:
+    return "-" if delta is None else f"{delta:+.2f} pt"
+
+
+def _describe(row: dict) -> str:
+    parts = [f"pruned {row['prune']:.0%}" if row["prune"] else "unpruned", f"{row['precision']} model"]
+    if row["scheme"] == "paper":
+        parts.append("dense int8 upload when the loss improved")
+    elif row["select"].startswith("topk"):
+        parts.append(f"{row['select']} int8 + error feedback, {row['upload']}, FedAvgM {row['server_momentum']}")
+    else:
+        parts.append(f"dense {row['select'] if row['select'] != 'dense' else 'int8'} upload every round")
+    return ", ".join(parts)
+
+
+def paper_markdown(paper: dict) -> str:
+    lines = ["## The paper's table (pqsu bench paper)", "",
+             "Rows add one technique at a time; every row of a table has the same devices, data split, rounds, seed "
+             "and round-0 pre-training. Uplink/downlink: bytes per selected client per round, as really encoded "
+             "(skipped uploads count 0). Edge round: median wall time of one device's `run_round` on this machine "
+             "(bridge + training + encoding). Inference: batch 1, onnxruntime on the shipped ONNX vs the unpruned "
+             "model in eager torch fp32. Rounds to target: first round at or above the target "
+             f"({paper['target_fraction']:.0%} of dense FedAvg's mean accuracy over its last three rounds). Accuracy is on a "
+             "fixed test sample.", ""]
+    for name, t in paper["tables"].items():
+        c = t["config"]
+        lines += [f"### {name}: {c['clients']} clients, {c['partition']}, {c['rounds']} rounds, "
+                  f"{c['samples_per_client']} samples per client, seed {c['seed']}", "",
+                  f"Round 0: {c['pretrain_epochs']} epochs on {c['proxy_samples']} proxy samples, then pruning and "
+                  f"{c['finetune_epochs']} epochs of fine-tuning. Local training: {c['epochs']} epoch, batch "
+                  f"{c['batch_size']}, lr {c['lr']}. Test sample: {c['eval_samples']}. Target accuracy "
+                  f"{t['target_accuracy']:.2%}. Eager torch fp32 unpruned, batch 1: "
+                  f"{t['torch_fp32_unpruned_b1_ms']:.2f} ms. Measured {t.get('measured_at', '?')}; the rows' runs "
+                  f"took {sum(r['wall_seconds'] for r in t['rows'].values()) / 60:.0f} min of wall time.", "",
+                  "| row | what | final acc | last-3 mean | vs FedAvg | vs prune50+int8 | rounds to target | uplink B | "
+                  "uplink ratio | downlink B | downlink ratio | edge round s | inference ms (ORT) | vs torch fp32 | "
+                  "model bytes |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for label, r in t["rows"].items():
+            lines.append(
+                f"| {label} | {_describe(r)} | {r['final_accuracy']:.2%} | {r['last3_accuracy']:.2%} | "
+                f"{r['last3_delta_pt_vs_fedavg']:+.2f} pt | "
+                f"{_pt(r.get('last3_delta_pt_vs_dense_int8'))} | {r['rounds_to_target'] or 'not reached'} | "
+                f"{r['up_bytes_per_client_round']:,.0f} | {_x(r['uplink_ratio_vs_fedavg'])} | "
+                f"{r['down_bytes_per_client_round']:,.0f} | {_x(r['downlink_ratio_vs_fedavg'])} | "
+                f"{r['edge_round_s_median']:.2f} | {r['inference_b1_ms']:.2f} | "
+                f"{t['torch_fp32_unpruned_b1_ms'] / r['inference_b1_ms']:.1f}x | {r['model_bytes']:,} |")
+        lines += ["", radio_markdown(t, paper["profiles"]), ""]
+    return "\n".join(lines)
+
+
+def radio_markdown(table: dict, profiles: dict) -> str:
+    names = list(profiles)
+    head = " | ".join(f"{profiles[k]['name']} time | vs FedAvg | vs paper" for k in names)
+    lines = [f"Simulated time to target (tools/bench/radio.py: synchronous rounds, slowest device's compute + model down + "
+             f"update up at its own rate; " + "; ".join(
+                 (f"{p['name']} {p['up_bps'] / 1e3:g}/{p['down_bps'] / 1e3:g} kbit/s up/down"
+              if p.get("charges_download", True) else f"{p['name']} {p['up_bps'] / 1e3:g} kbit/s, download not charged")
+             for p in profiles.values())
+             + "; seeded log-normal per-device rate and compute factors). \"≥\": the reference never reached the target "
+             "in its rounds, so its whole run is a lower bound on its time.", "",
+             f"| row | {head} |", "|---|" + "---|" * (3 * len(names))]
+    for label, r in table["rows"].items():
+        cells = []
+        for k in names:
+            x = r["radio"][k]
+            cells += [_duration(x["time_to_target_s"]), _speed(x["speedup_vs_fedavg"]), _speed(x["speedup_vs_paper"])]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def readme_block(results: dict, plot: str | None) -> str:
+    """The README's generated results paragraph (between the results markers)."""
+    paper = results.get("paper")
+    if not paper or not paper.get("tables"):
+        return "Run `pqsu bench paper --docs` to generate the headline figures.\n"
+    name, t = next(iter(paper["tables"].items()))
+    ours, rows = t["rows"]["ours"], t["rows"]
+    nb = ours["radio"]["nbiot"]
+    lines = []
+    if plot:
+        lines += [f"![accuracy against simulated NB-IoT time, {name}]({plot})", ""]
+    up = ours["radio"].get("nbiot-up", nb)
+    lines += [f"Headline ({name}, {t['config']['clients']} clients, {t['config']['rounds']} rounds, measured "
+              f"{t.get('measured_at', '?')[:10]}): `ours` uploads {_x(ours['uplink_ratio_vs_fedavg'])} fewer bytes "
+              f"than dense fp32 FedAvg and downloads {_x(ours['downlink_ratio_vs_fedavg'])} fewer, at "
+              f"{ours['last3_delta_pt_vs_fedavg']:+.2f} pt accuracy (last-3 mean; "
+              f"{_pt(ours.get('last3_delta_pt_vs_dense_int8'))} against the same pruned int8 model with dense "
+              f"uploads). Time to the target accuracy ({t['target_accuracy']:.1%}) over NB-IoT's uplink: "
+              f"{_speed(up['speedup_vs_fedavg'])} faster than FedAvg, {_speed(up['speedup_vs_paper'])} faster than the "
+              f"paper's scheme; counting the model download too: {_speed(nb['speedup_vs_fedavg'])} and "
+              f"{_speed(nb['speedup_vs_paper'])} (paper: {rows['paper']['last3_accuracy']:.1%} last-3 mean, uplink "
+              f"{_x(rows['paper']['uplink_ratio_vs_fedavg'])}).", ""]
+    met = verdicts(results)
+    if met:
+        lines.append(f"Targets met: {sum(v.met for v in met)} of {len(met)}; every verdict with its gap is in "
+                     "[docs/results.md](docs/results.md#targets).")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,98 @@
+"""What one `pqsu flash` is for: the board, the device's settings and credentials, the target,
+and the paths the bundle installs to on the board.
+
+The request is checked when it is made (tools/flash/command.py, from the command line), so everything
+after it (building, placing) may take it as valid.
+"""
+from __future__ import annotations
+
+import urllib.parse
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pqsu.protocol.errors import PqsuError
+from pqsu.tools.flash.boards import BoardProfile
+
+# Paths on the board (absolute, as the agent sees them once installed).
+OPT = "/opt/pqsu"
+BUNDLE_DIR = f"{OPT}/bundle"
+VENV_DIR = f"{OPT}/venv"
+ETC_LINK = "/etc/pqsu"                        # -> ../opt/pqsu/bundle/etc (made by install.sh)
+CONFIG_PATH = f"{ETC_LINK}/agent.toml"
+CREDENTIALS_DIR = f"{ETC_LINK}/credentials"
+STATE_DIR = "/var/lib/pqsu/state"
+DATA_DIR = "/var/lib/pqsu/data"
+UNIT_NAME = "pqsu-agent.service"
+
+
+class FlashError(PqsuError):
+    """The bundle could not be built or put in place; the target is left as it was."""
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    user: str | None
+    host: str
+    port: int
+    root: str                                  # the board's root on the remote machine, normally "/"
+
+    @classmethod
+    def parse(cls, url: str) -> "SshTarget":
+        try:
+            u = urllib.parse.urlsplit(url)
+            port = u.port or 22
+        except ValueError as exc:
+            raise FlashError(f"invalid ssh target {url!r}: {exc}") from None
+        if not u.hostname or u.query or u.fragment or u.password:
+            raise FlashError(f"invalid ssh target {url!r}: expected ssh://[user@]host[:port][/root]")
+        root = urllib.parse.unquote(u.path) or "/"
+        return cls(u.username, u.hostname, port, root)
+
+    @property
+    def destination(self) -> str:
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ssh://{self.user + '@' if self.user else ''}{host}:{self.port}{self.root}"
+
+
+@dataclass
+class FlashRequest:
+    board: BoardProfile
+    device_id: str
+    broker: str
+    fleet: str
+    data: str
+    state_dir: str
+    inference_only: bool
+    http_port: int | None
+    extra_settings: dict
+    credentials: dict[str, tuple[str, Path]]   # setting key -> (file name in credentials/, source file)
+    username: str | None
+    target: Path | SshTarget
+    wheelhouse: bool
+    python: str
+    torch_index: str | None
+    project_wheel: Path | None
+    user: str
+    dry_run: bool
+    ssh_timeout: float = 10.0
+    ssh_identity: str | None = None
+    install: bool = True
+    flash_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def trains(self) -> bool:
+        return self.board.trains and not self.inference_only
+
+    def requirements(self) -> list[str]:
+        return self.board.requirement_lines(inference_only=self.inference_only)
+
+    def nodeps(self) -> list[str]:
+        return self.board.nodeps_lines(inference_only=self.inference_only)
+
+    @property
+    def uses_torch_index(self) -> bool:
+        return bool(self.torch_index) and any(r.startswith("torch==") for r in self.requirements())

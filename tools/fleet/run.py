@@ -1,0 +1,159 @@
+"""The one-machine fleet: a broker, the coordinator and N edge agents as separate processes.
+
+Fashion-MNIST is split as every driver splits it (the cloud's proxy part, then one
+shard per device), each device gets its shard as an .npz file, and the processes talk
+only through MQTT, as on real boards. Without --broker a private Mosquitto is started
+on a free loopback port (in-process amqtt when Mosquitto is not installed).
+
+Everything lands in runs/<name>/: config.json, metrics.jsonl (a line per round),
+summary.json, model.int8.onnx, accuracy.png, accuracy_vs_uplink.png, checkpoints/,
+devices/<id>/ (shard and device state) and logs/.
+
+examples:
+  pqsu run                                   # the default: cnn, 10 devices, 10 rounds
+  pqsu run --scheme paper --rounds 5 --clients 4 --name paper-small
+  pqsu run --broker mqtt://127.0.0.1:1883    # use a broker that is already running
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pqsu.cloud.config import add_config_arguments, config_from_args
+from pqsu.protocol.errors import PqsuError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+    g = p.add_argument_group("fleet")
+    g.add_argument("--name", help="run name: results go to <runs-dir>/<name> (default: run-<date>-<time>)")
+    g.add_argument("--runs-dir", default="runs", help="where runs are written (default: runs)")
+    g.add_argument("--broker", help="use this broker instead of starting one")
+    g.add_argument("--broker-kind", choices=["auto", "mosquitto", "amqtt"], default="auto",
+                   help="embedded broker: mosquitto when installed, else amqtt (default: auto)")
+    g.add_argument("--fleet", default="local", help="fleet name (default: local)")
+    g.add_argument("--round-timeout", type=float, default=300.0, help="a round's deadline in seconds (default: 300)")
+    g.add_argument("--join-timeout", type=float, default=300.0,
+                   help="seconds the first round waits for every agent to come online (default: 300)")
+    g.add_argument("--chunk-limit", type=int, default=128 * 1024, help="largest MQTT payload (default: 131072)")
+    g.add_argument("--agent-threads", type=int, default=1, help="torch threads per agent process (default: 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pqsu.tools.fleet.broker import embedded_broker
+
+    cfg = config_from_args(args)
+    name = args.name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    out = Path(args.runs_dir) / name
+    if (out / "summary.json").exists() and json.loads((out / "summary.json").read_text()).get("completed", True):
+        raise PqsuError(f"{out} holds a finished run; choose another --name")
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    settings = out / "settings.json"  # every field, None included: the coordinator must not fall back on a preset
+    settings.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    devices = write_device_shards(cfg, out / "devices")
+    print(f"pqsu run: {cfg.clients} devices, {cfg.rounds} rounds of {cfg.model} on {cfg.dataset} -> {out}", flush=True)
+
+    broker = None if args.broker else embedded_broker(args.broker_kind, out / "broker")
+    url = args.broker or broker.url
+    procs: list[subprocess.Popen] = []
+    start = time.time()
+    try:
+        cli = [sys.executable, "-m", "pqsu.tools.cli"]
+        procs.append(_spawn(cli + ["cloud", "--config", str(settings), "--broker", url, "--fleet", args.fleet,
+                                   "--min-devices", str(cfg.clients), "--join-timeout", str(args.join_timeout), "--round-timeout", str(args.round_timeout),
+                                   "--chunk-limit", str(args.chunk_limit), "--out", str(out)],
+                            out / "logs" / "cloud.log", threads=None))
+        for device in devices:
+            procs.append(_spawn(cli + ["edge", "run", "--broker", url, "--fleet", args.fleet, "--device-id", device,
+                                       "--data", str(out / "devices" / device / "data.npz"),
+                                       "--state-dir", str(out / "devices" / device), "--upload", cfg.upload,
+                                       "--select", cfg.select, "--chunk-limit", str(args.chunk_limit),
+                                       "--torch-threads", str(args.agent_threads), "--no-http"]
+                                + ([] if cfg.error_feedback else ["--no-error-feedback"]),
+                                out / "logs" / f"{device}.log", threads=args.agent_threads))
+        code = _follow(procs[0], out, cfg.rounds)
+        _reap(procs[1:], grace_s=30)
+    except KeyboardInterrupt:
+        print("\npqsu run: interrupted, stopping every process", file=sys.stderr)
+        _reap(procs, grace_s=10, signal_first=True)
+        raise
+    finally:
+        _reap(procs, grace_s=5, signal_first=True)
+        if broker is not None:
+            broker.close()
+    if code != 0:
+        tail = (out / "logs" / "cloud.log").read_text(errors="replace").strip().splitlines()[-5:]
+        raise PqsuError(f"the coordinator exited with status {code}; see {out / 'logs' / 'cloud.log'}:\n  "
+                        + "\n  ".join(tail))
+    summary = json.loads((out / "summary.json").read_text())
+    print(json.dumps(summary, indent=2))
+    print(f"pqsu run: finished in {time.time() - start:.0f}s; results in {out}")
+    return 0
+
+
+def write_device_shards(cfg, folder: Path) -> list[str]:
+    """One `<folder>/<device>/data.npz` per device, split exactly as `simulate` splits."""
+    from pqsu.export.datasets import load_dataset
+    from pqsu.export.partition import federated_split
+    from pqsu.tools.fleet.simulate import device_ids
+
+    train = load_dataset(cfg.dataset, "train", cfg.data_root)
+    _, parts = federated_split(train.y, cfg.proxy_samples, cfg.clients, cfg.partition, cfg.seed, cfg.samples_per_client)
+    devices = device_ids(cfg.clients)
+    for device, idx in zip(devices, parts):
+        (folder / device).mkdir(parents=True, exist_ok=True)
+        np.savez(folder / device / "data.npz", x=train.x[idx], y=train.y[idx])
+    return devices
+
+
+def _spawn(cmd: list[str], log_path: Path, threads: int | None) -> subprocess.Popen:
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    log = open(log_path, "ab")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+
+
+def _follow(coordinator: subprocess.Popen, out: Path, rounds: int) -> int:
+    """Print each round as the coordinator finishes it; return its exit status."""
+    metrics, seen = out / "metrics.jsonl", 0
+    while True:
+        code = coordinator.poll()
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        for line in lines[seen:]:
+            r = json.loads(line)
+            print(f"round {r['round']:3d}/{rounds}  acc {r['accuracy']:.4f}  uploads {r['uploads']}/{r['selected']}"
+                  f"  up {r['bytes_up']:,} B  down {r['bytes_down']:,} B  {r['seconds']:.1f}s", flush=True)
+        seen = len(lines)
+        if code is not None:
+            return code
+        time.sleep(0.5)
+
+
+def _reap(procs: list[subprocess.Popen], grace_s: float, signal_first: bool = False) -> None:
+    """Wait for processes to end by themselves, then SIGTERM, then SIGKILL: none is left behind."""
+    if signal_first:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+    deadline = time.time() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.terminate()
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
