@@ -5,8 +5,10 @@ needs to say fits in a few hundred bytes of JSON, which any MQTT tool can read.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
+import secrets
 from dataclasses import asdict, dataclass, fields
 
 from pqsu.protocol.errors import PqsuError
@@ -32,8 +34,12 @@ class RoundTask:
     time_budget_s: float | None = None
     seed: int = 0
     devices: tuple[str, ...] = ()   # the devices asked this round; empty = every device
-    deadline: float | None = None   # unix time after which updates for this round are not counted
+    deadline: float | None = None   # the coordinator's unix time at the deadline: informational only
     model_bytes: int = 0            # size of the model file (its chunks are on the model topics)
+    job: str = ""                   # the coordinator run this round belongs to (new_job_id)
+    # Seconds left when the coordinator published this message. Boards have no real-time clock, so a
+    # receiver adds it to its own monotonic clock at receipt (local_deadline) and never reads `deadline`.
+    remaining_s: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.devices, (list, tuple)):  # a bare string would become one id per letter
@@ -51,6 +57,8 @@ class RoundTask:
             (all(isinstance(d, str) and 0 < len(d) <= 64 for d in self.devices), "devices must be short strings"),
             (self.deadline is None or _num(self.deadline), "deadline must be a number"),
             (_int(self.model_bytes) and self.model_bytes >= 0, "model_bytes must be an int >= 0"),
+            (_job(self.job), "job must be a string of at most 64 characters"),
+            (self.remaining_s is None or (_num(self.remaining_s) and self.remaining_s >= 0), "remaining_s must be >= 0"),
         ]
         for ok, why in checks:
             if not ok:
@@ -58,6 +66,10 @@ class RoundTask:
 
     def asks(self, device_id: str) -> bool:
         return not self.devices or device_id in self.devices
+
+    def local_deadline(self, received_at: float) -> float | None:
+        """The deadline on the receiver's clock, given that clock's reading when the message arrived."""
+        return None if self.remaining_s is None else received_at + self.remaining_s
 
     def to_json(self) -> bytes:
         return json.dumps({"v": VERSION, "type": "round", **asdict(self)}, sort_keys=True).encode()
@@ -85,6 +97,7 @@ class Status:
     detail: str = ""
     trains: bool = True  # False for inference-only devices
     seconds: float = 0.0  # the device's compute for this round (rebuild, train, encode)
+    job: str = ""         # the job whose round `round` is ("" before the device saw any)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.device, str) and 0 < len(self.device) <= 64):
@@ -92,7 +105,7 @@ class Status:
         if self.state not in STATES:
             raise MessageError(f"invalid status: state must be one of {', '.join(STATES)}")
         if not _int(self.round) or not isinstance(self.detail, str) or not isinstance(self.trains, bool) \
-                or not (_num(self.seconds) and self.seconds >= 0):
+                or not (_num(self.seconds) and self.seconds >= 0) or not _job(self.job):
             raise MessageError("invalid status: bad field types")
 
     def to_json(self) -> bytes:
@@ -108,9 +121,56 @@ class Status:
             raise MessageError(f"invalid status: {exc}") from None
 
 
-def done_message(rounds: int, model_id: str) -> bytes:
+def done_message(rounds: int, model_id: str, job: str = "") -> bytes:
     """Retained on the round topic when training ends: agents stop, inference devices keep the model."""
-    return json.dumps({"v": VERSION, "type": "done", "rounds": rounds, "model_id": model_id}).encode()
+    return json.dumps({"v": VERSION, "type": "done", "rounds": rounds, "model_id": model_id, "job": job}).encode()
+
+
+def message_job(data: bytes) -> str:
+    """The `job` of a JSON control message ("" for one that names none), or MessageError."""
+    message_type(data)
+    job = json.loads(data).get("job", "")
+    if not _job(job):
+        raise MessageError("control message with a bad job id")
+    return job
+
+
+def new_job_id() -> str:
+    """A job id that sorts by start time and does not repeat: 20261201T231500Z-3fa9c2."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + secrets.token_hex(3)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Retained on the lease topic while a coordinator drives the fleet. Its last will clears it, so a
+    crashed coordinator frees the fleet; a second coordinator that finds another's lease refuses."""
+
+    job: str
+    coordinator: str      # the holder's MQTT client id (unique per coordinator instance)
+    host: str = ""
+    pid: int = 0
+    started: float = 0.0  # the holder's unix time at start: for people, never compared across clocks
+
+    def __post_init__(self) -> None:
+        if not (_job(self.job) and self.job and isinstance(self.coordinator, str) and 0 < len(self.coordinator) <= 128
+                and isinstance(self.host, str) and len(self.host) <= 255 and _int(self.pid) and _num(self.started)):
+            raise MessageError("invalid lease: bad field types")
+
+    def to_json(self) -> bytes:
+        return json.dumps({"v": VERSION, "type": "lease", **asdict(self)}, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Lease":
+        body = _load(data, "lease")
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in body.items() if k in known})
+        except TypeError as exc:
+            raise MessageError(f"invalid lease: {exc}") from None
+
+    def describe(self) -> str:
+        when = dt.datetime.fromtimestamp(self.started, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return f"{self.coordinator} (host {self.host or '?'}, pid {self.pid}, job {self.job}, since {when})"
 
 
 def message_type(data: bytes) -> str:
@@ -128,6 +188,10 @@ def message_type(data: bytes) -> str:
 
 def _int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not a round number
+
+
+def _job(x: object) -> bool:
+    return isinstance(x, str) and len(x) <= 64
 
 
 def _num(x: object) -> bool:

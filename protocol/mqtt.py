@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -56,6 +57,12 @@ class BrokerURL:
         return f"mqtt{'s' if self.tls else ''}://{self.username + '@' if self.username else ''}{host}:{self.port}"
 
 
+def publish_overhead(topic: str) -> int:
+    """Bytes a QoS 1 PUBLISH adds to its payload at most: fixed header with a 4-byte remaining length,
+    the topic, the packet id, and MQTT 5 properties (a message expiry interval and their length)."""
+    return 1 + 4 + 2 + len(topic.encode()) + 2 + 1 + 5
+
+
 class MqttClient:
     """One broker connection (see the module docstring). Handlers and `on_connect` callbacks
     run on paho's network thread: keep them short, hand work to another thread."""
@@ -82,6 +89,7 @@ class MqttClient:
         self._client: paho.Client | None = None
         self._version: int | None = None
         self._connack: paho.ReasonCode | None = None
+        self.max_packet_size: int | None = None  # what an MQTT 5 broker announced in CONNACK, else None
         self._subs: dict[str, tuple[Callable, int]] = {}
         self._acks: dict[int, list] = {}       # SUBSCRIBE mid -> [Event, reason codes]
         self._lock, self._connected = threading.RLock(), threading.Event()
@@ -162,6 +170,7 @@ class MqttClient:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connack = reason_code
+        self.max_packet_size = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
         if reason_code.is_failure:  # inside connect() the caller gets an MqttError instead
             log.log(logging.WARNING if self._client else logging.DEBUG, "MQTT broker %s refused %s: %s",
                     self.url, self.client_id, reason_code)
@@ -267,15 +276,47 @@ class MqttClient:
         """Frame `payload` (chunking.split, frames <= `limit` bytes), publish all; returns the count.
         `topic`: one topic for all frames (updates) or a callable index -> topic (model chunks).
         Frames are pipelined; `timeout_s` bounds each acknowledgement wait (a stall, not the total)."""
-        frames = chunking.split(payload, limit, message_id)
+        frames = chunking.split(payload, self.frame_limit(limit, topic if isinstance(topic, str) else topic(0)),
+                                message_id)
         infos = [self._send(topic(i) if callable(topic) else topic, f, qos, retain, timeout_s, message_expiry_s)
                  for i, f in enumerate(frames)]
         self._wait(infos, topic if isinstance(topic, str) else topic(0), timeout_s)
         return len(frames)
 
+    def echoes(self, topic: str, size: int, timeout_s: float = 5.0) -> bool:
+        """Whether a `size`-byte publish on `topic` comes back to us within `timeout_s`. A 3.1.1 broker
+        drops a publish above its message size limit without a word (it still acknowledges it), so
+        this is the only way to learn that limit before real traffic is lost to it."""
+        marker = secrets.token_bytes(16)
+        payload = marker + bytes(max(0, size - len(marker)))
+        back = threading.Event()
+
+        def on_echo(t: str, data: bytes, retained: bool) -> None:
+            if data[:16] == marker:
+                back.set()
+        self.subscribe(topic, on_echo, timeout_s=timeout_s)
+        try:
+            self.publish(topic, payload, timeout_s=timeout_s)
+            return back.wait(timeout_s)
+        finally:
+            with self._lock:
+                self._subs.pop(topic, None)
+            if self._client is not None:
+                self._client.unsubscribe(topic)
+
+    def frame_limit(self, limit: int, topic: str) -> int:
+        """The largest frame to publish on `topic`: `limit`, or less where the PUBLISH packet would
+        exceed the Maximum Packet Size the broker announced (MQTT 5; 3.1.1 brokers announce none)."""
+        if self.max_packet_size is None:
+            return limit
+        return min(limit, self.max_packet_size - publish_overhead(topic))
+
     def _send(self, topic, payload, qos, retain, timeout_s, expiry) -> paho.MQTTMessageInfo:
         if (c := self._client) is None:
             raise MqttError(f"not connected to {self.url}: call connect() first")
+        if self.max_packet_size is not None and len(payload) + publish_overhead(topic) > self.max_packet_size:
+            raise MqttError(f"a {len(payload):,}-byte message on {topic!r} exceeds the broker's maximum packet "
+                            f"size of {self.max_packet_size:,} bytes: lower --chunk-limit")
         if not self._on_paho_thread and not self._connected.wait(timeout_s):
             raise MqttError(f"not connected to {self.url} (waited {timeout_s:g}s to publish on {topic!r})")
         props = Properties(PacketTypes.PUBLISH) if expiry is not None and self.is_mqtt5 else None

@@ -96,6 +96,15 @@ class Topics:
         return f"{self.prefix}/status/+"
 
     @property
+    def lease(self) -> str:
+        """Retained: the Lease of the coordinator driving the fleet; its last will clears it."""
+        return f"{self.prefix}/lease"
+
+    def probe(self, client_id: str) -> str:
+        """Not retained: a client's own echo test (does the broker pass a publish this large?)."""
+        return f"{self.prefix}/probe/{check_device(client_id)}"
+
+    @property
     def metrics(self) -> str:
         """Retained: the last closed round's metrics JSON."""
         return f"{self.prefix}/metrics"
@@ -104,7 +113,7 @@ class Topics:
         """(kind, arg) of an incoming topic of this fleet.
 
         ("round", None), ("model", index: int), ("update", device), ("status", device),
-        ("metrics", None); anything else raises TopicError.
+        ("metrics", None), ("lease", None); anything else raises TopicError.
         """
         if not isinstance(topic, str):
             raise TopicError(f"topic must be a str, got {type(topic).__name__}")
@@ -112,7 +121,7 @@ class Topics:
         if not topic.startswith(head):
             raise TopicError(f"topic {topic!r} is not under {head}")
         parts = topic[len(head):].split("/")
-        if parts in (["round"], ["metrics"]):
+        if parts in (["round"], ["metrics"], ["lease"]):
             return parts[0], None
         if len(parts) == 2 and parts[0] in ("update", "status"):
             if not _DEVICE.fullmatch(parts[1]):

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from pqsu.protocol.errors import PqsuError
-from pqsu.protocol.messages import MAX_MESSAGE_BYTES, VERSION, MessageError, RoundTask
+from pqsu.protocol.messages import (MAX_MESSAGE_BYTES, VERSION, Lease, MessageError, RoundTask, Status, done_message,
+                                    message_job, new_job_id)
 
 GOOD = {"v": VERSION, "type": "round", "round": 4, "model_id": "3024e2da0ac44ccbcc8b94050ef94e77", "epochs": 0.5,
         "batch_size": 16, "lr": 0.05, "momentum": 0.9, "time_budget_s": 30.0, "seed": 7}
@@ -148,3 +149,49 @@ def test_oversize_message_raises_message_error():
 def test_deeply_nested_json_raises_message_error():
     with pytest.raises(MessageError):
         RoundTask.from_json(b"[" * 60_000)  # under MAX_MESSAGE_BYTES
+
+
+# -- jobs, leases and time -------------------------------------------------------------------
+
+def test_job_and_remaining_time_travel_with_the_round_and_the_status():
+    task = RoundTask(round=2, model_id="m", job="20261201T231500Z-3fa9c2", remaining_s=120.0)
+    back = RoundTask.from_json(task.to_json())
+    assert back.job == task.job and back.remaining_s == 120.0
+    # the receiver's own monotonic reading at receipt, plus what was left at publish
+    assert back.local_deadline(received_at=5000.0) == 5120.0
+    assert RoundTask(round=2, model_id="m").local_deadline(5000.0) is None
+    status = Status("pi-01", "skipped", round=2, job=task.job)
+    assert Status.from_json(status.to_json()).job == task.job
+    assert message_job(done_message(3, "m", job=task.job)) == task.job
+    assert message_job(done_message(3, "m")) == ""
+
+
+def test_messages_of_an_older_release_have_no_job():
+    """A message without the new fields reads as job "" and no remaining time (a receiver must ignore
+    keys it does not know, and default the ones it misses)."""
+    body = json.loads(RoundTask(round=1, model_id="m").to_json())
+    del body["job"], body["remaining_s"]
+    task = RoundTask.from_json(json.dumps({**body, "future_key": 1}).encode())
+    assert task.job == "" and task.remaining_s is None
+
+
+@pytest.mark.parametrize("changes", [{"job": 5}, {"job": "x" * 65}, {"remaining_s": -1}, {"remaining_s": "soon"}])
+def test_bad_job_or_remaining_time_is_refused(changes):
+    with pytest.raises(MessageError):
+        RoundTask.from_json(_raw(**changes))
+
+
+def test_job_ids_are_unique_and_sort_by_start():
+    ids = [new_job_id() for _ in range(50)]
+    assert len(set(ids)) == 50 and all(len(i) <= 64 for i in ids)
+    assert ids[0][:16] <= ids[-1][:16]
+
+
+def test_lease_round_trip_and_description():
+    lease = Lease(job="j1", coordinator="pqsu-coordinator-farm-ab12cd", host="cloud-1", pid=4242, started=0.0)
+    assert Lease.from_json(lease.to_json()) == lease
+    assert "pqsu-coordinator-farm-ab12cd" in lease.describe() and "pid 4242" in lease.describe()
+    for bad in (b"", b"{}", json.dumps({"v": VERSION, "type": "lease", "job": "", "coordinator": "c"}).encode(),
+                json.dumps({"v": VERSION, "type": "lease", "job": "j", "coordinator": 3}).encode()):
+        with pytest.raises(MessageError):
+            Lease.from_json(bad)

@@ -465,3 +465,39 @@ def test_auto_falls_back_to_mqtt311_on_amqtt(amqtt_broker, clients):
     assert inbox.wait_for(b"hello 3.1.1")
     n = pub.publish_chunked(Topics("f").update("d1"), os.urandom(5000), limit=1000)
     assert wait_until(lambda: len(inbox.items) == 1 + n)
+
+
+# -- packet size ------------------------------------------------------------------------------
+
+def test_mqtt5_broker_packet_limit_is_read_and_chunks_fit_under_it(clients):
+    """A broker with a 64 KiB Maximum Packet Size: the client reads it from CONNACK and frames a 300 kB
+    message below it, though the caller asked for 128 KiB frames."""
+    require_mosquitto()
+    with Mosquitto(persistence=False, extra_config="max_packet_size 65536") as broker:
+        sub = clients(broker.url, "sub", persistent_session=False, protocol="5")
+        inbox = Inbox()
+        sub.subscribe("t/big", inbox)
+        sub.connect(timeout_s=10)
+        pub = clients(broker.url, "pub", persistent_session=False, protocol="5")
+        pub.connect(timeout_s=10)
+        assert pub.max_packet_size == 65536
+        payload = bytes(range(256)) * 1200
+        n = pub.publish_chunked("t/big", payload, limit=128 * 1024)
+        assert n == 5 and wait_until(lambda: len(inbox.items) == n, 10)
+        assert all(len(p) <= 65536 for p in inbox.payloads())
+        r = chunking.Reassembler()
+        assert [m for p in inbox.payloads() if (m := r.add(p, source="pub")) is not None] == [payload]
+        with pytest.raises(MqttError, match="maximum packet size of 65,536 bytes: lower --chunk-limit"):
+            pub.publish("t/one", bytes(70_000))
+
+
+def test_mqtt311_broker_that_drops_large_publishes_is_found_by_the_echo_check(clients):
+    """3.1.1 announces no limit; Mosquitto's message_size_limit drops a larger publish silently (and still
+    acknowledges it), so only an echo tells."""
+    require_mosquitto()
+    with Mosquitto(persistence=False, extra_config="message_size_limit 4096") as broker:
+        c = clients(broker.url, "probe", persistent_session=False, protocol="3.1.1")
+        c.connect(timeout_s=10)
+        assert c.max_packet_size is None
+        assert c.echoes("pqsu/f/probe/probe", 2000, timeout_s=5)
+        assert not c.echoes("pqsu/f/probe/probe", 8000, timeout_s=2)
