@@ -1,0 +1,123 @@
+"""What the coordinator learns from the broker before any work: it is there, it speaks MQTT, it passes
+a frame of the chunk limit, and no other coordinator holds the fleet.
+
+Read-only and quick (one short clean-session connection): pre-training can take minutes, and a run
+must not spend them only to find a wrong URL, a broker that drops its model frames, or a fleet that
+another coordinator is already driving.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+from pqsu.protocol import chunking
+from pqsu.protocol.errors import PqsuError
+from pqsu.protocol.messages import Lease, MessageError
+from pqsu.protocol.mqtt import MqttClient, MqttError
+from pqsu.protocol.topics import Topics, TopicError
+
+log = logging.getLogger(__name__)
+RETAINED_WAIT_S = 1.5  # retained messages follow the SUBACK at once; this is slack for a slow link
+
+
+@dataclass(frozen=True)
+class BrokerFacts:
+    mqtt5: bool
+    max_packet_size: int | None   # announced by an MQTT 5 broker, else None
+    chunk_limit: int              # the frame size to use: the requested limit, or less to fit the broker
+    lease: Lease | None           # the retained lease found (ours from an earlier run of the same job, or None)
+    model_chunks: int             # retained model frames found (an earlier job's are cleared when ours go out)
+
+
+def check_chunk_limit(limit: int) -> None:
+    if not isinstance(limit, int) or limit <= chunking.HEADER_SIZE:
+        raise PqsuError(f"--chunk-limit {limit} is too small: a frame needs {chunking.HEADER_SIZE} bytes of header "
+                        "and at least 1 of data")
+
+
+def preflight(topics: Topics, chunk_limit: int, *, job: str, take_over: bool = False, **client_kwargs) -> BrokerFacts:
+    """Facts about the broker, or PqsuError naming what is wrong and the flag that fixes it.
+    `client_kwargs` are MqttClient's (url, protocol, TLS files, username, password)."""
+    check_chunk_limit(chunk_limit)
+    client_id = f"pqsu-preflight-{secrets.token_hex(4)}"
+    client = MqttClient(client_id=client_id, persistent_session=False, **client_kwargs)
+    leases: list[bytes] = []
+    chunks: set[int] = set()
+
+    def on_lease(topic: str, payload: bytes, retained: bool) -> None:
+        leases.append(payload)
+
+    def on_model(topic: str, payload: bytes, retained: bool) -> None:
+        try:
+            kind, index = topics.parse(topic)
+        except TopicError:
+            return
+        if payload and retained:
+            chunks.add(int(index))
+    try:
+        client.connect(timeout_s=15)
+        client.subscribe(topics.lease, on_lease)
+        client.subscribe(topics.model_filter, on_model)
+        time.sleep(RETAINED_WAIT_S)
+        probe = topics.probe(client_id)  # longer than any model topic: what passes here passes there
+        limit = client.frame_limit(chunk_limit, probe)
+        if limit <= chunking.HEADER_SIZE:
+            raise PqsuError(f"the broker {client.url} allows packets of {client.max_packet_size} bytes, too small for "
+                            f"a {chunking.HEADER_SIZE}-byte frame header")
+        if limit < chunk_limit:
+            log.info("broker %s allows packets of at most %d bytes: frames of %d bytes instead of --chunk-limit %d",
+                     client.url, client.max_packet_size, limit, chunk_limit)
+        if not client.echoes(probe, limit, timeout_s=5):
+            raise PqsuError(f"the broker {client.url} did not pass a {limit:,}-byte message (its message size limit, "
+                            f"or an ACL without {topics.prefix}/probe/+ for the coordinator): lower --chunk-limit")
+        facts = BrokerFacts(client.is_mqtt5, client.max_packet_size, limit, _lease(leases), len(chunks))
+    except MqttError as exc:
+        raise PqsuError(str(exc)) from None
+    finally:
+        client.close()
+    if facts.lease is not None and facts.lease.job != job and not take_over:
+        raise PqsuError(f"fleet {topics.fleet!r} is driven by another coordinator: {facts.lease.describe()}; "
+                        "stop it, or pass --take-over to replace it")
+    return facts
+
+
+def _lease(payloads: list[bytes]) -> Lease | None:
+    if not payloads or not payloads[-1]:
+        return None
+    try:
+        return Lease.from_json(payloads[-1])
+    except MessageError as exc:
+        log.warning("ignored an unreadable lease on the broker: %s", exc)
+        return None
+
+
+class LeaseWatch:
+    """The coordinator's side of the lease: published retained at start (the last will clears it), cleared
+    at a clean end, and watched, so that a coordinator started with --take-over makes this one stop."""
+
+    def __init__(self, client: MqttClient, topics: Topics, lease: Lease):
+        self.client, self.topics, self.lease = client, topics, lease
+        self.taken = threading.Event()
+        self.by: Lease | None = None
+        client.subscribe(topics.lease, self._on_lease)
+
+    @staticmethod
+    def will(topics: Topics) -> tuple[str, bytes, int, bool]:
+        """An empty retained message deletes the lease when the coordinator dies without a word."""
+        return topics.lease, b"", 1, True
+
+    def publish(self) -> None:
+        self.client.publish(self.topics.lease, self.lease.to_json(), retain=True)
+
+    def release(self) -> None:
+        if not self.taken.is_set():
+            self.client.publish(self.topics.lease, b"", retain=True)
+
+    def _on_lease(self, topic: str, payload: bytes, retained: bool) -> None:
+        other = _lease([payload])
+        if other is not None and other.coordinator != self.lease.coordinator:
+            self.by = other
+            self.taken.set()
