@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 
 # DEFAULTS stays importable from here: tools/reliability/faults.py recomputes an agent's update with them.
-from pqsu.edge.settings import DEFAULT_HTTP_PORT, DEFAULTS, AgentSettings  # noqa: F401
+from pqsu.edge.settings import DEFAULTS, AgentSettings  # noqa: F401
 from pqsu.edge.settings import add_arguments as add_settings_arguments
 from pqsu.protocol.errors import PqsuError
 

@@ -90,12 +90,11 @@ class AgentSettings:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "AgentSettings":
         """The defaults, then --config's file, then the flags given (those left at None were not)."""
-        values = read_settings(args.config) if getattr(args, "config", None) else {}
-        where = f"settings file {args.config}" if getattr(args, "config", None) else "settings"
-        base = _typed(cls, values, where)
+        config = getattr(args, "config", None)
+        base = cls.from_file(config) if config else cls()
         flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
                  if f.name != "board" and getattr(args, f.name, None) is not None}
-        return cls(**{**base, **_typed(cls, flags, "flags")})
+        return dataclasses.replace(base, **_typed(cls, flags, "flags"))
 
     # -- writing ---------------------------------------------------------------------------
     def to_mapping(self, keys: typing.Iterable[str] | None = None) -> dict:
