@@ -15,9 +15,10 @@ One line per check, PASS, WARN or FAIL, with a hint on what to do when it is not
   http        the local inference API's port is free (or an agent already serves on it)
   clock       the year is plausible (TLS certificates and round deadlines need it)
 
-Exit status 0 when no check failed, 1 otherwise. Nothing here needs torch or onnx, and
-the broker check connects with its own client id (`<device>-doctor`, clean session) so a
-running agent keeps its session.
+Exit status 0 when no check failed, 1 otherwise. A setting of the wrong type or an unknown key
+never gets here: reading the settings stops the command with one line (exit status 2).
+Nothing here needs torch or onnx, and the broker check connects with its own client id
+(`<device>-doctor`, clean session) so a running agent keeps its session.
 """
 from __future__ import annotations
 
@@ -39,12 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from pqsu.edge.settings import AgentSettings
 from pqsu.protocol.errors import PqsuError
 
 MIN_FREE_BYTES = 500 * 1024 * 1024
 MIN_YEAR = 2024
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-PROTOCOLS = ("auto", "5", "3.1.1")
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,8 @@ class Check:
         return text + (f"  (hint: {self.hint})" if self.hint and self.level != "PASS" else "")
 
 
-def doctor(settings: dict, *, timeout_s: float = 5.0, out: TextIO | None = None) -> int:
-    """Run every check on `settings` (the merged flags/settings file of `pqsu edge run`), print
+def doctor(settings: AgentSettings, *, timeout_s: float = 5.0, out: TextIO | None = None) -> int:
+    """Run every check on `settings` (the flags and settings file of `pqsu edge run`), print
     the lines, return the exit status (0: no FAIL)."""
     out = out or sys.stdout
     checks = []
@@ -73,7 +74,7 @@ def doctor(settings: dict, *, timeout_s: float = 5.0, out: TextIO | None = None)
 
 
 class Doctor:
-    def __init__(self, settings: dict, timeout_s: float = 5.0):
+    def __init__(self, settings: AgentSettings, timeout_s: float = 5.0):
         self.s, self.timeout_s = settings, timeout_s
         self.url = None           # BrokerURL once the settings parse
         self.tcp_ok = self.mqtt_ok = self.tls_failed = False
@@ -87,7 +88,7 @@ class Doctor:
             yield self.broker_tcp()
             if self.tcp_ok and not self.tls_failed:  # with broken TLS files it could only repeat that
                 yield self.broker_mqtt()
-        if self.s.get("key_file"):
+        if self.s.key_file:
             yield self.key_file()
         yield self.onnxruntime()
         yield self.model()
@@ -100,59 +101,22 @@ class Doctor:
 
     @property
     def inference_only(self) -> bool:
-        return bool(self.s.get("inference_only")) or importlib.util.find_spec("torch") is None
+        return self.s.inference_only or importlib.util.find_spec("torch") is None
 
     # -- settings ------------------------------------------------------------------------
     def settings(self) -> Check:
         from pqsu.protocol.mqtt import BrokerURL
-        from pqsu.protocol.topics import check_device, check_fleet
 
-        problems = []
-        for key in ("device_id", "broker"):
-            if not self.s.get(key):
-                problems.append(f"--{key.replace('_', '-')} is missing")
-        if self.s.get("device_id"):
-            try:
-                check_device(str(self.s["device_id"]))
-            except PqsuError as exc:
-                problems.append(str(exc))
+        problems = self.s.problems(trains=not self.inference_only)
         try:
-            check_fleet(str(self.s.get("fleet", "default")))
-        except PqsuError as exc:
-            problems.append(str(exc))
-        if self.s.get("broker"):
-            try:
-                self.url = BrokerURL.parse(str(self.s["broker"]))
-            except PqsuError as exc:
-                problems.append(str(exc))
-        if str(self.s.get("protocol", "auto")) not in PROTOCOLS:
-            problems.append(f"protocol {self.s.get('protocol')!r} is not one of {', '.join(PROTOCOLS)}")
-        try:
-            if int(self.s.get("chunk_limit", 131072)) < 1024:
-                problems.append("chunk_limit below 1024 bytes")
-        except (TypeError, ValueError):
-            problems.append(f"chunk_limit {self.s.get('chunk_limit')!r} is not an integer")
-        if not self.inference_only:
-            from pqsu.edge.selective import SelectivePolicy
-
-            try:
-                SelectivePolicy.from_spec(str(self.s.get("upload")), str(self.s.get("select")),
-                                          bool(self.s.get("error_feedback", True)))
-            except PqsuError as exc:
-                problems.append(str(exc))
-        from pqsu.edge.command import http_port, password, providers
-
-        for fn in (http_port, providers, password):
-            try:
-                fn(self.s)
-            except PqsuError as exc:
-                problems.append(str(exc))
+            self.url = BrokerURL.parse(self.s.broker) if self.s.broker else None
+        except PqsuError:
+            self.url = None  # already among the problems
         if problems:
             return Check("FAIL", "settings", "; ".join(problems),
                          "give them as flags or in --config (TOML/JSON keys named like the flags)")
         mode = "inference-only" if self.inference_only else "training"
-        return Check("PASS", "settings", f"device {self.s['device_id']} in fleet {self.s.get('fleet', 'default')}, "
-                                         f"broker {self.url}, {mode}")
+        return Check("PASS", "settings", f"device {self.s.device_id} in fleet {self.s.fleet}, broker {self.url}, {mode}")
 
     # -- broker --------------------------------------------------------------------------
     def broker_tcp(self) -> Check:
@@ -178,14 +142,13 @@ class Doctor:
         return Check("PASS", "broker-tcp", f"{where} accepts TCP connections ({(time.perf_counter() - start) * 1e3:.0f} ms)")
 
     def broker_mqtt(self) -> Check:
-        from pqsu.edge.command import password
         from pqsu.protocol.mqtt import MqttClient
 
-        client_id = f"{self.s.get('device_id') or 'pqsu'}-doctor"
+        client_id = f"{self.s.device_id or 'pqsu'}-doctor"
         try:
-            client = MqttClient(self.url, client_id, persistent_session=False, protocol=str(self.s.get("protocol", "auto")),
-                                tls_ca=self.s.get("tls_ca"), tls_cert=self.s.get("tls_cert"), tls_key=self.s.get("tls_key"),
-                                username=self.s.get("username"), password=password(self.s))
+            client = MqttClient(self.url, client_id, persistent_session=False, protocol=self.s.protocol,
+                                tls_ca=self.s.tls_ca, tls_cert=self.s.tls_cert, tls_key=self.s.tls_key,
+                                username=self.s.username, password=self.s.password())
             start = time.perf_counter()
             client.connect(timeout_s=self.timeout_s)
         except PqsuError as exc:
@@ -195,7 +158,7 @@ class Doctor:
                         f"a broker policy may also restrict client ids (this check uses {client_id!r})")
             elif "TLS" in text or "SSL" in text or "certificate" in text.lower():
                 hint = "check that --tls-ca signed the broker's certificate, the host name in --broker, and the clock"
-            elif self.url.tls and not self.s.get("tls_cert"):
+            elif self.url.tls and not self.s.tls_cert:
                 hint = ("no MQTT answer over TLS: the broker may require a client certificate (--tls-cert, --tls-key), "
                         "or the port is not a TLS listener")
             else:
@@ -208,7 +171,7 @@ class Doctor:
         return Check("PASS", "broker-mqtt", f"{version} connect to {self.url} as {client_id} ({ms:.0f} ms)")
 
     def tls(self) -> Check:
-        ca, cert, key = (self.s.get(k) for k in ("tls_ca", "tls_cert", "tls_key"))
+        ca, cert, key = self.s.tls_ca, self.s.tls_cert, self.s.tls_key
         if not self.url.tls:
             if ca or cert or key:
                 self.tls_failed = True
@@ -257,7 +220,7 @@ class Doctor:
 
     # -- device files --------------------------------------------------------------------
     def key_file(self) -> Check:
-        path = str(self.s["key_file"])
+        path = self.s.key_file
         if why := _unreadable(path):
             return Check("FAIL", "key-file", f"{path}: {why}", "the update-signing key comes with the board's bundle")
         text = Path(path).read_text(errors="replace").strip()
@@ -273,13 +236,13 @@ class Doctor:
         return Check("PASS", "key-file", f"{path}: {len(key)}-byte signing key")
 
     def data(self) -> Check:
-        if not self.s.get("data"):
+        if not self.s.data:
             return Check("FAIL", "data", "no --data on a training device",
                          "give --data (an .npz shard, a folder of shards or IDX files), or --inference-only")
         from pqsu.edge.datastore import load_local_data
 
         try:
-            x, y = load_local_data(self.s["data"])
+            x, y = load_local_data(self.s.data)
         except PqsuError as exc:
             return Check("FAIL", "data", str(exc), "check the --data path; `pqsu run` writes data.npz shards (x, y)")
         shape = tuple(x.shape[1:])
@@ -287,7 +250,7 @@ class Doctor:
             return Check("FAIL", "data", f"{len(x)} images of {shape}, but the saved model takes {self.saved_shape}",
                          "this data belongs to another model or data set")
         classes = len(set(y.tolist()))
-        return Check("PASS", "data", f"{self.s['data']}: {len(x)} samples, images {shape} uint8, {classes} classes")
+        return Check("PASS", "data", f"{self.s.data}: {len(x)} samples, images {shape} uint8, {classes} classes")
 
     # -- runtime -------------------------------------------------------------------------
     def onnxruntime(self) -> Check:
@@ -297,12 +260,7 @@ class Doctor:
             return Check("FAIL", "onnxruntime", f"not importable: {exc}", "pip install onnxruntime (onnxruntime-gpu on Jetson)")
         available = ort.get_available_providers()
         short = ", ".join(p.replace("ExecutionProvider", "") for p in available)
-        from pqsu.edge.command import providers
-
-        try:
-            wanted = providers(self.s)
-        except PqsuError:
-            wanted = ()
+        wanted = self.s.providers
         missing = [p for p in wanted if p not in available]
         if missing:
             return Check("WARN", "onnxruntime", f"{ort.__version__}; preferred {', '.join(missing)} not available "
@@ -316,7 +274,7 @@ class Doctor:
                                             + (f" (accelerated: {', '.join(accel)})" if accel else ""))
 
     def model(self) -> Check:
-        path = Path(str(self.s.get("state_dir", "pqsu-device"))) / "model.onnx"
+        path = Path(self.s.state_dir) / "model.onnx"
         if not path.exists():
             return Check("PASS", "model", f"none saved yet in {path.parent} (the agent gets it from the broker)")
         from pqsu.edge.inference import InferenceModel
@@ -334,12 +292,12 @@ class Doctor:
 
     def torch(self) -> Check:
         if importlib.util.find_spec("torch") is None:
-            if self.s.get("inference_only"):
+            if self.s.inference_only:
                 return Check("PASS", "torch", "not installed; not needed (inference-only)")
             return Check("WARN", "torch", "not installed: this device runs inference-only (serves, never trains)",
                          "install fl-pqsu[edge] (Jetson: NVIDIA's torch wheel) to fine-tune, or pass --inference-only")
         version = _version("torch")
-        if self.s.get("inference_only"):
+        if self.s.inference_only:
             return Check("PASS", "torch", f"{version} installed; unused (--inference-only)")
         if importlib.util.find_spec("onnx") is None:
             return Check("FAIL", "torch", f"torch {version} is installed but onnx is not: training cannot read the model",
@@ -348,7 +306,7 @@ class Doctor:
 
     # -- machine -------------------------------------------------------------------------
     def state_dir(self) -> Check:
-        folder = Path(str(self.s.get("state_dir", "pqsu-device"))).absolute()
+        folder = Path(self.s.state_dir).absolute()
         existing = folder
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
@@ -368,10 +326,8 @@ class Doctor:
         return Check("PASS", "state-dir", f"{what} writable, {free / 2**30:.1f} GiB free")
 
     def http(self) -> Check:
-        from pqsu.edge.command import http_port
-
         try:
-            port, required = http_port(self.s)
+            port, required = self.s.http_endpoint()
         except PqsuError as exc:
             return Check("FAIL", "http", str(exc), "--http-port 0-65535, or --no-http")
         if port is None:

@@ -23,23 +23,10 @@ log = logging.getLogger(__name__)
 
 # -- file contents ----------------------------------------------------------------------------
 def agent_settings(req: FlashRequest) -> dict:
-    """The agent's settings (flat, keys as `pqsu edge run` flags) plus the profile's [board] hints."""
-    b = req.board
-    s: dict = {"broker": req.broker, "device_id": req.device_id, "fleet": req.fleet, "data": req.data,
-               "state_dir": req.state_dir, "stay": True, "providers": list(b.providers),
-               "inference_threads": b.inference_threads, "torch_threads": b.torch_threads}
-    if not req.trains:
-        s["inference_only"] = True
-    for key, (name, _) in req.credentials.items():
-        s[key] = f"{CREDENTIALS_DIR}/{name}"
-    if req.username:
-        s["username"] = req.username
-    if req.http_port is not None:
-        s["http_port"] = req.http_port
-    s.update(req.extra_settings)
-    s["board"] = {"name": b.name, "max_epochs": b.max_epochs, "max_batch_size": b.max_batch_size,
-                  "time_budget_s": b.time_budget_s}
-    return s
+    """The agent's settings as agent.toml holds them (flat, keys as `pqsu edge run` flags, plus the
+    profile's [board] table): written from the typed settings, so the board reads back the same."""
+    settings, keys = req.agent_settings()
+    return settings.to_mapping(keys)
 
 
 def _toml_value(v) -> str:

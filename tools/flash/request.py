@@ -6,11 +6,13 @@ after it (building, placing) may take it as valid.
 """
 from __future__ import annotations
 
+import dataclasses
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pqsu.edge.settings import AgentSettings
 from pqsu.protocol.errors import PqsuError
 from pqsu.tools.flash.boards import BoardProfile
 
@@ -82,6 +84,36 @@ class FlashRequest:
     ssh_identity: str | None = None
     install: bool = True
     flash_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    def __post_init__(self) -> None:
+        self.agent_settings()  # a mistyped or unknown --set fails here, before anything is built
+
+    def agent_settings(self) -> tuple[AgentSettings, list[str]]:
+        """The board's agent settings, and the keys its agent.toml spells out (the others keep their
+        defaults): the device's, the profile's hints and --set, typed and checked like `pqsu edge run`
+        checks them."""
+        b = self.board
+        values: dict = {"broker": self.broker, "device_id": self.device_id, "fleet": self.fleet, "data": self.data,
+                        "state_dir": self.state_dir, "stay": True, "providers": list(b.providers),
+                        "inference_threads": b.inference_threads, "torch_threads": b.torch_threads}
+        if not self.trains:
+            values["inference_only"] = True
+        for key, (name, _) in self.credentials.items():
+            values[key] = f"{CREDENTIALS_DIR}/{name}"
+        if self.username:
+            values["username"] = self.username
+        if self.http_port is not None:
+            values["http_port"] = self.http_port
+        AgentSettings.from_mapping(self.extra_settings, "--set")  # names the flag, not the file, in an error
+        values.update(self.extra_settings)
+        values["board"] = {"name": b.name, "max_epochs": b.max_epochs, "max_batch_size": b.max_batch_size,
+                           "time_budget_s": b.time_budget_s}
+        settings = AgentSettings.from_mapping(values, "agent settings")
+        # The credentials' paths are the board's, not this machine's: they are checked when copied.
+        problems = dataclasses.replace(settings, password_file=None).problems(trains=self.trains)
+        if problems:
+            raise FlashError(f"agent settings: {'; '.join(problems)}")
+        return settings, list(values)
 
     @property
     def trains(self) -> bool:
