@@ -29,7 +29,7 @@ from pqsu.edge.inference import InferenceModel
 from pqsu.protocol import chunking, model_id
 from pqsu.protocol.atomic import atomic_write
 from pqsu.protocol.errors import PqsuError
-from pqsu.protocol.messages import MessageError, RoundTask, Status, message_type
+from pqsu.protocol.messages import MessageError, RoundTask, Status, message_job, message_type
 from pqsu.protocol.mqtt import MqttClient, MqttError
 from pqsu.protocol.topics import Topics
 
@@ -170,7 +170,7 @@ class EdgeAgent:
                     self._swap_model(payload)
                     model_at = received
                 else:
-                    task = self._parse_round(payload)
+                    task = self._parse_round(payload, received)
                     if task == "done":
                         if self.cfg.exit_when_done and self.learner is not None:
                             break  # an inference-only device keeps serving the final model
@@ -179,7 +179,7 @@ class EdgeAgent:
                         pending, pending_at = task, received
                 if pending is not None and self.model is not None and self.model.model_id == pending.model_id:
                     # The device's own work starts once it holds both the task and the model.
-                    self._do_round(pending, max(pending_at, model_at))
+                    self._do_round(pending, max(pending_at, model_at), pending_at)
                     pending = None
         finally:
             self._publish_status("offline")  # a clean disconnect does not send the last will
@@ -200,11 +200,14 @@ class EdgeAgent:
                 delay = min(delay * 2, self.cfg.max_backoff_s)
         return False
 
-    def _parse_round(self, payload: bytes) -> RoundTask | str | None:
+    def _parse_round(self, payload: bytes, received: float) -> RoundTask | str | None:
+        """The task to work on, "done" when the job this device trains in is over, or None.
+        `received` is this device's monotonic clock (perf_counter) when the message arrived."""
+        if not payload:  # a new job cleared the previous one's retained announcement
+            return None
         try:
             if message_type(payload) == "done":
-                self._clear_outbox()
-                return "done"
+                return self._parse_done(payload)
             task = RoundTask.from_json(payload)
         except MessageError as exc:
             self.bad_messages += 1
@@ -212,18 +215,40 @@ class EdgeAgent:
             return None
         if self.learner is None or not task.asks(self.cfg.device_id):
             return None
-        if task.deadline is not None and time.time() > task.deadline:
-            return None  # a round that is over (its announcement is re-published with the closing time)
-        if task.round <= self.learner.state.last_round:
+        if self._is_over(task, received):
+            return None  # a round that is over (its announcement is re-published with no time left)
+        state = self.learner.state
+        if task.job and task.job != state.job:
+            log.info("%s: joining job %s (was %s)", self.cfg.device_id, task.job, state.job or "none")
+            state.start_job(task.job)
+            self._clear_outbox()
+        if task.round <= state.last_round:
             # Already done: the retained announcement seen again after a reconnect, or published again by a
             # coordinator whose broker lost its state (and maybe our update with it). Send the update again;
             # the coordinator counts one per (round, device).
-            if task.round == self.learner.state.last_round and self._outbox(task.round).exists():
+            if task.round == state.last_round and self._outbox(task.round).exists():
                 log.info("%s: round %d announced again: sending its update again", self.cfg.device_id, task.round)
-                self._send(task.round, self._outbox(task.round).read_bytes(), task.deadline)
+                self._send(task.round, self._outbox(task.round).read_bytes(), task.local_deadline(received))
             return None
         self._clear_outbox(before=task.round)
         return task
+
+    def _parse_done(self, payload: bytes) -> str | None:
+        """A job's end ends this device's training only if it trains in that job: a retained `done` left by
+        an earlier job on a shared broker must not stop a device that came for the next one."""
+        job = message_job(payload)
+        mine = self.learner.state.job if self.learner else ""
+        if job and job != mine:
+            log.info("%s: job %s is over (not ours: %s); waiting for a round", self.cfg.device_id, job, mine or "none")
+            return None
+        self._clear_outbox()
+        return "done"
+
+    def _is_over(self, task: RoundTask, received: float) -> bool:
+        if task.remaining_s is not None:
+            return time.perf_counter() >= task.local_deadline(received)
+        # An older coordinator sends only its wall-clock deadline: compare with ours, as before.
+        return task.deadline is not None and time.time() > task.deadline
 
     def _swap_model(self, data: bytes) -> None:
         try:
@@ -249,7 +274,7 @@ class EdgeAgent:
         self.model_bytes_down += len(data)
         log.info("%s: model %s (%d bytes)", self.cfg.device_id, model.model_id[:12], len(data))
 
-    def _do_round(self, task: RoundTask, started: float) -> None:
+    def _do_round(self, task: RoundTask, started: float, announced: float) -> None:
         """Train, keep the update safe, send it. `started` (perf_counter) is when the device had
         everything for this round: the status reports the device's compute from then on
         (verifying and loading the model, training, encoding), for the fleet benchmark."""
@@ -268,12 +293,13 @@ class EdgeAgent:
         if outcome.payload is None:
             self._publish_status("skipped", task.round, outcome.reason, seconds)
             return
-        self._send(task.round, outcome.payload, task.deadline)
+        self._send(task.round, outcome.payload, task.local_deadline(announced))
         self._publish_status("uploaded", task.round, f"{len(outcome.payload)} bytes, {outcome.nnz} entries", seconds)
 
     def _send(self, round_: int, payload: bytes, deadline: float | None = None) -> None:
-        # On MQTT 5 the broker drops an update still queued after its round's deadline (it could not count).
-        expiry = max(1, int(deadline - time.time())) if deadline is not None else None
+        """`deadline` on the perf_counter clock. On MQTT 5 the broker drops an update still queued after its
+        round's deadline (it could not count)."""
+        expiry = max(1, int(deadline - time.perf_counter())) if deadline is not None else None
         try:
             # The outbox file stays until a later round is announced: a broker that restarts without its
             # state can lose an update it acknowledged, and a re-announced round sends it again.
@@ -299,7 +325,8 @@ class EdgeAgent:
         return self.state_dir / f"outbox-{round_:06d}.bin"
 
     def _status(self, state: str, round_: int = -1, detail: str = "", seconds: float = 0.0) -> Status:
-        return Status(self.cfg.device_id, state, round_, detail, trains=self.learner is not None, seconds=seconds)
+        return Status(self.cfg.device_id, state, round_, detail, trains=self.learner is not None, seconds=seconds,
+                      job=self.learner.state.job if self.learner else "")
 
     def _publish_status(self, state: str, round_: int = -1, detail: str = "", seconds: float = 0.0) -> None:
         try:

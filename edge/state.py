@@ -34,6 +34,16 @@ class DeviceState:
     uploads: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    job: str = ""  # the coordinator job `last_round` belongs to: round numbers start again with every job
+
+    def start_job(self, job: str) -> bool:
+        """Follow `job` from now on; True when that is a change. The residual and previous weights belong
+        to the old job's model and its rounds are not this job's, so they go; the device's totals stay."""
+        if job == self.job:
+            return False
+        self.job, self.last_round, self.last_uploaded_loss = job, -1, None
+        self.reset_tensors()
+        return True
 
     def fits(self, shapes: dict[str, tuple[int, ...]]) -> bool:
         """True when the stored tensors belong to a model of these shapes."""
@@ -46,7 +56,7 @@ class DeviceState:
 
     def save(self, path: str | Path) -> None:
         meta = {k: getattr(self, k) for k in ("last_uploaded_loss", "last_round", "rounds_joined",
-                                              "uploads", "bytes_up", "bytes_down")}
+                                              "uploads", "bytes_up", "bytes_down", "job")}
         arrays = {_RESIDUAL + k: v for k, v in self.residual.items()}
         arrays.update({_PREVIOUS + k: v for k, v in self.previous.items()})
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)

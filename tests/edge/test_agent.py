@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 from tests.support.edge_models import int8_models
 
@@ -251,3 +252,53 @@ def test_an_update_written_before_a_crash_is_sent_at_start(tmp_path, model):
     with Running(tmp_path, learner) as run:
         wait_for(lambda: run.client.updates(), "the outbox flushed")
         assert run.client.updates() == [b"from before the crash"]
+
+
+# -- jobs on a shared broker, and a board without a real-time clock ------------------------------
+
+def test_an_earlier_jobs_done_does_not_stop_an_agent_that_came_for_the_next(tmp_path, model):
+    learner = FakeLearner()
+    with Running(tmp_path, learner) as run:
+        run.client.send_model(model[0])
+        run.client.send_round(done_message(7, model[1], job="job-a"))  # retained from the job before
+        run.settle()
+        assert run.thread.is_alive()
+        run.client.send_round(b"")  # the new coordinator clears the old retained announcement
+        run.client.send_round(task(model, 1, job="job-b", remaining_s=60.0))
+        wait_for(lambda: "uploaded" in run.state_of(1), "job b's round 1 uploaded")
+        assert learner.state.job == "job-b"
+        assert [s.job for s in run.client.statuses() if s.round == 1] == ["job-b", "job-b"]
+        run.client.send_round(done_message(1, model[1], job="job-b"))  # its own job's end stops it
+        run.thread.join(timeout=WAIT_S)
+        assert not run.thread.is_alive()
+
+
+def test_a_new_job_starts_its_rounds_afresh(tmp_path, model):
+    """Round numbers start at 1 in every job: a device that did round 5 of job a trains round 1 of job b,
+    with the old job's residual and outbox gone."""
+    learner = FakeLearner()
+    learner.state.job, learner.state.last_round = "job-a", 5
+    learner.state.residual = {"w": np.ones(3, dtype=np.float32)}
+    (tmp_path / "device").mkdir()
+    (tmp_path / "device" / "outbox-000005.bin").write_bytes(b"job a's round 5")
+    with Running(tmp_path, learner) as run:
+        run.client.send_model(model[0])
+        run.client.send_round(task(model, 1, job="job-b", remaining_s=60.0))
+        wait_for(lambda: "uploaded" in run.state_of(1), "job b's round 1 uploaded")
+        assert learner.rounds == [1] and learner.state.residual == {}
+        assert sorted(p.name for p in (tmp_path / "device").glob("outbox-*.bin")) == ["outbox-000001.bin"]
+
+
+def test_deadlines_follow_the_devices_own_clock_not_its_wall_clock(tmp_path, model, monkeypatch):
+    """A board whose wall clock is 3 hours ahead: the coordinator's absolute deadline looks long past, but
+    the time remaining at publish, counted on the board's monotonic clock, says the round is open."""
+    learner = FakeLearner()
+    real_time = time.time
+    with Running(tmp_path, learner) as run:
+        monkeypatch.setattr("pqsu.edge.agent.time.time", lambda: real_time() + 3 * 3600)
+        run.client.send_model(model[0])
+        run.client.send_round(task(model, 1, job="j", deadline=real_time() + 60, remaining_s=60.0))
+        wait_for(lambda: "uploaded" in run.state_of(1), "round 1 uploaded")
+        run.client.send_round(task(model, 2, job="j", deadline=real_time() + 3600, remaining_s=0.0))  # closed
+        run.settle()
+        assert learner.rounds == [1]

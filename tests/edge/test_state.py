@@ -175,3 +175,14 @@ def test_reset_tensors_keeps_counters(tmp_path):
     state.reset_tensors()
     assert state.residual == {} and state.previous == {}
     assert state.uploads == 9 and state.last_round == 17
+
+
+def test_a_new_job_forgets_the_old_jobs_rounds_and_tensors_but_keeps_the_totals(tmp_path):
+    state = DeviceState(residual={"w": np.ones(2, np.float32)}, previous={"w": np.zeros(2, np.float32)},
+                        last_round=7, last_uploaded_loss=0.3, uploads=4, bytes_up=900, job="a")
+    assert not state.start_job("a") and state.last_round == 7
+    assert state.start_job("b")
+    assert (state.job, state.last_round, state.last_uploaded_loss, state.residual, state.previous) == ("b", -1, None, {}, {})
+    assert (state.uploads, state.bytes_up) == (4, 900)
+    state.save(tmp_path / "s.npz")
+    assert DeviceState.load(tmp_path / "s.npz").job == "b"
