@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,7 +98,7 @@ def test_run_out_is_the_results_folder_itself(tmp_path):
 
 def test_run_name_and_runs_dir_still_work(tmp_path):
     assert fleet_run.output_folder(_run_args("--runs-dir", str(tmp_path), "--name", "a")) == tmp_path / "a"
-    assert fleet_run.output_folder(_run_args("--name", "a")) == fleet_run.Path("runs") / "a"
+    assert fleet_run.output_folder(_run_args("--name", "a")) == Path("runs") / "a"
     assert re.fullmatch(r"runs/run-\d{8}-\d{6}", str(fleet_run.output_folder(_run_args())))
 
 
