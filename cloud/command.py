@@ -35,14 +35,17 @@ from pqsu.protocol.mqtt import BrokerURL
 
 def add_coordinator_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("broker and rounds")
-    g.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL, mqtt:// or mqtts:// (default: %(default)s)")
+    g.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL", help="broker URL, mqtt:// or mqtts:// (default: %(default)s)")
     g.add_argument("--fleet", default="default", help="fleet name: topics live under pqsu/<fleet>/ (default: %(default)s)")
-    g.add_argument("--min-devices", type=int, default=1, help="devices that must be online before a round starts")
-    g.add_argument("--join-timeout", type=float, default=300.0, help="seconds round 1 waits for --min-devices (default: 300)")
-    g.add_argument("--round-timeout", type=float, default=300.0, help="a round's deadline in seconds (default: 300)")
-    g.add_argument("--chunk-limit", type=int, default=128 * 1024, help="largest MQTT payload in bytes; bigger messages are "
+    g.add_argument("--min-devices", type=int, default=1, metavar="N", help="devices that must be online before a round "
+                   "starts (default: 1)")
+    g.add_argument("--join-timeout", type=float, default=300.0, metavar="SECONDS", help="seconds round 1 waits for --min-devices (default: 300)")
+    g.add_argument("--round-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="a round's deadline: devices that have not answered by then are left out (default: 300)")
+    g.add_argument("--chunk-limit", type=int, default=128 * 1024, metavar="BYTES", help="largest MQTT payload in bytes; bigger messages are "
                    "chunked (default: 131072, the AWS IoT cap)")
-    g.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto", help="MQTT version (default: auto)")
+    g.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto",
+                   help="MQTT version to speak with the broker; auto tries 5, then 3.1.1 (default: auto)")
     g.add_argument("--keys", metavar="FILE", help="JSON file {device id: hex HMAC key}: only these devices are asked "
                    "and only their signed updates count; re-read at each round start when it changed, so deleting "
                    "a device's entry removes it from the fleet without a restart")
@@ -52,7 +55,8 @@ def add_coordinator_arguments(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     add_coordinator_arguments(p)
-    p.add_argument("--out", default="runs/cloud", help="folder for metrics, checkpoints, the final model and plots")
+    p.add_argument("--out", default="runs/cloud", metavar="DIR", help="folder for metrics, checkpoints, the final "
+                   "model and plots; restarted with the same DIR, the coordinator resumes (default: %(default)s)")
 
 
 def check_broker(url: str, timeout_s: float = 5.0) -> None:
@@ -76,15 +80,16 @@ def check_tls_files(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pqsu.cloud.bootstrap import build_server  # torch is imported only when the coordinator really starts
-    from pqsu.cloud.coordinator import Coordinator, CoordinatorConfig
-
     cfg = config_from_args(args)
     out = Path(args.out)
     check_broker(args.broker)  # fail before minutes of model preparation, not after
     check_tls_files(args)
     keys = DeviceKeys(args.keys) if args.keys else None  # a bad keys or password file fails here, before the model
     password = read_password_file(args.password_file)
+    # After the checks: torch and onnx take seconds to import, and bad input should not wait for them.
+    from pqsu.cloud.bootstrap import build_server
+    from pqsu.cloud.coordinator import Coordinator, CoordinatorConfig
+
     server, meta = build_server(cfg, checkpoint_dir=out / "checkpoints", keys=keys)
     ccfg = CoordinatorConfig(broker=args.broker, fleet=args.fleet, rounds=cfg.rounds, min_devices=args.min_devices,
                              join_timeout_s=args.join_timeout, round_timeout_s=args.round_timeout,

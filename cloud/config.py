@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import json
+import numbers
 import typing
 from dataclasses import dataclass
 
-from pqsu.cloud.aggregate import make_aggregator
-from pqsu.cloud.prepare import PrepareConfig
-from pqsu.cloud.server import ServerConfig
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.settings import read_settings
 
+if typing.TYPE_CHECKING:
+    from pqsu.cloud.prepare import PrepareConfig
+    from pqsu.cloud.server import ServerConfig
+
+# What a user chooses between. The bench's ablation rows (prune30, prune50+int8...) are built in
+# tools/bench/paper.py over these, so they do not show up among --scheme's choices.
 SCHEMES: dict[str, dict] = {
     "fedavg": dict(prune=None, precision="fp32", upload="always", select="fp32", error_feedback=False),
     "paper": dict(prune=0.5, precision="int8", upload="loss", select="dense", error_feedback=False),
@@ -26,11 +32,6 @@ SCHEMES: dict[str, dict] = {
     # cnn / Fashion-MNIST / Dirichlet 0.5 it closes most of top-2%'s gap to dense FedAvg (docs/results.md).
     "ours": dict(prune=0.5, precision="int8", upload="norm:0.0001", select="topk:0.02", error_feedback=True,
                  server_momentum=0.5),
-    # The paper table's ablation rows (pqsu bench paper): one technique added at a time.
-    "prune30": dict(prune=0.3, precision="fp32", upload="always", select="fp32", error_feedback=False),
-    "prune50": dict(prune=0.5, precision="fp32", upload="always", select="fp32", error_feedback=False),
-    "prune70": dict(prune=0.7, precision="fp32", upload="always", select="fp32", error_feedback=False),
-    "prune50+int8": dict(prune=0.5, precision="int8", upload="always", select="dense", error_feedback=False),
 }
 
 
@@ -64,6 +65,10 @@ class FederatedConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from pqsu.cloud.aggregate import make_aggregator  # numpy: not needed to build a parser
+
+        for name, kind in field_types().items():
+            check_type(name, getattr(self, name), kind)
         if self.precision not in ("int8", "fp32"):
             raise PqsuError(f"precision must be int8 or fp32, got {self.precision!r}")
         if self.rounds < 1 or self.clients < 1 or not 0 < self.fraction <= 1:
@@ -79,16 +84,50 @@ class FederatedConfig:
         return cls(**{**SCHEMES[scheme], **overrides})
 
     def server_config(self) -> ServerConfig:
+        from pqsu.cloud.server import ServerConfig  # torch and onnx: only when a run really starts
+
         return ServerConfig(aggregator=self.aggregator, clip_norm=self.clip_norm, server_lr=self.server_lr,
                             server_momentum=self.server_momentum, precision=self.precision, epochs=self.epochs,
                             batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, seed=self.seed)
 
     def prepare_config(self) -> PrepareConfig:
+        from pqsu.cloud.prepare import PrepareConfig  # torch: only when a run really starts
+
         return PrepareConfig(self.model, self.prune, self.pretrain_epochs, self.finetune_epochs,
                              self.batch_size, 0.01, self.seed)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# -- type checks (a settings file's values and programmatic configs alike) -------------------
+@functools.cache
+def field_types() -> dict[str, object]:
+    """FederatedConfig's field name -> its annotation, evaluated (the module has string annotations)."""
+    return typing.get_type_hints(FederatedConfig)
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def check_type(name: str, value: object, kind: object) -> None:
+    """Raise a one-line PqsuError naming `name`, `value` and the expected type unless `value` fits `kind`."""
+    kinds = typing.get_args(kind) or (kind,)
+    if value is None and type(None) in kinds:
+        return
+    if not any(_fits(value, k) for k in kinds):
+        wanted = " or ".join(_KIND_NAMES[k] for k in kinds if k in _KIND_NAMES)
+        raise PqsuError(f"{name} = {json.dumps(value, default=str)}: expected {wanted}")
+
+
+def _fits(value: object, kind: object) -> bool:
+    if kind is bool or isinstance(value, bool):  # True is an int to Python, not a number of rounds
+        return kind is bool and isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, numbers.Integral)  # numpy integers too
+    if kind is float:
+        return isinstance(value, numbers.Real)
+    return kind is str and isinstance(value, str)
 
 
 # -- command line (shared by `pqsu simulate`, `pqsu cloud` and `pqsu run`) --------------------
@@ -97,40 +136,92 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="settings file (TOML or JSON) with any of the options below, "
                    "named with underscores; flags given on the command line win")
     p.add_argument("--scheme", choices=list(SCHEMES), default=None,
-                   help="preset: fedavg (dense fp32), paper (FL-PQSU as published) or ours (default); "
-                        "the flags below override it")
-    hints = typing.get_type_hints(FederatedConfig)
+                   help="preset: fedavg (dense fp32 FedAvg), paper (FL-PQSU as published) or ours (pruned int8 "
+                        "model, top-k int8 uploads with error feedback; the default); the flags below override it")
     for f in dataclasses.fields(FederatedConfig):
-        kind = hints[f.name]
+        kind = field_types()[f.name]
         base = next((t for t in (bool, int, float, str) if t is kind or t in typing.get_args(kind)), str)
         parse = _boolean if base is bool else _optional(_number_or_text if str in typing.get_args(kind) else base)
-        metavar, text = FLAG_HELP.get(f.name, (base.__name__.upper(), ""))
+        metavar, text = FIELD_HELP[f.name]
         p.add_argument("--" + f.name.replace("_", "-"), type=parse, default=None, metavar=metavar,
-                       help=f"{text}default: {SCHEMES['ours'].get(f.name, f.default)} (ours)")
+                       help=f"{text}{_defaults(f.name, f.default)}")
 
 
-# Against poisoning (an enrolled device sending scaled or sign-flipped updates): docs/reliability.md.
-FLAG_HELP = {
-    "aggregator": ("SPEC", "fedavg, median or trimmed:F (per coordinate, drop the largest and smallest fraction F). "
-                   "Against poisoning use median or trimmed:0.1 together with --clip-norm median; both reduce each "
-                   "entry over the devices that sent it and hold the round's updates in memory; "),
-    "clip_norm": ("NORM", "bound every update's L2 norm: a number, or median[:F] for F times the median norm of the "
-                  "round's updates (follows the honest majority as updates shrink). Against poisoning: median, "
-                  "which caps a scaled-up update at a typical one's size; "),
+def _defaults(name: str, default: object) -> str:
+    """' (default: X; fedavg: Y)': ours' value, then each other preset's where it differs."""
+    ours = SCHEMES["ours"].get(name, default)
+    others = [f"{scheme}: {_shown(preset.get(name, default))}" for scheme, preset in SCHEMES.items()
+              if scheme != "ours" and preset.get(name, default) != ours]
+    if ours is None and not others:
+        return ""  # the help text says what leaving it unset means
+    return f" (default: {'; '.join([_shown(ours)] + others)})"
+
+
+def _shown(value: object) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# (metavar, what the flag does) per FederatedConfig field. No "%" here: argparse formats help with it.
+FIELD_HELP: dict[str, tuple[str, str]] = {
+    "model": ("NAME", "model architecture from the zoo: cnn, alexnet, vgg16 or resnet18"),
+    "dataset": ("NAME", "data set: fashion-mnist, mnist or cifar10"),
+    "data_root": ("DIR", "folder with the data set files (default: the data set's standard place)"),
+    "clients": ("N", "number of devices the training data is split among"),
+    "partition": ("SPEC", "how the devices' data is split: iid, dirichlet[:ALPHA] (label skew, stronger as ALPHA "
+                  "shrinks) or shards[:K] (K label-sorted shards per device)"),
+    "fraction": ("F", "fraction of the devices asked to train each round, in (0, 1]"),
+    "rounds": ("N", "federated rounds to run"),
+    "proxy_samples": ("N", "training samples the cloud keeps for round 0's pre-training and pruning, disjoint "
+                      "from the devices' data"),
+    "samples_per_client": ("N", "at most this many training samples per device (default: all of its share)"),
+    "pretrain_epochs": ("EPOCHS", "round 0: epochs the cloud pre-trains the model on its proxy samples"),
+    "finetune_epochs": ("EPOCHS", "round 0: epochs of fine-tuning on the proxy samples after pruning"),
+    "prune": ("RATIO", "round 0: fraction of channels removed from every prunable layer, in (0, 1); none "
+              "keeps the model unpruned"),
+    "precision": ("int8|fp32", "the model sent to the devices each round: int8 or fp32 ONNX"),
+    "upload": ("RULES", "when a device uploads: always, loss (its loss improved since its last upload), norm:T "
+               "(update norm relative to the weights above T) or relevance:T (sign agreement with the last "
+               "global update at least T); join rules with +"),
+    "select": ("SPEC", "which entries an upload carries: topk:F (the largest fraction F of each tensor), "
+               "threshold:T (entries with |value| >= T), dense (every entry, int8) or fp32 (every entry, float32)"),
+    "error_feedback": ("BOOL", "true: a device keeps what it did not send (unselected entries, rounding, skipped "
+                       "rounds) and adds it to its next update"),
+    "epochs": ("EPOCHS", "local training epochs on each device per round"),
+    "batch_size": ("N", "mini-batch size of the devices' training and of the cloud's round-0 training"),
+    "lr": ("LR", "learning rate of the devices' local SGD"),
+    "momentum": ("M", "momentum of the devices' local SGD"),
+    # Against poisoning (an enrolled device sending scaled or sign-flipped updates): docs/reliability.md.
+    "aggregator": ("SPEC", "how the round's updates are combined: fedavg, median or trimmed:F (per coordinate, "
+                   "drop the largest and smallest fraction F). Against poisoning use median or trimmed:0.1 "
+                   "together with --clip-norm median; both reduce each entry over the devices that sent it and "
+                   "hold the round's updates in memory"),
+    "clip_norm": ("NORM", "bound every update's L2 norm: a number, or median[:F] for F times the median norm of "
+                  "the round's updates (follows the honest majority as updates shrink). Against poisoning: "
+                  "median, which caps a scaled-up update at a typical one's size (default: no bound)"),
+    "server_lr": ("LR", "server learning rate: the step the cloud takes along the combined update"),
+    "server_momentum": ("M", "server momentum (FedAvgM) on the combined update; 0 is plain FedAvg"),
+    "eval_samples": ("N", "test samples the cloud evaluates each round's model on (default: the whole test split)"),
+    "seed": ("N", "random seed of the data split, the devices asked each round and the training"),
 }
 
 
 def config_from_args(args: argparse.Namespace) -> FederatedConfig:
-    """Scheme preset, then the settings file, then command-line flags."""
-    settings = read_settings(args.config) if getattr(args, "config", None) else {}
+    """Scheme preset, then the settings file, then command-line flags; a wrong type in the file is one
+    line naming the file, the key, the value and the expected type, before any work."""
+    path = getattr(args, "config", None)
+    settings = read_settings(path) if path else {}
     scheme = args.scheme or settings.pop("scheme", "ours")
-    names = {f.name for f in dataclasses.fields(FederatedConfig)}
-    values = {k: v for k, v in settings.items() if k in names}
-    values.update({n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
-    try:
-        return FederatedConfig.for_scheme(scheme, **values)
-    except TypeError as exc:
-        raise PqsuError(f"bad setting: {exc}") from None
+    if not isinstance(scheme, str):
+        raise PqsuError(f"settings file {path}: scheme = {json.dumps(scheme, default=str)}: expected a string")
+    hints = field_types()
+    values = {k: v for k, v in settings.items() if k in hints}
+    for name, value in values.items():
+        try:
+            check_type(name, value, hints[name])
+        except PqsuError as exc:
+            raise PqsuError(f"settings file {path}: {exc}") from None
+    values.update({n: getattr(args, n) for n in hints if getattr(args, n, None) is not None})
+    return FederatedConfig.for_scheme(scheme, **values)
 
 
 def _boolean(text: str) -> bool:
@@ -153,5 +244,3 @@ def _optional(kind: type):
         return None if text.lower() == "none" else kind(text)
     parse.__name__ = kind.__name__
     return parse
-
-

@@ -42,13 +42,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrain-epochs", type=float, help="epochs of pre-training (default: 1 without --weights, else 0)")
     p.add_argument("--finetune-epochs", type=float, default=0.5, help="epochs of fine-tuning after pruning (default: 0.5)")
     p.add_argument("--train-samples", type=int, help="train on a random subset of this size (default: all)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=64, help="mini-batch size of pre-training and fine-tuning "
+                   "(default: 64)")
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of pre-training and fine-tuning "
+                   "(default: 0.01)")
     p.add_argument("--calib-samples", type=int, default=256, help="training samples used to calibrate int8 (default: 256)")
-    p.add_argument("--calib-method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--calib-method", default="minmax", choices=["minmax", "entropy", "percentile"],
+                   help="how int8 activation ranges are chosen from the calibration samples (default: minmax)")
     p.add_argument("--eval-samples", type=int, help="test samples for the accuracy figures (default: the whole test split)")
-    p.add_argument("--latency-repeats", type=int, default=30, help="timed runs per latency figure (median is reported)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--latency-repeats", type=int, default=30,
+                   help="timed runs per latency figure; the median is reported (default: 30)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampled subsets, initialization and "
+                   "training (default: 0)")
     p.add_argument("--out", default="runs/export/model.int8.onnx", help="int8 ONNX file to write (default: %(default)s)")
     p.add_argument("--fp32-out", help="also keep the pruned fp32 ONNX file here")
     p.add_argument("--report", help="JSON report path (default: report.json next to --out)")

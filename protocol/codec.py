@@ -2,9 +2,10 @@
 
 The byte layout is specified in docs/protocol.md ("Update codec"); the values it carries
 (`TensorBlock`, `Update`, `UpdateHeader`, `Limits`) live in `pqsu.protocol.update` and are
-re-exported here. Never pickle: `decode` treats every byte as hostile and either returns a
-valid `Update` or raises `CodecError`, checking each declared size against `Limits` and
-against the bytes actually left before it allocates anything. The subclass raised names the
+re-exported here; one tensor block's layout lives in `pqsu.protocol.block_wire`, shared with
+`TensorBlock.nbytes_on_wire`. Never pickle: `decode` treats every byte as hostile and either
+returns a valid `Update` or raises `CodecError`, checking each declared size against `Limits`
+and against the bytes actually left before it allocates anything. The subclass raised names the
 reason (`CodecError.reason`: "truncated", "oversize", "bad-checksum", ...).
 """
 
@@ -18,6 +19,7 @@ import zlib
 
 import numpy as np
 
+from pqsu.protocol import block_wire as bw
 from pqsu.protocol import varint
 from pqsu.protocol.errors import (ChecksumError, CodecError, OversizeError, SignatureError,
                                   TruncatedError, UnsupportedError)
@@ -32,38 +34,12 @@ MSG_UPDATE = 1
 FLAG_SIGNED = 0x01
 
 _HEAD = struct.Struct("<4sBBBIIf")  # magic, version, kind, flags, round, num_samples, loss
-_U8, _U16, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I")
-_SPARSE_HEAD = struct.Struct("<IfB")  # nnz, scale, index coding
-_DIMS = [struct.Struct(f"<{n}I") for n in range(256)]
+_U32 = struct.Struct("<I")
 _I8, _U8_ARRAY, _F32 = np.dtype("i1"), np.dtype("u1"), np.dtype("<f4")
 _CRC_BYTES, _MAC_BYTES = 4, 32
-_MIN_BLOCK_BYTES = 5  # u16 name length + 1 name byte + ndim + kind
-
-_KIND_CODE = {"skip": 0, "dense": 1, "sparse": 2, "dense32": 3}
-_SCALE_PER_TENSOR, _SCALE_PER_CHANNEL = 0, 1
 
 
 # ---------------------------------------------------------------------------- encode
-
-def _encode_block(b: TensorBlock) -> list[bytes]:
-    name = b.name.encode("utf-8")
-    parts = [_U16.pack(len(name)), name, _U8.pack(len(b.shape)),
-             _DIMS[len(b.shape)].pack(*b.shape), _U8.pack(_KIND_CODE[b.kind])]
-    if b.kind == "dense":
-        mode = _SCALE_PER_TENSOR if b.scale.size == 1 else _SCALE_PER_CHANNEL
-        parts += [_U8.pack(mode), b.scale.astype("<f4").tobytes(), b.q.tobytes()]
-    elif b.kind == "sparse":
-        coding, index_data = b._index_data
-        parts += [_SPARSE_HEAD.pack(b.q.size, b.scale[0], coding), index_data, b.q.tobytes()]
-    elif b.kind == "dense32":
-        parts.append(b.q.astype("<f4").tobytes())
-    return parts
-
-
-def encoded_block_size(b: TensorBlock) -> int:
-    """Exact size of `b` inside an encoded update (`TensorBlock.nbytes_on_wire`)."""
-    return sum(len(p) for p in _encode_block(b))
-
 
 def encode(update: Update, *, key: bytes | None = None) -> bytes:
     """Serialize `update`; with `key`, append an HMAC-SHA256 and set the signed flag."""
@@ -74,9 +50,9 @@ def encode(update: Update, *, key: bytes | None = None) -> bytes:
     flags = FLAG_SIGNED if key is not None else 0
     parts = [_HEAD.pack(MAGIC, FORMAT_VERSION, MSG_UPDATE, flags, update.round,
                         update.num_samples, update.loss),
-             _U8.pack(len(dev)), dev, _U8.pack(len(model)), model, _U32.pack(len(update.blocks))]
+             bw.U8.pack(len(dev)), dev, bw.U8.pack(len(model)), model, _U32.pack(len(update.blocks))]
     for b in update.blocks:
-        parts += _encode_block(b)
+        parts += bw.encode_block(b)
     msg = b"".join(parts)
     msg += _U32.pack(zlib.crc32(msg))
     if key is not None:
@@ -140,8 +116,8 @@ def _read_header(buf: bytes) -> tuple[UpdateHeader, int]:
     if flags & ~FLAG_SIGNED:
         raise UnsupportedError(f"unknown flag bits 0x{flags & ~FLAG_SIGNED:02x}")
     r = _Reader(buf, _HEAD.size, len(buf))
-    dev = r.text(r.unpack(_U8, "device_id length")[0], "device_id")
-    model = r.text(r.unpack(_U8, "model_id length")[0], "model_id")
+    dev = r.text(r.unpack(bw.U8, "device_id length")[0], "device_id")
+    model = r.text(r.unpack(bw.U8, "model_id length")[0], "model_id")
     (count,) = r.unpack(_U32, "tensor count")
     header = UpdateHeader(FORMAT_VERSION, rnd, dev, model, samples, loss,
                           bool(flags & FLAG_SIGNED), count)
@@ -162,17 +138,17 @@ def peek_header(payload: bytes) -> UpdateHeader:
 
 
 def _decode_block(r: _Reader, i: int, limits: Limits, total: int) -> tuple[TensorBlock, int]:
-    (nlen,) = r.unpack(_U16, f"tensor #{i} name length")
+    (nlen,) = r.unpack(bw.U16, f"tensor #{i} name length")
     if nlen == 0:
         raise CodecError(f"tensor #{i}: name length 0, names are not empty")
     if nlen > limits.max_name_bytes:
         raise OversizeError(f"tensor #{i}: name length {nlen}, limit is {limits.max_name_bytes}")
     name = r.text(nlen, f"tensor #{i} name")
     where = f"tensor {name!r}"
-    (ndim,) = r.unpack(_U8, f"{where} ndim")
+    (ndim,) = r.unpack(bw.U8, f"{where} ndim")
     if ndim > limits.max_ndim:
         raise OversizeError(f"{where}: {ndim} dims, limit is {limits.max_ndim}")
-    shape = r.unpack(_DIMS[ndim], f"{where} dims")
+    shape = r.unpack(bw.DIMS[ndim], f"{where} dims")
     numel = math.prod(shape)  # Python int: no overflow however large the claim
     if numel > limits.max_elements_per_tensor:
         raise OversizeError(f"{where}: shape {shape} has {numel} elements, "
@@ -180,14 +156,14 @@ def _decode_block(r: _Reader, i: int, limits: Limits, total: int) -> tuple[Tenso
     if total + numel > limits.max_total_elements:
         raise OversizeError(f"{where}: update declares over {limits.max_total_elements} "
                             "elements in total")
-    (kind,) = r.unpack(_U8, f"{where} kind")
-    if kind == _KIND_CODE["skip"]:
+    (kind,) = r.unpack(bw.U8, f"{where} kind")
+    if kind == bw.KIND_CODE["skip"]:
         block = TensorBlock._from_wire(name, shape, "skip")
-    elif kind == _KIND_CODE["dense"]:
+    elif kind == bw.KIND_CODE["dense"]:
         block = _decode_dense(r, where, name, shape, numel)
-    elif kind == _KIND_CODE["sparse"]:
+    elif kind == bw.KIND_CODE["sparse"]:
         block = _decode_sparse(r, where, name, shape, numel)
-    elif kind == _KIND_CODE["dense32"]:
+    elif kind == bw.KIND_CODE["dense32"]:
         # astype: a no-op on little-endian hosts, a native-order copy elsewhere.
         q = r.array(_F32, numel, f"{where} float32 values").astype(np.float32, copy=False)
         if not np.isfinite(q).all():
@@ -200,12 +176,12 @@ def _decode_block(r: _Reader, i: int, limits: Limits, total: int) -> tuple[Tenso
 
 def _decode_dense(r: _Reader, where: str, name: str, shape: tuple[int, ...],
                   numel: int) -> TensorBlock:
-    (mode,) = r.unpack(_U8, f"{where} scale mode")
-    if mode == _SCALE_PER_TENSOR:
+    (mode,) = r.unpack(bw.U8, f"{where} scale mode")
+    if mode == bw.SCALE_PER_TENSOR:
         nscale = 1
-    elif mode == _SCALE_PER_CHANNEL and shape:
+    elif mode == bw.SCALE_PER_CHANNEL and shape:
         nscale = shape[0]
-    elif mode == _SCALE_PER_CHANNEL:
+    elif mode == bw.SCALE_PER_CHANNEL:
         raise CodecError(f"{where}: per-channel scale mode for a scalar")
     else:
         raise UnsupportedError(f"{where}: unknown scale mode {mode}")
@@ -218,7 +194,7 @@ def _decode_dense(r: _Reader, where: str, name: str, shape: tuple[int, ...],
 
 def _decode_sparse(r: _Reader, where: str, name: str, shape: tuple[int, ...],
                    numel: int) -> TensorBlock:
-    nnz, scale, coding = r.unpack(_SPARSE_HEAD, f"{where} sparse header")
+    nnz, scale, coding = r.unpack(bw.SPARSE_HEAD, f"{where} sparse header")
     if nnz > numel:
         raise CodecError(f"{where}: nnz {nnz} exceeds {numel} elements")
     if not 0 <= scale <= _MAX_SCALE:  # also False for NaN
@@ -282,7 +258,7 @@ def decode(payload: bytes, *, key: bytes | None = None, limits: Limits = Limits(
     count = header.num_tensors
     if count > limits.max_tensors:
         raise OversizeError(f"{count} tensors, limit is {limits.max_tensors}")
-    if count * _MIN_BLOCK_BYTES > body_end - pos:
+    if count * bw.MIN_BLOCK_BYTES > body_end - pos:
         raise TruncatedError(f"truncated: {count} tensors cannot fit in {body_end - pos} bytes")
     r, blocks, total = _Reader(buf, pos, body_end), [], 0
     for i in range(count):

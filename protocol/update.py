@@ -3,7 +3,8 @@
 These dataclasses validate themselves (raising `CodecError`), so an `Update` that exists can
 always be encoded, and one that was decoded satisfies the same invariants as one built
 locally. The byte layout lives in `pqsu.protocol.codec` (specified in docs/protocol.md,
-"Update codec"), which re-exports everything here.
+"Update codec"), which re-exports everything here; a block's own layout, which
+`nbytes_on_wire` needs too, lives in `pqsu.protocol.block_wire`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from functools import cached_property
 import numpy as np
 
 from pqsu.protocol import varint
+from pqsu.protocol.block_wire import encoded_block_size
 from pqsu.protocol.errors import CodecError
 
 __all__ = ["TensorBlock", "Update", "UpdateHeader", "Limits", "KINDS"]
@@ -245,8 +247,6 @@ class TensorBlock:
     @property
     def nbytes_on_wire(self) -> int:
         """Exact size of this block inside an encoded update."""
-        from pqsu.protocol.codec import encoded_block_size  # codec imports this module
-
         return encoded_block_size(self)
 
     @cached_property

@@ -25,6 +25,20 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser reports arguments it does not know itself, with its own usage.
+
+    argparse hands a subparser's leftovers up to the top parser, which then prints `usage: pqsu
+    [-h] ...` for `pqsu run --bogus`: no help for someone who mistyped a flag of `run`. Nested
+    subcommands (`pqsu edge run`) inherit this class, so the innermost one reports."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pqsu",
@@ -32,7 +46,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         "int8 Quantization and Selective Updating.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=SubcommandParser)
     sub.required = True
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():

@@ -1,6 +1,7 @@
 """The FL-PQSU paper's table, reproduced on this machine, with our scheme beside it.
 
-Rows (FederatedConfig presets, cloud/config.py SCHEMES): dense fp32 FedAvg; +pruning 30/50/70%
+Rows (the user's schemes, cloud/config.py SCHEMES, and this table's own ABLATIONS over dense
+FedAvg): dense fp32 FedAvg; +pruning 30/50/70%
 (fp32 model, dense fp32 uploads); +pruning 50% +int8 (int8 model, dense int8 uploads every
 round); the paper's full scheme (+ loss-gated whole uploads); ours (top-k int8 with error
 feedback, selective upload, FedAvgM); and ours at 70% pruning (same settings, more pruning).
@@ -39,7 +40,24 @@ from pqsu.tools.fleet.simulate import device_ids, simulate
 
 log = logging.getLogger(__name__)
 
-ROWS: dict[str, tuple[str, dict]] = {  # label -> (scheme preset, overrides)
+# The ablation rows: one technique added to dense FedAvg at a time. Bench-only presets, kept here so
+# that a user's --scheme offers only what one would run (fedavg, paper, ours).
+ABLATIONS: dict[str, dict] = {
+    "prune30": dict(prune=0.3),
+    "prune50": dict(prune=0.5),
+    "prune70": dict(prune=0.7),
+    "prune50+int8": dict(prune=0.5, precision="int8", select="dense"),
+}
+
+
+def row_config(scheme: str, **overrides) -> FederatedConfig:
+    """A row's config: an ablation preset over fedavg, or a user scheme, then `overrides`."""
+    if scheme in ABLATIONS:
+        return FederatedConfig.for_scheme("fedavg", **{**ABLATIONS[scheme], **overrides})
+    return FederatedConfig.for_scheme(scheme, **overrides)
+
+
+ROWS: dict[str, tuple[str, dict]] = {  # label -> (scheme or ablation preset, overrides)
     "fedavg": ("fedavg", {}),
     "prune30": ("prune30", {}),
     "prune50": ("prune50", {}),
@@ -93,7 +111,7 @@ def run_table(overrides: dict, rows: dict[str, tuple[str, dict]] = ROWS, latency
              "torch_fp32_unpruned_b1_ms": measure.torch_latency_ms(copy.deepcopy(pretrained), x1, latency_repeats),
              "rows": {}}
     for label, (scheme, extra) in rows.items():
-        cfg = FederatedConfig.for_scheme(scheme, **{**overrides, **extra})
+        cfg = row_config(scheme, **{**overrides, **extra})
         log.info("paper %s / %s: %d rounds, %d clients", cfg.model, label, cfg.rounds, cfg.clients)
         result = simulate(cfg, lambda r: log.info("  round %d acc %.4f up %d", r.round, r.accuracy, r.bytes_up),
                           server=_server(cfg, pretrained, data, base.finetune_epochs))

@@ -58,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--board", help=f"board profile: {', '.join(BOARDS)}")
     g.add_argument("--device-id", help="the device's id (letters, digits, . _ -): its MQTT client id")
     g.add_argument("--broker", help="broker URL, mqtt://host[:port] or mqtts://host[:port] (no password in it)")
-    g.add_argument("--fleet", default="default", help="fleet name (default: %(default)s)")
+    g.add_argument("--fleet", default="default", help="fleet the device joins: its topics live under pqsu/<fleet>/ "
+                   "(default: %(default)s)")
     g.add_argument("--data", default=DATA_DIR, help=f"training data path on the board (default: {DATA_DIR})")
     g.add_argument("--state-dir", default=STATE_DIR,
                    help=f"device state folder on the board, kept across re-flashes (default: {STATE_DIR})")

@@ -5,13 +5,13 @@ shard per device), each device gets its shard as an .npz file, and the processes
 only through MQTT, as on real boards. Without --broker a private Mosquitto is started
 on a free loopback port (in-process amqtt when Mosquitto is not installed).
 
-Everything lands in runs/<name>/: config.json, metrics.jsonl (a line per round),
-summary.json, model.int8.onnx, accuracy.png, accuracy_vs_uplink.png, checkpoints/,
-devices/<id>/ (shard and device state) and logs/.
+Everything lands in --out DIR (default: runs/<name>/): config.json, metrics.jsonl (a line
+per round), summary.json, model.int8.onnx, accuracy.png, accuracy_vs_uplink.png,
+checkpoints/, devices/<id>/ (shard and device state) and logs/.
 
 examples:
   pqsu run                                   # the default: cnn, 10 devices, 10 rounds
-  pqsu run --scheme paper --rounds 5 --clients 4 --name paper-small
+  pqsu run --scheme paper --rounds 5 --clients 4 --out runs/paper-small
   pqsu run --broker mqtt://127.0.0.1:1883    # use a broker that is already running
 """
 from __future__ import annotations
@@ -34,28 +34,46 @@ from pqsu.protocol.errors import PqsuError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
-    g = p.add_argument_group("fleet")
+    g = p.add_argument_group("results")
+    g.add_argument("--out", metavar="DIR", help="write the results directly in DIR, as every other command does "
+                   "(default: <runs-dir>/<name>)")
     g.add_argument("--name", help="run name: results go to <runs-dir>/<name> (default: run-<date>-<time>)")
-    g.add_argument("--runs-dir", default="runs", help="where runs are written (default: runs)")
-    g.add_argument("--broker", help="use this broker instead of starting one")
+    g.add_argument("--runs-dir", metavar="DIR", help=f"folder that holds the named runs (default: {RUNS_DIR})")
+    g = p.add_argument_group("fleet")
+    g.add_argument("--broker", metavar="URL", help="use the broker already running at this mqtt:// URL instead "
+                   "of starting one")
     g.add_argument("--broker-kind", choices=["auto", "mosquitto", "amqtt"], default="auto",
                    help="embedded broker: mosquitto when installed, else amqtt (default: auto)")
-    g.add_argument("--fleet", default="local", help="fleet name (default: local)")
-    g.add_argument("--round-timeout", type=float, default=300.0, help="a round's deadline in seconds (default: 300)")
-    g.add_argument("--join-timeout", type=float, default=300.0,
+    g.add_argument("--fleet", default="local", help="fleet name: topics live under pqsu/<fleet>/ (default: local)")
+    g.add_argument("--round-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="a round's deadline: devices that have not answered by then are left out (default: 300)")
+    g.add_argument("--join-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="seconds the first round waits for every agent to come online (default: 300)")
-    g.add_argument("--chunk-limit", type=int, default=128 * 1024, help="largest MQTT payload (default: 131072)")
-    g.add_argument("--agent-threads", type=int, default=1, help="torch threads per agent process (default: 1)")
+    g.add_argument("--chunk-limit", type=int, default=128 * 1024, metavar="BYTES",
+                   help="largest MQTT payload; bigger messages are chunked (default: 131072, the AWS IoT cap)")
+    g.add_argument("--agent-threads", type=int, default=1, metavar="N",
+                   help="torch threads per agent process (default: 1)")
+
+
+RUNS_DIR = "runs"
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    """--out DIR as given, else <runs-dir>/<name>; both ways at once is an error, not a guess."""
+    if args.out and (args.name or args.runs_dir):
+        raise PqsuError("give --out DIR, or --name (and --runs-dir), not both")
+    if args.out:
+        return Path(args.out)
+    return Path(args.runs_dir or RUNS_DIR) / (args.name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S"))
 
 
 def run(args: argparse.Namespace) -> int:
     from pqsu.tools.fleet.broker import embedded_broker
 
     cfg = config_from_args(args)
-    name = args.name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
-    out = Path(args.runs_dir) / name
+    out = output_folder(args)
     if (out / "summary.json").exists() and json.loads((out / "summary.json").read_text()).get("completed", True):
-        raise PqsuError(f"{out} holds a finished run; choose another --name")
+        raise PqsuError(f"{out} holds a finished run; choose another {'--out' if args.out else '--name'}")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     settings = out / "settings.json"  # every field, None included: the coordinator must not fall back on a preset
     settings.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -12,16 +12,12 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from pqsu.cloud import report
-from pqsu.cloud.bootstrap import build_server
 from pqsu.cloud.config import FederatedConfig, add_config_arguments, config_from_args
-from pqsu.cloud.server import FederatedServer, RoundReport, choose_devices
-from pqsu.edge.learner import EdgeLearner
-from pqsu.edge.selective import SelectivePolicy
-from pqsu.export.datasets import load_dataset
-from pqsu.export.partition import federated_split
+
+if TYPE_CHECKING:
+    from pqsu.cloud.server import FederatedServer, RoundReport
 
 
 @dataclass
@@ -45,6 +41,15 @@ def simulate(cfg: FederatedConfig, on_round: Callable[[RoundReport], None] | Non
 
     Each round's record also lists every selected device's measured `run_round` wall time and
     upload bytes (`devices`), which the radio model turns into simulated round times."""
+    # Here, not at the top: they import torch and onnx, which `pqsu simulate --help` must not wait for.
+    from pqsu.cloud import report
+    from pqsu.cloud.bootstrap import build_server
+    from pqsu.cloud.server import choose_devices
+    from pqsu.edge.learner import EdgeLearner
+    from pqsu.edge.selective import SelectivePolicy
+    from pqsu.export.datasets import load_dataset
+    from pqsu.export.partition import federated_split
+
     start = time.perf_counter()
     if server is None:
         server, _ = build_server(cfg)
@@ -88,7 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = config_from_args(args)  # bad input fails here, before torch is imported
+    from pqsu.cloud import report
+
     out = Path(args.out) if args.out else None
 
     def show(r: RoundReport) -> None:

@@ -1,0 +1,99 @@
+"""FederatedConfig from presets, settings files and flags; a wrong type is one line before any work."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pqsu.cloud.config import SCHEMES, FederatedConfig, add_config_arguments, config_from_args
+from pqsu.protocol.errors import PqsuError
+
+
+def _config(*argv: str) -> FederatedConfig:
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    return config_from_args(p.parse_args(list(argv)))
+
+
+def _toml(tmp_path, text: str) -> str:
+    path = tmp_path / "run.toml"
+    path.write_text(text + "\n")
+    return str(path)
+
+
+WRONG_TYPES = [
+    ('rounds = "ten"', 'rounds = "ten": expected an integer'),
+    ('prune = "half"', 'prune = "half": expected a number'),
+    ("clients = 2.5", "clients = 2.5: expected an integer"),
+    ("rounds = true", "rounds = true: expected an integer"),
+    ('error_feedback = "no"', 'error_feedback = "no": expected true or false'),
+    ("model = 5", "model = 5: expected a string"),
+    ("clip_norm = [1, 2]", "clip_norm = [1, 2]: expected a number or a string"),
+    ("scheme = 1", "scheme = 1: expected a string"),
+]
+
+
+@pytest.mark.parametrize("line, message", WRONG_TYPES, ids=[w[0] for w in WRONG_TYPES])
+def test_a_wrong_type_in_the_settings_file_names_key_value_and_type(tmp_path, line, message):
+    path = _toml(tmp_path, line)
+    with pytest.raises(PqsuError) as exc:
+        _config("--config", path)
+    assert str(exc.value) == f"settings file {path}: {message}"
+
+
+@pytest.mark.parametrize("command", ["cloud", "run", "simulate"])
+def test_a_wrong_type_ends_the_command_in_one_line_before_any_work(tmp_path, command):
+    path = _toml(tmp_path, 'rounds = "ten"')
+    out = tmp_path / "out"
+    # A fresh interpreter: the error must come before torch is even imported, and before any folder is made.
+    probe = ("import sys; from pqsu.tools import cli; code = cli.main(sys.argv[1:]); "
+             "print(sorted(m for m in ('torch', 'onnx') if m in sys.modules)); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", probe, command, "--config", path, "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr == f'pqsu {command}: error: settings file {path}: rounds = "ten": expected an integer\n'
+    assert proc.stdout == "[]\n" and not out.exists()
+
+
+def test_right_types_are_taken_with_integers_for_numbers(tmp_path):
+    path = _toml(tmp_path, 'rounds = 3\nprune = 0.3\nfraction = 1\nerror_feedback = false\nclip_norm = "median"\n'
+                           'scheme = "paper"')
+    cfg = _config("--config", path)
+    assert (cfg.rounds, cfg.prune, cfg.fraction, cfg.error_feedback, cfg.clip_norm) == (3, 0.3, 1, False, "median")
+    assert (cfg.upload, cfg.select) == ("loss", "dense")  # the file's scheme, under the file's values
+
+
+def test_flags_win_over_the_file(tmp_path):
+    path = _toml(tmp_path, "rounds = 3\nclients = 4")
+    cfg = _config("--config", path, "--rounds", "5", "--scheme", "fedavg")
+    assert (cfg.rounds, cfg.clients, cfg.prune) == (5, 4, None)
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_the_settings_pqsu_run_writes_read_back_unchanged(tmp_path, scheme):
+    """`pqsu run` hands the coordinator every field as JSON, nulls included."""
+    cfg = FederatedConfig.for_scheme(scheme, rounds=2, samples_per_client=None, clip_norm=None)
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert _config("--config", str(path)) == cfg
+
+
+def test_a_null_for_a_required_setting_is_a_type_error(tmp_path):
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"rounds": None}))
+    with pytest.raises(PqsuError, match=r"rounds = null: expected an integer$"):
+        _config("--config", str(path))
+
+
+def test_a_wrong_type_from_python_is_the_same_one_line_error():
+    with pytest.raises(PqsuError, match=r'^epochs = "1": expected a number$'):
+        FederatedConfig(epochs="1")
+
+
+def test_the_schemes_are_what_a_user_chooses_between():
+    assert list(SCHEMES) == ["fedavg", "paper", "ours"]
+    with pytest.raises(PqsuError, match="unknown scheme 'prune30'; choose one of fedavg, paper, ours"):
+        FederatedConfig.for_scheme("prune30")
