@@ -14,19 +14,16 @@ import bisect
 import collections
 import dataclasses
 import logging
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from torch import nn
 
 from pqsu.cloud.aggregate import AggregationError, ServerOptimizer, make_aggregator
-from pqsu.export import measure
-from pqsu.export.onnx_export import export_onnx
-from pqsu.export.pipeline import export_int8
+from pqsu.export.pipeline import Exported, export_model
+from pqsu.export.runtime import OrtModel
 from pqsu.export.training import evaluate_logits
 from pqsu.protocol import codec
 from pqsu.protocol.errors import CodecError
@@ -124,27 +121,26 @@ class FederatedServer:
         self.limits = cfg.limits or limits_for(self.shapes)
         self.optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
         self._aggregator = make_aggregator(cfg.aggregator, self.shapes, cfg.clip_norm)  # validates the spec early
-        self._model: tuple[bytes, ModelInfo] | None = None
+        self._model: Exported | None = None
+        self._runtime: OrtModel | None = None  # a session over `_model`, for evaluation
         self._round: _Round | None = None
         self.rounds_done = 0
 
     # -- downlink ----------------------------------------------------------------------
     def model_message(self) -> tuple[bytes, ModelInfo]:
-        """The current master as the file devices receive (exported once per master version)."""
+        """The current master as the file devices receive (exported once per master version, in memory)."""
         if self._model is None:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "model.onnx"
-                if self.cfg.precision == "int8":
-                    info = export_int8(self.model, self.info, self.calibration, path)
-                else:
-                    info = export_onnx(self.model, path, self.info)
-                self._model = (path.read_bytes(), info)
-        return self._model
+            calibration = self.calibration if self.cfg.precision == "int8" else None
+            self._model, self._runtime = export_model(self.model, self.info, calibration), None
+        return self._model.data, self._model.info
 
     def evaluate(self):
-        """Accuracy and loss of the model devices get (int8 or fp32 as shipped), on held-out data."""
-        data, _ = self.model_message()
-        return evaluate_logits(measure.ort_logits(measure.ort_session(data), self.eval_x), self.eval_y)
+        """Accuracy and loss of the model devices get (int8 or fp32 as shipped), on held-out data,
+        computed by the session boards serve with (`pqsu.export.runtime`)."""
+        self.model_message()
+        if self._runtime is None:
+            self._runtime = OrtModel(self._model.file)  # stamped here: no second hash
+        return evaluate_logits(self._runtime.logits(self.eval_x), self.eval_y)
 
     def open_round(self, round_: int, devices: list[str]) -> RoundTask:
         data, info = self.model_message()

@@ -74,8 +74,7 @@ class EdgeAgent:
                                            tls_key=cfg.tls_key, username=cfg.username, password=cfg.password)
         self.events: queue.Queue[tuple[str, bytes, float]] = queue.Queue(maxsize=1000)
         self.models = chunking.Reassembler(max_messages=4, max_bytes=1 << 30)
-        self.model: InferenceModel | None = None
-        self._model_bytes = b""
+        self.model: InferenceModel | None = None  # holds the verified file too (`model.file`), for training
         self.rounds_joined = 0
         self.bad_messages = 0
         self.models_received = 0   # new model versions swapped in by this process
@@ -92,17 +91,15 @@ class EdgeAgent:
         if not self.model_path.exists():
             return
         try:
-            data = self.model_path.read_bytes()
-            self.model = self._build_model(data)
+            self.model = self._build_model(model_id.verified(self.model_path.read_bytes()))
         except (OSError, PqsuError) as exc:
             log.warning("%s: saved model %s not used (%s); waiting for the broker's", self.cfg.device_id,
                         self.model_path, exc)
             return
-        self._model_bytes = data
         log.info("%s: serving saved model %s from %s", self.cfg.device_id, self.model.model_id[:12], self.model_path)
 
-    def _build_model(self, data: bytes) -> InferenceModel:
-        return InferenceModel(data, providers=list(self.cfg.providers) or None,
+    def _build_model(self, file: model_id.VerifiedModel) -> InferenceModel:
+        return InferenceModel(file, providers=list(self.cfg.providers) or None,
                               threads=self.cfg.inference_threads or None)
 
     # -- network thread --------------------------------------------------------------
@@ -252,15 +249,15 @@ class EdgeAgent:
 
     def _swap_model(self, data: bytes) -> None:
         try:
-            claimed = model_id.verify(data)
+            file = model_id.verified(data)  # the one hash of this file on the board
         except PqsuError as exc:
             self.bad_messages += 1
             log.warning("received a model that does not verify: %s", exc)
             return
-        if self.model is not None and claimed == self.model.model_id:
+        if self.model is not None and file.model_id == self.model.model_id:
             return  # the retained chunks of the model we have (after a reconnect or restart)
         try:
-            model = self._build_model(data)
+            model = self._build_model(file)
         except PqsuError as exc:
             self.bad_messages += 1
             log.warning("received a model that onnxruntime cannot serve: %s", exc)
@@ -269,7 +266,7 @@ class EdgeAgent:
             atomic_write(self.model_path, data)
         except OSError as exc:
             log.warning("%s: cannot save the model to %s: %s", self.cfg.device_id, self.model_path, exc)
-        self.model, self._model_bytes = model, data  # one reference swap: in-flight requests keep theirs
+        self.model = model  # one reference swap: in-flight requests keep theirs
         self.models_received += 1
         self.model_bytes_down += len(data)
         log.info("%s: model %s (%d bytes)", self.cfg.device_id, model.model_id[:12], len(data))
@@ -280,7 +277,7 @@ class EdgeAgent:
         (verifying and loading the model, training, encoding), for the fleet benchmark."""
         self._publish_status("training", task.round)
         try:
-            outcome = self.learner.run_round(task, self._model_bytes)
+            outcome = self.learner.run_round(task, self.model.file)  # verified on arrival: not hashed again
         except PqsuError as exc:
             log.error("%s: round %d failed: %s", self.cfg.device_id, task.round, exc)
             self._publish_status("failed", task.round, str(exc)[:200])

@@ -23,6 +23,7 @@ from pqsu.export.training import TrainConfig, train
 from pqsu.protocol.codec import Update, encode
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.messages import RoundTask
+from pqsu.protocol.model_id import VerifiedModel, as_verified
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,13 @@ class EdgeLearner:
         if self.state_path:
             self.state.save(self.state_path)
 
-    def run_round(self, task: RoundTask, model_bytes: bytes) -> RoundOutcome:
-        model, info = torch_model_from_onnx(model_bytes, allow_custom=self.allow_custom)
-        if info.model_id != task.model_id:
-            raise PqsuError(f"round {task.round} announced model {task.model_id} but the file is {info.model_id}")
+    def run_round(self, task: RoundTask, model_file: VerifiedModel | bytes) -> RoundOutcome:
+        """One round on the model file: the agent hands over the one it verified on arrival (not hashed
+        again); bytes (the in-process simulator's) are verified here, once."""
+        model_file = as_verified(model_file)
+        if model_file.model_id != task.model_id:
+            raise PqsuError(f"round {task.round} announced model {task.model_id} but the file is {model_file.model_id}")
+        model, info = torch_model_from_onnx(model_file, allow_custom=self.allow_custom)
         received = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
         if not self.state.fits({k: v.shape for k, v in received.items()}):
             log.info("%s: model architecture changed, starting a fresh residual", self.device_id)
@@ -124,7 +128,7 @@ class EdgeLearner:
         self.state.residual = prepared.residual
         self.state.previous = received if self.policy.needs_previous else {}
         self.state.last_round, self.state.rounds_joined = task.round, self.state.rounds_joined + 1
-        self.state.bytes_down += len(model_bytes)
+        self.state.bytes_down += len(model_file)
         return RoundOutcome(task.round, payload, prepared.decision.reason, stats.loss, stats.samples,
                             stats.seconds, nnz)
 

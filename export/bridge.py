@@ -21,7 +21,7 @@ from torch import nn
 from pqsu.export.custom import build_any
 from pqsu.export.zoo import ModelSpec, ZooError
 from pqsu.protocol.errors import PqsuError
-from pqsu.protocol.model_id import ModelIdError
+from pqsu.protocol.model_id import ModelIdError, VerifiedModel, as_verified
 from pqsu.protocol.model_info import ModelInfo, ModelInfoError
 
 QUANTIZED_SUFFIX = "_quantized"
@@ -38,7 +38,10 @@ class Int8Weights:
     steps: dict[str, np.ndarray]   # quantization step of each entry (broadcastable), for error bounds
 
 
-def read_int8_weights(source: str | Path | bytes) -> Int8Weights:
+Source = str | Path | bytes | VerifiedModel  # a VerifiedModel is not hashed again
+
+
+def read_int8_weights(source: Source) -> Int8Weights:
     """Dequantize every weight initializer of an fl-pqsu int8 ONNX file."""
     weights = read_weights(source)
     if weights.info.precision != "int8" or not any(s.any() for s in weights.steps.values()):
@@ -46,14 +49,14 @@ def read_int8_weights(source: str | Path | bytes) -> Int8Weights:
     return weights
 
 
-def read_weights(source: str | Path | bytes) -> Int8Weights:
-    """The weights of an fl-pqsu ONNX file, int8 (dequantized) or fp32 (steps are zero)."""
-    from pqsu.export.onnx_export import read_info  # onnx_export pulls in the exporter; only needed here
+def read_weights(source: Source) -> Int8Weights:
+    """The weights of an fl-pqsu ONNX file, int8 (dequantized) or fp32 (steps are zero).
 
-    data = source if isinstance(source, bytes) else _read(source)
+    The file is parsed once: its metadata and its initializers come from the same proto."""
+    data = source if isinstance(source, (bytes, VerifiedModel)) else _read(source)
     try:
-        info = read_info(data)
-        proto = onnx.load_from_string(data)
+        proto = onnx.load_from_string(as_verified(data).data)
+        info = ModelInfo.from_props(proto.metadata_props)
     except (ModelIdError, ModelInfoError) as exc:
         raise BridgeError(str(exc)) from None
     except Exception as exc:  # protobuf decode errors have no common public type
@@ -98,12 +101,12 @@ def worst_error_in_steps(reference: dict[str, np.ndarray], weights: Int8Weights)
     return worst
 
 
-def torch_model_from_int8(source: str | Path | bytes, *, allow_custom: bool = False) -> tuple[nn.Module, ModelInfo]:
+def torch_model_from_int8(source: Source, *, allow_custom: bool = False) -> tuple[nn.Module, ModelInfo]:
     """Rebuild the torch model an int8 ONNX file was exported from, with its dequantized weights."""
     return _rebuild(read_int8_weights(source), allow_custom)
 
 
-def torch_model_from_onnx(source: str | Path | bytes, *, allow_custom: bool = False) -> tuple[nn.Module, ModelInfo]:
+def torch_model_from_onnx(source: Source, *, allow_custom: bool = False) -> tuple[nn.Module, ModelInfo]:
     """Like `torch_model_from_int8`, but fp32 fl-pqsu files are accepted too (the FedAvg baseline)."""
     return _rebuild(read_weights(source), allow_custom)
 

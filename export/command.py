@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pqsu.export.pipeline import ExportConfig, run_export  # torch is imported only when exporting
+    from pqsu.export.report import ExportConfig, run_export  # torch is imported only when exporting
 
     for name in ("calib_samples", "latency_repeats", "batch_size"):
         if getattr(args, name) < 1:

@@ -1,16 +1,19 @@
-"""Size and speed figures for the export report: params, MACs, bytes, latency."""
+"""Size and speed figures for the export report: params, MACs, bytes, latency.
+
+onnxruntime figures come from `pqsu.export.runtime.OrtModel`, the session a board serves with."""
 from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import torch_pruning as tp
 from torch import nn
+
+from pqsu.export.runtime import OrtModel
+from pqsu.protocol.model_id import VerifiedModel
 
 
 def count_params(model: nn.Module) -> int:
@@ -47,20 +50,11 @@ def torch_latency_ms(model: nn.Module, x: np.ndarray, repeats: int = 50) -> floa
     return median_ms(run, repeats=repeats)
 
 
-def ort_session(path: str | Path | bytes, threads: int | None = None) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    source = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+def ort_session(model: VerifiedModel | bytes, threads: int | None = None) -> OrtModel:
+    """The session boards serve with (`pqsu.export.runtime`), so the report times what a board runs."""
+    return OrtModel(model, threads=threads)
 
 
-def ort_latency_ms(session: ort.InferenceSession, x: np.ndarray, repeats: int = 50) -> float:
-    name = session.get_inputs()[0].name
-    return median_ms(lambda: session.run(None, {name: x}), repeats=repeats)
-
-
-def ort_logits(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+def ort_latency_ms(model: OrtModel, x: np.ndarray, repeats: int = 50) -> float:
+    batch = model.prepare(x)
+    return median_ms(lambda: model.run(batch), repeats=repeats)

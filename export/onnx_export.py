@@ -1,9 +1,13 @@
-"""torch -> ONNX: one self-contained file, dynamic batch, fl-pqsu metadata, stamped id."""
+"""torch -> ONNX: one self-contained file, dynamic batch, fl-pqsu metadata, stamped id.
+
+The model stays in memory: `to_onnx` gives the ModelProto straight from the exporter, and
+`stamp_with_info` serializes it with its metadata and hashes it once to fill its id. Only
+callers that want a file on disk (`export_onnx`, `write_with_info`) write one.
+"""
 from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,42 +29,52 @@ class OnnxExportError(PqsuError):
     """The model could not be exported or the ONNX file could not be written."""
 
 
-def export_onnx(model: nn.Module, path: str | Path, info: ModelInfo) -> ModelInfo:
-    """Export `model` (eval mode, batch dimension dynamic) to `path`; returns the stamped info."""
-    path = Path(path)
+def to_onnx(model: nn.Module, info: ModelInfo) -> tuple[onnx.ModelProto, ModelInfo]:
+    """`model` (eval mode, batch dimension dynamic) as an ONNX proto, and `info` with its opset and input name.
+
+    The proto carries no fl-pqsu metadata yet: `stamp_with_info` adds it when the file is made."""
     model = model.eval()
     example = torch.zeros(2, *info.in_shape)  # batch 2: a batch of 1 would be specialised as a constant
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter is chatty about internals we do not control
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        raw = Path(tmp) / "model.onnx"
         try:
-            torch.onnx.export(model, (example,), str(raw), input_names=[INPUT_NAME], output_names=["logits"],
-                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                              opset_version=OPSET, external_data=False, verbose=False)
+            program = torch.onnx.export(model, (example,), None, input_names=[INPUT_NAME], output_names=["logits"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                                        opset_version=OPSET, external_data=False, verbose=False)
+            proto = program.model_proto
         except Exception as exc:  # torch.export raises many types; the user needs the message
             raise OnnxExportError(f"torch.onnx.export failed for {info.spec.get('arch')}: {exc}") from exc
-        proto = onnx.load(str(raw))
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    return write_with_info(proto, path, dataclasses.replace(info, opset=opset, input_name=INPUT_NAME))
+    return proto, dataclasses.replace(info, opset=opset, input_name=INPUT_NAME)
 
 
-def write_with_info(proto: onnx.ModelProto, path: str | Path, info: ModelInfo) -> ModelInfo:
-    """Replace the fl-pqsu metadata of `proto`, stamp its model id and write it atomically."""
+def export_onnx(model: nn.Module, path: str | Path, info: ModelInfo) -> ModelInfo:
+    """Export `model` to an fp32 ONNX file at `path`; returns the stamped info."""
+    proto, info = to_onnx(model, info)
+    return write_with_info(proto, path, info)
+
+
+def stamp_with_info(proto: onnx.ModelProto, info: ModelInfo) -> tuple[model_id.VerifiedModel, ModelInfo]:
+    """Replace the fl-pqsu metadata of `proto` (changed in place), serialize it and stamp its id: the one hash."""
     keep = [p for p in proto.metadata_props if not p.key.startswith("pqsu.")]
     del proto.metadata_props[:]
     proto.metadata_props.extend(keep)
-    meta = dataclasses.replace(info, model_id=model_id.PLACEHOLDER).to_metadata()
-    for key, value in meta.items():
+    for key, value in dataclasses.replace(info, model_id=model_id.PLACEHOLDER).to_metadata().items():
         proto.metadata_props.add(key=key, value=value)
-    data, stamped = model_id.stamp(proto.SerializeToString())
-    atomic_write(Path(path), data)
-    return dataclasses.replace(info, model_id=stamped)
+    file = model_id.stamped(proto.SerializeToString())
+    return file, dataclasses.replace(info, model_id=file.model_id)
 
 
-def read_info(source: str | Path | bytes) -> ModelInfo:
+def write_with_info(proto: onnx.ModelProto, path: str | Path, info: ModelInfo) -> ModelInfo:
+    """`stamp_with_info`, then the file written atomically to `path`."""
+    file, info = stamp_with_info(proto, info)
+    atomic_write(Path(path), file.data)
+    return info
+
+
+def read_info(source: str | Path | bytes | model_id.VerifiedModel) -> ModelInfo:
     """The fl-pqsu metadata of an ONNX file, after verifying its model id."""
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    model_id.verify(data)
-    proto = onnx.load_from_string(data)
-    return ModelInfo.from_metadata({p.key: p.value for p in proto.metadata_props})
+    file = source if isinstance(source, model_id.VerifiedModel) else \
+        model_id.verified(source if isinstance(source, bytes) else Path(source).read_bytes())
+    return ModelInfo.from_props(onnx.load_from_string(file.data).metadata_props)

@@ -1,187 +1,152 @@
-"""The export pipeline: model -> pruned -> BN-folded -> ONNX fp32 -> ONNX int8, measured.
+"""The one round-0 pipeline and the one way a model becomes its file.
 
-`export_int8` is the one step the cloud repeats every round; `run_export` is the whole
-measured pipeline behind `pqsu export`.
+Round 0 (pre-train -> prune -> fine-tune -> fold BatchNorm) is the same for `pqsu export` and
+for the coordinator, which calls it on its proxy split: `pretrain` then `finish` (or both at
+once, `prepare`). Pre-training and fine-tuning are SGD with momentum 0.9; the initial weights
+and the pre-training shuffle come from `seed`, the fine-tuning shuffle from `seed + 1`.
+
+`export_model` turns the BN-folded model into the file devices get, in memory: ONNX proto
+from the exporter, int8 through onnxruntime's quantizer (which alone needs a few temporary
+files), fl-pqsu metadata added and the model id hashed and stamped once.
 """
 from __future__ import annotations
 
 import logging
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from pqsu.export import measure
-from pqsu.export.bridge import read_int8_weights, worst_error_in_steps
 from pqsu.export.custom import custom_model, is_custom, load_factory, load_state_dict_file, spec_of
-from pqsu.export.datasets import ArrayDataset, load_dataset
-from pqsu.export.onnx_export import export_onnx
+from pqsu.export.datasets import ArrayDataset
+from pqsu.export.onnx_export import stamp_with_info, to_onnx
 from pqsu.export.pruning import fold_batchnorm, prune_model
-from pqsu.export.quantize import ArrayCalibrationReader, quantize_int8
-from pqsu.export.training import TrainConfig, evaluate, evaluate_logits, train
+from pqsu.export.quantize import ArrayCalibrationReader, quantize
+from pqsu.export.training import TrainConfig, train
 from pqsu.export.zoo import build_model, default_spec
+from pqsu.protocol.atomic import atomic_write
+from pqsu.protocol.model_id import VerifiedModel
 from pqsu.protocol.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class PrepareConfig:
+    arch: str = "cnn"               # zoo name, or package.module:factory for a user's own model
+    prune: float | None = 0.5       # None: no pruning (the FedAvg baseline)
+    pretrain_epochs: float = 1.0
+    finetune_epochs: float = 0.5    # after pruning; `finish` can be told otherwise
+    batch_size: int = 32
+    lr: float = 0.01
+    seed: int = 0
+    momentum: float = 0.9
+    round_to: int | None = None     # keep pruned widths multiples of this
+    weights: str | None = None      # a trained state_dict to start from
+
+
+def check_arch(arch: str) -> None:
+    """A PqsuError for an unknown zoo name or an unloadable factory, before any data is read."""
+    if is_custom(arch):
+        load_factory(arch)
+    else:
+        default_spec(arch)
+
+
+def initial_model(cfg: PrepareConfig, data: ArrayDataset) -> nn.Module:
+    """The architecture for `data`'s shape and classes, its initial weights seeded (or `cfg.weights`)."""
+    torch.manual_seed(cfg.seed)
+    if is_custom(cfg.arch):
+        model = custom_model(cfg.arch, data.input_shape, data.num_classes)
+    else:
+        model = build_model(default_spec(cfg.arch, data.input_shape, data.num_classes))
+    if cfg.weights:
+        load_state_dict_file(model, cfg.weights)
+    return model.eval()
+
+
+def pretrain(cfg: PrepareConfig, data: ArrayDataset, *, progress: bool = False) -> nn.Module:
+    """The initial model pre-trained `cfg.pretrain_epochs` on `data` (`pqsu bench paper` shares one between rows)."""
+    model = initial_model(cfg, data)
+    if cfg.pretrain_epochs > 0 and len(data):
+        log.debug("pre-training %s on %d samples for %g epoch(s)", cfg.arch, len(data), cfg.pretrain_epochs)
+        train(model, data.normalized(), data.y, _train_config(cfg, cfg.pretrain_epochs, cfg.seed),
+              progress=progress, desc="pre-train")
+    return model.eval()
+
+
+def finish(model: nn.Module, cfg: PrepareConfig, data: ArrayDataset, finetune_epochs: float | None = None, *,
+           progress: bool = False) -> nn.Module:
+    """`model` pruned by `cfg.prune` if set, fine-tuned on `data`, BN folded (changed in place, and returned).
+
+    `finetune_epochs` defaults to `cfg.finetune_epochs` when pruning and to none otherwise."""
+    if finetune_epochs is None:
+        finetune_epochs = cfg.finetune_epochs if cfg.prune is not None else 0.0
+    if cfg.prune is not None:
+        log.debug("pruning %.0f%% of channels (L1 group importance)", 100 * cfg.prune)
+        model = prune_model(model, cfg.prune, torch.zeros(1, *data.input_shape), round_to=cfg.round_to).model
+    if finetune_epochs > 0 and len(data):
+        train(model, data.normalized(), data.y, _train_config(cfg, finetune_epochs, cfg.seed + 1),
+              progress=progress, desc="fine-tune")
+    return fold_batchnorm(model.eval())
+
+
+def prepare(cfg: PrepareConfig, data: ArrayDataset, *, progress: bool = False) -> nn.Module:
+    """Round 0 whole: the BN-folded (pruned) model that is exported, or the cloud's fp32 master."""
+    return finish(pretrain(cfg, data, progress=progress), cfg, data, progress=progress)
+
+
+def _train_config(cfg: PrepareConfig, epochs: float, seed: int) -> TrainConfig:
+    return TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, seed=seed)
+
+
+# -- the file ------------------------------------------------------------------------------------
 def model_info(model: nn.Module, data: ArrayDataset, precision: str = "fp32") -> ModelInfo:
     """The metadata a board needs, for a (pruned, folded) model trained on `data`."""
     return ModelInfo(spec=spec_of(model).to_dict(), input_name="input", mean=tuple(data.mean),
                      std=tuple(data.std), classes=tuple(data.classes), precision=precision, opset=0)
 
 
+@dataclass(frozen=True)
+class Exported:
+    """A model file made in memory: its bytes (id stamped, so verified by construction) and metadata."""
+
+    file: VerifiedModel
+    info: ModelInfo
+
+    @property
+    def data(self) -> bytes:
+        return self.file.data
+
+
+def export_model(model: nn.Module, info: ModelInfo, calibration: np.ndarray | None = None, *,
+                 method: str = "minmax") -> Exported:
+    """A BN-folded model as the file devices get: int8 calibrated on `calibration`, or fp32 without it."""
+    proto, info = to_onnx(model, info)
+    if calibration is None:
+        return Exported(*stamp_with_info(proto, info))
+    reader = ArrayCalibrationReader(calibration)
+    return Exported(*stamp_with_info(*quantize(proto.SerializeToString(), info, reader, method=method)))
+
+
+def export_pair(model: nn.Module, info: ModelInfo, calibration: np.ndarray, *,
+                method: str = "minmax") -> tuple[Exported, Exported]:
+    """(fp32, int8) files of one BN-folded model, from one export: the int8 file is quantized from the fp32 one."""
+    proto, info = to_onnx(model, info)
+    fp32 = Exported(*stamp_with_info(proto, info))
+    reader = ArrayCalibrationReader(calibration)
+    return fp32, Exported(*stamp_with_info(*quantize(fp32.data, fp32.info, reader, method=method)))
+
+
 def export_int8(model: nn.Module, info: ModelInfo, calibration: np.ndarray, path: str | Path, *,
                 fp32_path: str | Path | None = None, method: str = "minmax") -> ModelInfo:
     """Export a BN-folded model to an int8 ONNX file at `path` (and fp32 at `fp32_path` if given)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32 = Path(fp32_path) if fp32_path else Path(tmp) / "model.fp32.onnx"
-        export_onnx(model, fp32, info)
-        return quantize_int8(fp32, path, ArrayCalibrationReader(calibration), method=method)
-
-
-@dataclass
-class ExportConfig:
-    model: str = "cnn"
-    weights: str | None = None
-    dataset: str = "fashion-mnist"
-    data_root: str | None = None
-    prune: float | None = 0.5          # None: export without pruning
-    round_to: int | None = None
-    pretrain_epochs: float | None = None  # None: 1 epoch when no weights are given, else 0
-    finetune_epochs: float = 0.5
-    train_samples: int | None = None
-    batch_size: int = 64
-    lr: float = 0.01
-    calib_samples: int = 256
-    calib_method: str = "minmax"
-    eval_samples: int | None = None
-    latency_repeats: int = 30
-    seed: int = 0
-    out: str = "model.int8.onnx"
-    fp32_out: str | None = None
-    progress: bool = True
-
-
-@dataclass
-class ExportReport:
-    model: str
-    dataset: str
-    prune_ratio: float
-    model_id: str
-    widths_fp32: list[int]
-    widths_pruned: list[int]
-    params_fp32: int
-    params_pruned: int
-    macs_fp32: int
-    macs_pruned: int
-    bytes_fp32_onnx: int
-    bytes_pruned_fp32_onnx: int
-    bytes_int8_onnx: int
-    acc_unpruned_fp32: float
-    acc_fp32: float   # the pruned model in fp32 (onnxruntime): isolates what int8 costs
-    acc_int8: float
-    argmax_agreement: float
-    bridge_worst_error_steps: float
-    eval_samples: int
-    latency_ms: dict = field(default_factory=dict)
-    ratios: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def run_export(cfg: ExportConfig) -> ExportReport:
-    torch.manual_seed(cfg.seed)
-    if is_custom(cfg.model):  # fail on a wrong model name before loading any data
-        load_factory(cfg.model)
+    if fp32_path is None:
+        int8 = export_model(model, info, calibration, method=method)
     else:
-        default_spec(cfg.model)
-    log.info("[1/6] loading %s", cfg.dataset)
-    train_data = load_dataset(cfg.dataset, "train", cfg.data_root)
-    test_data = load_dataset(cfg.dataset, "test", cfg.data_root)
-    if cfg.train_samples:
-        train_data = train_data.sample(min(cfg.train_samples, len(train_data)), seed=cfg.seed)
-    if cfg.eval_samples:
-        test_data = test_data.sample(min(cfg.eval_samples, len(test_data)), seed=cfg.seed)
-    x_train, x_test = train_data.normalized(), test_data.normalized()
-    calib = train_data.sample(min(cfg.calib_samples, len(train_data)), seed=cfg.seed + 1).normalized()
-
-    model = _initial_model(cfg, train_data)
-    pretrain = cfg.pretrain_epochs if cfg.pretrain_epochs is not None else (0.0 if cfg.weights else 1.0)
-    tcfg = TrainConfig(epochs=pretrain, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
-    if pretrain > 0:
-        log.info("[2/6] pre-training %s for %g epoch(s) on %d samples", cfg.model, pretrain, len(x_train))
-        train(model, x_train, train_data.y, tcfg, progress=cfg.progress, desc="pre-train")
-    in_shape = tuple(train_data.input_shape)
-    xs1, xs64 = x_test[:1].copy(), _batch(x_test, 64)
-    acc_unpruned = evaluate(model, x_test, test_data.y).accuracy
-    lat = {"torch_fp32_unpruned_b1": measure.torch_latency_ms(model, xs1, cfg.latency_repeats),
-           "torch_fp32_unpruned_b64": measure.torch_latency_ms(model, xs64, max(3, cfg.latency_repeats // 5))}
-    params_fp32, macs_fp32, widths_fp32 = measure.count_params(model), measure.count_macs(model, in_shape), spec_of(model).widths
-
-    with tempfile.TemporaryDirectory() as tmp:
-        unpruned = Path(tmp) / "unpruned.fp32.onnx"
-        export_onnx(model, unpruned, model_info(model, train_data))
-        bytes_fp32 = unpruned.stat().st_size
-
-        if cfg.prune is not None:
-            log.info("[3/6] pruning %.0f%% of channels (L1 group importance)", cfg.prune * 100)
-            model = prune_model(model, cfg.prune, torch.zeros(1, *in_shape), round_to=cfg.round_to).model
-            if cfg.finetune_epochs > 0:
-                ft = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed + 2)
-                train(model, x_train, train_data.y, ft, progress=cfg.progress, desc="fine-tune")
-        fold_batchnorm(model.eval())
-
-        log.info("[4/6] exporting ONNX and quantizing to int8 (%d calibration samples)", len(calib))
-        fp32_path = Path(cfg.fp32_out) if cfg.fp32_out else Path(tmp) / "pruned.fp32.onnx"
-        info = export_int8(model, model_info(model, train_data), calib, cfg.out, fp32_path=fp32_path,
-                           method=cfg.calib_method)
-
-        log.info("[5/6] evaluating fp32 and int8 in onnxruntime on %d samples", len(x_test))
-        s_fp32, s_int8 = measure.ort_session(fp32_path), measure.ort_session(cfg.out)
-        logits_fp32, logits_int8 = measure.ort_logits(s_fp32, x_test), measure.ort_logits(s_int8, x_test)
-        reference = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-        worst = worst_error_in_steps(reference, read_int8_weights(cfg.out))
-
-        log.info("[6/6] measuring latency")
-        lat.update({"ort_fp32_pruned_b1": measure.ort_latency_ms(s_fp32, xs1, cfg.latency_repeats),
-                    "ort_fp32_pruned_b64": measure.ort_latency_ms(s_fp32, xs64, cfg.latency_repeats),
-                    "ort_int8_pruned_b1": measure.ort_latency_ms(s_int8, xs1, cfg.latency_repeats),
-                    "ort_int8_pruned_b64": measure.ort_latency_ms(s_int8, xs64, cfg.latency_repeats)})
-        bytes_pruned_fp32 = fp32_path.stat().st_size
-
-    bytes_int8 = Path(cfg.out).stat().st_size
-    return ExportReport(
-        model=cfg.model, dataset=cfg.dataset, prune_ratio=cfg.prune or 0.0, model_id=info.model_id,
-        widths_fp32=list(widths_fp32), widths_pruned=list(spec_of(model).widths),
-        params_fp32=params_fp32, params_pruned=measure.count_params(model),
-        macs_fp32=macs_fp32, macs_pruned=measure.count_macs(model, in_shape),
-        bytes_fp32_onnx=bytes_fp32, bytes_pruned_fp32_onnx=bytes_pruned_fp32, bytes_int8_onnx=bytes_int8,
-        acc_unpruned_fp32=acc_unpruned, acc_fp32=evaluate_logits(logits_fp32, test_data.y).accuracy,
-        acc_int8=evaluate_logits(logits_int8, test_data.y).accuracy,
-        argmax_agreement=float((logits_fp32.argmax(1) == logits_int8.argmax(1)).mean()),
-        bridge_worst_error_steps=worst, eval_samples=len(x_test), latency_ms=lat,
-        ratios={"size_fp32_over_int8": bytes_fp32 / bytes_int8,
-                "macs_fp32_over_pruned": macs_fp32 / max(1, measure.count_macs(model, in_shape)),
-                "speedup_b1_int8_ort_vs_torch_fp32": lat["torch_fp32_unpruned_b1"] / lat["ort_int8_pruned_b1"],
-                "speedup_b64_int8_ort_vs_torch_fp32": lat["torch_fp32_unpruned_b64"] / lat["ort_int8_pruned_b64"]},
-    )
-
-
-def _initial_model(cfg: ExportConfig, data: ArrayDataset) -> nn.Module:
-    if is_custom(cfg.model):
-        model = custom_model(cfg.model, data.input_shape, data.num_classes)
-    else:
-        model = build_model(default_spec(cfg.model, data.input_shape, data.num_classes))
-    if cfg.weights:
-        load_state_dict_file(model, cfg.weights)
-    return model.eval()
-
-
-def _batch(x: np.ndarray, n: int) -> np.ndarray:
-    reps = -(-n // len(x))
-    return np.ascontiguousarray(np.concatenate([x] * reps)[:n]) if reps > 1 else np.ascontiguousarray(x[:n])
+        fp32, int8 = export_pair(model, info, calibration, method=method)
+        atomic_write(Path(fp32_path), fp32.data)
+    atomic_write(Path(path), int8.data)
+    return int8.info

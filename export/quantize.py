@@ -18,11 +18,16 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from pqsu.export.onnx_export import read_info, write_with_info
+from pqsu.export.onnx_export import write_with_info
+from pqsu.protocol import model_id
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
+
+
+METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+           "percentile": CalibrationMethod.Percentile}
 
 
 class QuantizeError(PqsuError):
@@ -52,24 +57,41 @@ class ArrayCalibrationReader(CalibrationDataReader):
         self._it = None
 
 
-def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: CalibrationDataReader,
-                  *, method: str = "minmax") -> ModelInfo:
-    """Quantize an fl-pqsu fp32 ONNX file; the int8 file gets the same metadata and a new id."""
-    info = read_info(fp32_path)
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
-    if method not in methods:
-        raise QuantizeError(f"unknown calibration method {method!r}; choose one of {', '.join(methods)}")
+def quantize(fp32: bytes, info: ModelInfo, calibration: CalibrationDataReader, *,
+             method: str = "minmax") -> tuple[onnx.ModelProto, ModelInfo]:
+    """A serialized fp32 ONNX model quantized to int8, and its info (precision int8, id to be stamped).
+
+    The one stretch on disk, because onnxruntime's tools need paths: `quant_pre_process` takes
+    the model as a file (given a ModelProto it moves the weights to external data its optimizer
+    then cannot read) and writes its result to one, `quantize_static` writes to a path only, and
+    both make temporary files of their own (optimizer output, shape inference, calibration graph).
+    """
+    _check_method(method)
     with tempfile.TemporaryDirectory() as tmp:
-        pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        src, pre, out = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(fp32)
         # Shape inference and graph clean-up first: the quantizer needs shapes to pick per-channel axes.
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         try:
             quantize_static(str(pre), str(out), calibration, quant_format=QuantFormat.QDQ, per_channel=True,
                             weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
-                            calibrate_method=methods[method],
+                            calibrate_method=METHODS[method],
                             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
         except ValueError as exc:  # e.g. "No data is collected." from a reader that yields nothing
             raise QuantizeError(f"calibration failed: {exc}") from None
-        proto = onnx.load(str(out))
-    return write_with_info(proto, int8_path, dataclasses.replace(info, precision="int8"))
+        return onnx.load(str(out)), dataclasses.replace(info, precision="int8")
+
+
+def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: CalibrationDataReader,
+                  *, method: str = "minmax") -> ModelInfo:
+    """Quantize an fl-pqsu fp32 ONNX file; the int8 file gets the same metadata and a new id."""
+    _check_method(method)
+    file = model_id.verified(Path(fp32_path).read_bytes())
+    info = ModelInfo.from_props(onnx.load_from_string(file.data).metadata_props)
+    int8, info = quantize(file.data, info, calibration, method=method)
+    return write_with_info(int8, int8_path, info)
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise QuantizeError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")

@@ -9,6 +9,7 @@ no onnx package, no torch. Every update names the model id it is relative to.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 from pqsu.protocol.errors import PqsuError
 
@@ -51,3 +52,34 @@ def verify(data: bytes) -> str:
         raise ModelIdError(f"model content does not match its id (claims {claimed}, hashes to {actual}): "
                            "the file is corrupt or was altered")
     return actual
+
+
+@dataclass(frozen=True, eq=False)
+class VerifiedModel:
+    """Serialized ONNX bytes whose content matches the id they carry.
+
+    Make one with `verified` (a received file: hashed once) or `stamped` (a file being
+    written: hashed once to fill its slot); then pass it along instead of the bytes, so
+    no later step hashes the same content again.
+    """
+
+    data: bytes
+    model_id: str
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def verified(data: bytes) -> VerifiedModel:
+    """`data` checked against its own id (ModelIdError if it does not match)."""
+    return VerifiedModel(bytes(data), verify(data))
+
+
+def stamped(data: bytes) -> VerifiedModel:
+    """`data` with its id slot filled (see `stamp`)."""
+    return VerifiedModel(*stamp(data))
+
+
+def as_verified(source: "bytes | VerifiedModel") -> VerifiedModel:
+    """A VerifiedModel as it is; bytes verified first."""
+    return source if isinstance(source, VerifiedModel) else verified(source)

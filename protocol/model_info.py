@@ -54,6 +54,11 @@ class ModelInfo:
         return out
 
     @classmethod
+    def from_props(cls, props) -> "ModelInfo":
+        """From a parsed ONNX model's `metadata_props` (entries with .key and .value): no onnx import here."""
+        return cls.from_metadata({p.key: p.value for p in props})
+
+    @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> "ModelInfo":
         try:
             if meta[PREFIX + "format"] != FORMAT_VERSION:

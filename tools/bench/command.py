@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export_suite(quick: bool, out: Path) -> dict:
-    from pqsu.export.pipeline import ExportConfig, run_export
+    from pqsu.export.report import ExportConfig, run_export
     from pqsu.tools.bench.export import bridge_errors
 
     # (model, samples to pre-train on, pre-train epochs, fine-tune epochs); CPU-sized "brief" training.

@@ -31,10 +31,9 @@ import torch
 
 from pqsu.cloud.bootstrap import CloudData, cloud_data
 from pqsu.cloud.config import FederatedConfig
-from pqsu.cloud.prepare import finished_master, pretrained_model
 from pqsu.cloud.server import FederatedServer
 from pqsu.export import measure
-from pqsu.export.pipeline import model_info
+from pqsu.export.pipeline import finish, model_info, pretrain
 from pqsu.tools.bench import radio
 from pqsu.tools.fleet.simulate import device_ids, simulate
 
@@ -105,7 +104,7 @@ def run_table(overrides: dict, rows: dict[str, tuple[str, dict]] = ROWS, latency
     """Every row on the same split and seed; returns per-row measurements plus the radio analysis."""
     base = FederatedConfig.for_scheme("fedavg", **overrides)
     data = cloud_data(base)
-    pretrained = pretrained_model(base.prepare_config(), data.proxy)  # round 0's pre-training, shared by every row
+    pretrained = pretrain(base.prepare_config(), data.proxy)  # round 0's pre-training, shared by every row
     x1 = data.test_x[:1]
     table = {"config": {k: v for k, v in base.to_dict().items() if k in overrides or k in ("epochs", "batch_size", "lr")},
              "torch_fp32_unpruned_b1_ms": measure.torch_latency_ms(copy.deepcopy(pretrained), x1, latency_repeats),
@@ -198,7 +197,7 @@ def _server(cfg: FederatedConfig, pretrained: torch.nn.Module, data: CloudData, 
 
     Unpruned rows train the same `finetune_epochs` on the proxy without pruning: every row gets
     the same cloud training before round 1, so no row starts ahead on proxy epochs alone."""
-    master = finished_master(copy.deepcopy(pretrained), cfg.prepare_config(), data.proxy, finetune_epochs)
+    master = finish(copy.deepcopy(pretrained), cfg.prepare_config(), data.proxy, finetune_epochs)
     return FederatedServer(master, model_info(master, data.proxy), data.calibration, data.test_x, data.test_y,
                            cfg.server_config())
 

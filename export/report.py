@@ -1,0 +1,151 @@
+"""`pqsu export`: the round-0 pipeline (`pqsu.export.pipeline`) on a data set, measured.
+
+The report sets the model before and after pruning and int8 side by side: params, MACs,
+ONNX bytes, accuracy (fp32 and int8 through the session boards serve with) and latency.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pqsu.export import measure
+from pqsu.export.bridge import read_int8_weights, worst_error_in_steps
+from pqsu.export.custom import spec_of
+from pqsu.export.datasets import load_dataset
+from pqsu.export.pipeline import PrepareConfig, check_arch, export_model, export_pair, finish, model_info, pretrain
+from pqsu.export.runtime import OrtModel
+from pqsu.export.training import evaluate, evaluate_logits
+from pqsu.protocol.atomic import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportConfig:
+    model: str = "cnn"
+    weights: str | None = None
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    prune: float | None = 0.5          # None: export without pruning
+    round_to: int | None = None
+    pretrain_epochs: float | None = None  # None: 1 epoch when no weights are given, else 0
+    finetune_epochs: float = 0.5
+    train_samples: int | None = None
+    batch_size: int = 64
+    lr: float = 0.01
+    calib_samples: int = 256
+    calib_method: str = "minmax"
+    eval_samples: int | None = None
+    latency_repeats: int = 30
+    seed: int = 0
+    out: str = "model.int8.onnx"
+    fp32_out: str | None = None
+    progress: bool = True
+
+    def prepare_config(self) -> PrepareConfig:
+        """Round 0 as the coordinator runs it, with this command's settings (1 epoch of pre-training
+        when no weights are given, none when they are, unless told otherwise)."""
+        pretrain = self.pretrain_epochs if self.pretrain_epochs is not None else (0.0 if self.weights else 1.0)
+        return PrepareConfig(arch=self.model, prune=self.prune, pretrain_epochs=pretrain,
+                             finetune_epochs=self.finetune_epochs, batch_size=self.batch_size, lr=self.lr,
+                             seed=self.seed, round_to=self.round_to, weights=self.weights)
+
+
+@dataclass
+class ExportReport:
+    model: str
+    dataset: str
+    prune_ratio: float
+    model_id: str
+    widths_fp32: list[int]
+    widths_pruned: list[int]
+    params_fp32: int
+    params_pruned: int
+    macs_fp32: int
+    macs_pruned: int
+    bytes_fp32_onnx: int
+    bytes_pruned_fp32_onnx: int
+    bytes_int8_onnx: int
+    acc_unpruned_fp32: float
+    acc_fp32: float   # the pruned model in fp32 (onnxruntime): isolates what int8 costs
+    acc_int8: float
+    argmax_agreement: float
+    bridge_worst_error_steps: float
+    eval_samples: int
+    latency_ms: dict = field(default_factory=dict)
+    ratios: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_export(cfg: ExportConfig) -> ExportReport:
+    check_arch(cfg.model)  # fail on a wrong model name before loading any data
+    log.info("[1/6] loading %s", cfg.dataset)
+    train_data = load_dataset(cfg.dataset, "train", cfg.data_root)
+    test_data = load_dataset(cfg.dataset, "test", cfg.data_root)
+    if cfg.train_samples:
+        train_data = train_data.sample(min(cfg.train_samples, len(train_data)), seed=cfg.seed)
+    if cfg.eval_samples:
+        test_data = test_data.sample(min(cfg.eval_samples, len(test_data)), seed=cfg.seed)
+    x_test = test_data.normalized()
+    calib = train_data.sample(min(cfg.calib_samples, len(train_data)), seed=cfg.seed + 1).normalized()
+
+    prep = cfg.prepare_config()
+    if prep.pretrain_epochs > 0:
+        log.info("[2/6] pre-training %s for %g epoch(s) on %d samples", cfg.model, prep.pretrain_epochs, len(train_data))
+    model = pretrain(prep, train_data, progress=cfg.progress)
+    in_shape = tuple(train_data.input_shape)
+    xs1, xs64 = x_test[:1].copy(), _batch(x_test, 64)
+    acc_unpruned = evaluate(model, x_test, test_data.y).accuracy
+    lat = {"torch_fp32_unpruned_b1": measure.torch_latency_ms(model, xs1, cfg.latency_repeats),
+           "torch_fp32_unpruned_b64": measure.torch_latency_ms(model, xs64, max(3, cfg.latency_repeats // 5))}
+    params_fp32, macs_fp32, widths_fp32 = measure.count_params(model), measure.count_macs(model, in_shape), spec_of(model).widths
+    bytes_fp32 = len(export_model(model, model_info(model, train_data)).data)
+
+    if cfg.prune is not None:
+        log.info("[3/6] pruning %.0f%% of channels (L1 group importance)", cfg.prune * 100)
+    model = finish(model, prep, train_data, progress=cfg.progress)
+
+    log.info("[4/6] exporting ONNX and quantizing to int8 (%d calibration samples)", len(calib))
+    fp32, int8 = export_pair(model, model_info(model, train_data), calib, method=cfg.calib_method)
+    atomic_write(Path(cfg.out), int8.data)
+    if cfg.fp32_out:
+        atomic_write(Path(cfg.fp32_out), fp32.data)
+
+    log.info("[5/6] evaluating fp32 and int8 in onnxruntime on %d samples", len(x_test))
+    s_fp32, s_int8 = OrtModel(fp32.file), OrtModel(int8.file)
+    logits_fp32, logits_int8 = s_fp32.logits(x_test), s_int8.logits(x_test)
+    reference = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    worst = worst_error_in_steps(reference, read_int8_weights(int8.file))
+
+    log.info("[6/6] measuring latency")
+    lat.update({"ort_fp32_pruned_b1": measure.ort_latency_ms(s_fp32, xs1, cfg.latency_repeats),
+                "ort_fp32_pruned_b64": measure.ort_latency_ms(s_fp32, xs64, cfg.latency_repeats),
+                "ort_int8_pruned_b1": measure.ort_latency_ms(s_int8, xs1, cfg.latency_repeats),
+                "ort_int8_pruned_b64": measure.ort_latency_ms(s_int8, xs64, cfg.latency_repeats)})
+
+    bytes_int8, macs_pruned = len(int8.data), measure.count_macs(model, in_shape)
+    return ExportReport(
+        model=cfg.model, dataset=cfg.dataset, prune_ratio=cfg.prune or 0.0, model_id=int8.info.model_id,
+        widths_fp32=list(widths_fp32), widths_pruned=list(spec_of(model).widths),
+        params_fp32=params_fp32, params_pruned=measure.count_params(model),
+        macs_fp32=macs_fp32, macs_pruned=macs_pruned,
+        bytes_fp32_onnx=bytes_fp32, bytes_pruned_fp32_onnx=len(fp32.data), bytes_int8_onnx=bytes_int8,
+        acc_unpruned_fp32=acc_unpruned, acc_fp32=evaluate_logits(logits_fp32, test_data.y).accuracy,
+        acc_int8=evaluate_logits(logits_int8, test_data.y).accuracy,
+        argmax_agreement=float((logits_fp32.argmax(1) == logits_int8.argmax(1)).mean()),
+        bridge_worst_error_steps=worst, eval_samples=len(x_test), latency_ms=lat,
+        ratios={"size_fp32_over_int8": bytes_fp32 / bytes_int8,
+                "macs_fp32_over_pruned": macs_fp32 / max(1, macs_pruned),
+                "speedup_b1_int8_ort_vs_torch_fp32": lat["torch_fp32_unpruned_b1"] / lat["ort_int8_pruned_b1"],
+                "speedup_b64_int8_ort_vs_torch_fp32": lat["torch_fp32_unpruned_b64"] / lat["ort_int8_pruned_b64"]},
+    )
+
+
+def _batch(x: np.ndarray, n: int) -> np.ndarray:
+    reps = -(-n // len(x))
+    return np.ascontiguousarray(np.concatenate([x] * reps)[:n]) if reps > 1 else np.ascontiguousarray(x[:n])
