@@ -113,7 +113,8 @@ class RoundRunner:
                 self.take(message, r, asked, answered)
         collected = time.perf_counter()
         if missing := asked - answered.keys():
-            log.warning("round %d: closed without %s", r, ", ".join(sorted(missing)))
+            why = "stopped" if stop.is_set() else "deadline passed" if deadline is not None else "closed"
+            log.warning("round %d: %s without %s", r, why, ", ".join(sorted(missing)))
 
         closed = server.close_round(skipped=sum(v == "skipped" for v in answered.values()))
         transport.close_round(task)
