@@ -1,10 +1,11 @@
-"""The coordinator over MQTT: drives `FederatedServer` rounds through a broker.
+"""The coordinator over MQTT: the round runner (cloud/rounds.py) over an MQTT transport.
 
-Per round: choose devices among those online, publish the model (retained chunks, only
-when it changed), announce the round (retained), collect updates until every asked
-device has answered (uploaded, skipped, failed or gone offline) or the deadline passes,
-close the round, publish metrics, checkpoint. Restarted, it resumes after the last
-checkpointed round.
+`MqttTransport` is how rounds reach a fleet through a broker: the model as retained chunks
+(published only when it changed), the round announcement (retained; re-announced with its
+deadline passed when the round closes), the device registry from the retained statuses,
+updates reassembled from chunks, updates that arrive between rounds kept for the next one,
+the model and round published again when a restarted broker lost them, and the metrics of
+each round retained for dashboards. `Coordinator` runs `RoundRunner` over it.
 
 MQTT callbacks run on paho's network thread; they only reassemble chunks and queue
 complete messages. All round logic runs on the caller's thread, so `FederatedServer`
@@ -19,16 +20,15 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from pqsu.cloud import checkpoint, report
-from pqsu.cloud.device_keys import DeviceKeys
-from pqsu.cloud.server import FederatedServer, choose_devices
+from pqsu.cloud.rounds import RoundRunner, RunnerConfig
+from pqsu.cloud.server import FederatedServer
+from pqsu.cloud.transport import UPDATE, Message
 from pqsu.protocol import chunking
-from pqsu.protocol.atomic import atomic_write
 from pqsu.protocol.errors import PqsuError
-from pqsu.protocol.messages import MessageError, Status, done_message
+from pqsu.protocol.messages import MessageError, RoundTask, Status, done_message
 from pqsu.protocol.mqtt import MqttClient
 from pqsu.protocol.topics import TopicError, Topics
 
@@ -67,12 +67,12 @@ class _Event:
     payload: bytes
 
 
-class Coordinator:
-    def __init__(self, cfg: CoordinatorConfig, server: FederatedServer, *, meta: dict | None = None,
-                 client: MqttClient | None = None):
-        self.cfg, self.server = cfg, server
-        self.meta = meta or {}
-        self.out = Path(cfg.out)
+class MqttTransport:
+    """The `Transport` (cloud/transport.py) of a fleet behind an MQTT broker."""
+
+    def __init__(self, cfg: CoordinatorConfig, *, devices: dict | None = None, client: MqttClient | None = None):
+        """`devices` is the registry a checkpoint carries (`state()`), to resume with."""
+        self.cfg = cfg
         self.topics = Topics(cfg.fleet)
         self.client = client or MqttClient(cfg.broker, cfg.client_id, protocol=cfg.protocol, tls_ca=cfg.tls_ca,
                                            tls_cert=cfg.tls_cert, tls_key=cfg.tls_key, username=cfg.username,
@@ -84,10 +84,10 @@ class Coordinator:
         # back from the checkpoint as "offline" until the broker's retained statuses say otherwise.
         self.devices: dict[str, Status] = {
             d: Status(d, "offline", st.get("round", -1), trains=st.get("trains", True))
-            for d, st in self.meta.pop("devices", {}).items()}
-        self.rounds: list[dict] = list(self.meta.pop("reports", []))
+            for d, st in (devices or {}).items()}
         self._known = {d for d, st in self.devices.items() if st.trains}  # resumed: whom to give a moment
         self._early: collections.deque[_Event] = collections.deque(maxlen=1024)  # updates before a round opened
+        self._round: RoundTask | None = None  # the open round, between announce and close_round
         self.dropped = 0   # complete messages refused because the queue was full
         self.foreign = 0   # messages on topics that are not ours, and undecodable chunks
         self._published_model: tuple[str, int] | None = None  # (model id, chunk count)
@@ -100,6 +100,7 @@ class Coordinator:
         self._announced: bytes | None = None
         self._echo: bytes | None = None
         self._reconnected_at: float | None = None
+        self._model: tuple[bytes, str] = (b"", "")  # the round's model, to publish again if the broker lost it
         self.client.on_connect.append(self._on_connect)
 
     # -- network thread --------------------------------------------------------------
@@ -156,10 +157,12 @@ class Coordinator:
             self._count("chunk-incomplete", dropped - self._incomplete_dropped)
             self._incomplete_dropped = dropped
 
-    def _take_refused(self) -> dict[str, int]:
+    def take_refused(self) -> dict[str, int]:
         with self._refused_lock:
             taken, self._refused = dict(self._refused), collections.Counter()
         return taken
+
+    _take_refused = take_refused  # the fuzz test's name for it
 
     def _on_connect(self, client: MqttClient) -> None:
         self._echo, self._reconnected_at = None, time.monotonic()
@@ -167,47 +170,86 @@ class Coordinator:
     def _on_round_echo(self, topic: str, payload: bytes, retained: bool) -> None:
         self._echo = payload
 
-    # -- round logic (caller's thread) ------------------------------------------------
-    def run(self, stop: threading.Event | None = None) -> dict:
-        stop = stop or threading.Event()
-        start = time.time()
+    # -- the transport (caller's thread) ----------------------------------------------
+    def start(self) -> None:
         # Subscribed before connecting: what the broker queued in our session while we were away
         # arrives right after CONNACK and needs its handler.
         self.client.subscribe(self.topics.status_filter, self._on_status)
         self.client.subscribe(self.topics.update_filter, self._on_update)
         self.client.subscribe(self.topics.round, self._on_round_echo)
         self.client.connect(timeout_s=30)
-        try:
-            self._rewrite_metrics()
-            first = self.server.rounds_done + 1
-            if "initial_accuracy" not in self.meta:
-                self.meta["initial_accuracy"] = self.server.evaluate().accuracy
-            for r in range(first, self.cfg.rounds + 1):
-                if stop.is_set():
-                    break
-                self._run_round(r, stop, wait_s=self.cfg.join_timeout_s if r == first else self.cfg.round_timeout_s)
-            data, info = self.server.model_message()
-            self._publish_model(data, info.model_id)  # the final model, for every device that serves predictions
-            self.client.publish(self.topics.round, done_message(len(self.rounds), info.model_id), retain=True)
-        finally:
-            self.client.close()
-        summary = report.summarize(self.rounds, arch=self.server.info.spec["arch"], in_shape=self.server.info.in_shape,
-                                   num_classes=len(self.server.info.classes), seconds=time.time() - start,
-                                   initial_accuracy=self.meta.get("initial_accuracy"))
-        summary["dropped_messages"], summary["foreign_messages"] = self.dropped, self.foreign
-        summary["completed"] = len(self.rounds) >= self.cfg.rounds
-        report.write_outputs(self.out, config={**self.meta.get("config", {}), "precision": self.server.cfg.precision},
-                             rounds=self.rounds, summary=summary, model=data)
-        return summary
 
-    def _rewrite_metrics(self) -> None:
-        """metrics.jsonl as the checkpoint has it: a run killed after appending a round's line but before
-        checkpointing it redoes that round, and must not list it twice."""
-        path = self.out / "metrics.jsonl"
-        lines = "".join(json.dumps(rep) + "\n" for rep in self.rounds)
-        if path.exists() and path.read_text() != lines:
-            log.info("metrics.jsonl rewritten from the checkpoint (%d rounds)", len(self.rounds))
-            atomic_write(path, lines.encode())
+    def stop(self) -> None:
+        self.client.close()
+
+    def wait_for_devices(self, needed: int, wait_s: float | None, stop: threading.Event,
+                         admits: Callable[[str], bool]) -> list[str]:
+        """The devices online once `needed` of them are (or raise after `wait_s`)."""
+        if self._known:  # resumed: their retained statuses arrive right after subscribing; do not start without them
+            grace = time.time() + RESUME_GRACE_S
+            while not self._known <= set(self._online(admits)) and time.time() < grace and not stop.is_set():
+                self._handle(self._next(0.2))
+            self._known = set()
+        wait_s = self.cfg.round_timeout_s if wait_s is None else wait_s
+        deadline = time.time() + wait_s
+        while len(self._online(admits)) < needed and time.time() < deadline and not stop.is_set():
+            self._handle(self._next(0.2))
+        while (event := self._next(0)) is not None:  # statuses already queued count too
+            self._handle(event)
+        online = self._online(admits)
+        if len(online) < needed and not stop.is_set():
+            raise PqsuError(f"only {len(online)} of the {needed} devices needed came online "
+                            f"within {wait_s:.0f}s (broker {self.cfg.broker}, fleet {self.cfg.fleet!r})")
+        return online
+
+    def publish_model(self, data: bytes, model_id: str) -> None:
+        self._model = (data, model_id)
+        self._publish_model(data, model_id)
+
+    def announce(self, task: RoundTask) -> None:
+        self._round = task
+        self._announced, self._reconnected_at = task.to_json(), None
+        self.client.publish(self.topics.round, self._announced, retain=True)
+
+    def backlog(self) -> list[Message]:
+        taken = []
+        while self._early:
+            taken.append(self._message(self._early.popleft()))
+        return taken
+
+    def poll(self, timeout_s: float) -> Message | None:
+        message = self._handle(self._next(timeout_s))
+        self._republish_if_lost(*self._model)
+        return message
+
+    def quiet(self) -> bool:
+        return False  # a device may always still answer before the deadline
+
+    def close_round(self, task: RoundTask) -> None:
+        self._round, self._announced = None, None
+        try:  # the retained announcement now says the round is over, so a device joining later does not train for it
+            self.client.publish(self.topics.round, dataclasses.replace(task, deadline=time.time()).to_json(), retain=True)
+        except PqsuError as exc:
+            log.warning("round %d: closing announcement not published: %s", task.round, exc)
+
+    def round_extras(self) -> dict:
+        return {}
+
+    def publish_report(self, report: dict) -> None:
+        try:  # metrics.jsonl has the report already; the retained copy is for dashboards
+            self.client.publish(self.topics.metrics, _json(report), retain=True)
+        except PqsuError as exc:
+            log.warning("round %d: metrics not published: %s", report["round"], exc)
+
+    def finish(self, data: bytes, model_id: str, rounds: int) -> None:
+        self._publish_model(data, model_id)  # the final model, for every device that serves predictions
+        self.client.publish(self.topics.round, done_message(rounds, model_id), retain=True)
+
+    def state(self) -> dict:
+        return {"devices": {d: dataclasses.asdict(st) for d, st in self.devices.items()}}
+
+    def summary(self) -> dict:
+        return {"dropped_messages": self.dropped, "foreign_messages": self.foreign}
 
     def _republish_if_lost(self, data: bytes, model_id: str) -> None:
         """After a reconnect, publish the model and the announcement again if the broker lost them."""
@@ -222,85 +264,8 @@ class Coordinator:
         self._publish_model(data, model_id)
         self.client.publish(self.topics.round, self._announced, retain=True)
 
-    def _online(self) -> list[str]:
-        return sorted(d for d, s in self.devices.items()
-                      if s.state != "offline" and s.trains and self.server.admits(d))
-
-    def _wait_for_devices(self, needed: int, wait_s: float, stop: threading.Event) -> list[str]:
-        """The devices online once `needed` of them are (or raise after `wait_s`)."""
-        deadline = time.time() + wait_s
-        while len(self._online()) < needed and time.time() < deadline and not stop.is_set():
-            self._handle(self._next(0.2), None)
-        while (event := self._next(0)) is not None:  # statuses already queued count too
-            self._handle(event, None)
-        online = self._online()
-        if len(online) < needed and not stop.is_set():
-            raise PqsuError(f"only {len(online)} of the {needed} devices needed came online "
-                            f"within {wait_s:.0f}s (broker {self.cfg.broker}, fleet {self.cfg.fleet!r})")
-        return online
-
-    def _run_round(self, r: int, stop: threading.Event, wait_s: float) -> None:
-        # --min-devices gates the start of training; later rounds go on with whoever is online,
-        # so a board that dies does not stop the fleet.
-        needed = self.cfg.min_devices if not self.rounds else 1
-        if isinstance(self.server.keys, DeviceKeys):
-            self.server.keys.refresh()  # a device removed from the keys file is neither asked nor counted from now on
-        if self._known:  # resumed: their retained statuses arrive right after subscribing; do not start without them
-            grace = time.time() + RESUME_GRACE_S
-            while not self._known <= set(self._online()) and time.time() < grace and not stop.is_set():
-                self._handle(self._next(0.2), None)
-            self._known = set()
-        online = self._wait_for_devices(needed, wait_s, stop)
-        if stop.is_set():
-            return
-        selected = choose_devices(online, self.cfg.fraction, self.cfg.seed, r)
-        task = self.server.open_round(r, selected)
-        data, info = self.server.model_message()
-        self._publish_model(data, info.model_id)
-        deadline = time.time() + self.cfg.round_timeout_s
-        task = dataclasses.replace(task, devices=tuple(selected), deadline=deadline, model_bytes=len(data))
-        self._announced, self._reconnected_at = task.to_json(), None
-        self.client.publish(self.topics.round, self._announced, retain=True)
-        announced = time.perf_counter()
-        log.info("round %d: %d devices, model %s (%d bytes)", r, len(selected), info.model_id[:12], len(data))
-        answered: dict[str, str] = {}
-        while self._early:  # updates that arrived between rounds: a resent one may belong to this round
-            self._handle(self._early.popleft(), (r, set(selected), answered))
-        while not set(selected) <= answered.keys() and time.time() < deadline and not stop.is_set():
-            self._handle(self._next(0.05), (r, set(selected), answered))
-            self._republish_if_lost(data, info.model_id)
-        collected = time.perf_counter()
-        if missing := set(selected) - answered.keys():
-            log.warning("round %d: deadline passed without %s", r, ", ".join(sorted(missing)))
-        rep = self.server.close_round(skipped=sum(v == "skipped" for v in answered.values())).to_dict()
-        self._announced = None
-        try:  # the retained announcement now says the round is over, so a device joining later does not train for it
-            self.client.publish(self.topics.round, dataclasses.replace(task, deadline=time.time()).to_json(), retain=True)
-        except PqsuError as exc:
-            log.warning("round %d: closing announcement not published: %s", r, exc)
-        rep["missing"] = len(set(selected) - answered.keys())
-        for reason, n in self._take_refused().items():
-            rep["rejected"][reason] = rep["rejected"].get(reason, 0) + n
-        # Announcement to last answer, and the cloud's own work after it (aggregate, export, evaluate):
-        # `pqsu bench fleet` subtracts the slowest device's compute from the first to get the overhead.
-        rep["collect_seconds"] = collected - announced
-        rep["server_seconds"] = time.perf_counter() - collected
-        self.rounds.append(rep)
-        o = self.server.optimizer
-        try:  # a full disk keeps the previous checkpoint valid; the run goes on and tries again next round
-            checkpoint.save(self.out / "checkpoints", checkpoint.Checkpoint(
-                r, {k: v.copy() for k, v in self.server.master.items()}, o.velocity,
-                {**self.meta, "reports": self.rounds,
-                 "devices": {d: dataclasses.asdict(st) for d, st in self.devices.items()}}))
-        except OSError as exc:
-            log.error("round %d: checkpoint not written (%s); a restart resumes from the previous one", r, exc)
-        report.append_metrics(self.out, rep)
-        try:  # metrics.jsonl has the report already; the retained copy is for dashboards
-            self.client.publish(self.topics.metrics, _json(rep), retain=True)
-        except PqsuError as exc:
-            log.warning("round %d: metrics not published: %s", r, exc)
-        log.info("round %d: accuracy %.4f, %d/%d uploads, %d bytes up", r, rep["accuracy"], rep["uploads"],
-                 rep["selected"], rep["bytes_up"])
+    def _online(self, admits: Callable[[str], bool]) -> list[str]:
+        return sorted(d for d, s in self.devices.items() if s.state != "offline" and s.trains and admits(d))
 
     def _publish_model(self, data: bytes, model_id: str) -> None:
         if self._published_model and self._published_model[0] == model_id:
@@ -319,36 +284,51 @@ class Coordinator:
         except queue.Empty:
             return None
 
-    def _handle(self, event: _Event | None, current: tuple[int, set, dict] | None) -> None:
+    def _handle(self, event: _Event | None) -> Message | None:
+        """A status updates the registry and is passed on; an update is passed on while a round is
+        open, and kept for the next round otherwise (e.g. what our session queued while we restarted)."""
         if event is None:
-            return
+            return None
         if event.kind == "status":
             try:
                 status = Status.from_json(event.payload)
             except MessageError as exc:
                 log.info("bad status from %s: %s", event.device, exc)
-                return
+                return None
             if status.device != event.device:
                 log.info("status on %s's topic names %s: ignored", event.device, status.device)
-                return
+                return None
             self.devices[event.device] = status
-            if current:
-                r, selected, answered = current
-                if event.device in selected and event.device not in answered:
-                    if status.state in ("skipped", "failed") and status.round == r:
-                        answered[event.device] = status.state
-                    elif status.state == "offline":
-                        answered[event.device] = "offline"
-            return
-        if current is None:  # between rounds (e.g. what our session queued while we restarted): kept for the next
+            return Message(event.device, status.state, round=status.round)
+        if self._round is None:
             if len(self._early) == self._early.maxlen:
                 self._count("no-round")  # the oldest one falls out
             self._early.append(event)
-            return
-        verdict = self.server.submit(event.payload, sender=event.device)
-        r, selected, answered = current
-        if verdict.accepted:
-            answered[event.device] = "uploaded"
+            return None
+        return self._message(event)
+
+    @staticmethod
+    def _message(event: _Event) -> Message:
+        return Message(event.device, UPDATE, event.payload)
+
+
+class Coordinator(MqttTransport):
+    """`pqsu cloud`: the round runner over this MQTT transport. Restarted with a checkpoint's meta
+    (`build_server`), it resumes after the last checkpointed round."""
+
+    def __init__(self, cfg: CoordinatorConfig, server: FederatedServer, *, meta: dict | None = None,
+                 client: MqttClient | None = None):
+        self.meta = meta if meta is not None else {}
+        super().__init__(cfg, devices=self.meta.pop("devices", {}), client=client)
+        self.server = server
+
+    def run(self, stop: threading.Event | None = None) -> dict:
+        c = self.cfg
+        runner = RoundRunner(RunnerConfig(rounds=c.rounds, min_devices=c.min_devices, join_timeout_s=c.join_timeout_s,
+                                          round_timeout_s=c.round_timeout_s, fraction=c.fraction, seed=c.seed,
+                                          out=c.out), self.server, self, meta=self.meta)
+        self.rounds = runner.rounds
+        return runner.run(stop)
 
 
 def _json(obj: dict) -> bytes:

@@ -120,18 +120,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_device_shards(cfg, folder: Path) -> list[str]:
-    """One `<folder>/<device>/data.npz` per device, split exactly as `simulate` splits."""
-    from pqsu.export.datasets import load_dataset
-    from pqsu.export.partition import federated_split
-    from pqsu.tools.fleet.simulate import device_ids
+    """One `<folder>/<device>/data.npz` per device, split as every driver splits (`pqsu.cloud.data`)."""
+    from pqsu.cloud.data import device_shards
 
-    train = load_dataset(cfg.dataset, "train", cfg.data_root)
-    _, parts = federated_split(train.y, cfg.proxy_samples, cfg.clients, cfg.partition, cfg.seed, cfg.samples_per_client)
-    devices = device_ids(cfg.clients)
-    for device, idx in zip(devices, parts):
+    shards = device_shards(cfg)
+    for device, shard in shards.items():
         (folder / device).mkdir(parents=True, exist_ok=True)
-        np.savez(folder / device / "data.npz", x=train.x[idx], y=train.y[idx])
-    return devices
+        np.savez(folder / device / "data.npz", x=shard.x, y=shard.y)
+    return list(shards)
 
 
 def _spawn(cmd: list[str], log_path: Path, threads: int | None) -> subprocess.Popen:

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from pqsu.cloud.config import FederatedConfig, add_config_arguments, config_from_args
+from pqsu.cloud.data import device_ids
 
 if TYPE_CHECKING:
     from pqsu.cloud.server import FederatedServer, RoundReport
+
+__all__ = ["SimResult", "device_ids", "simulate"]  # device_ids lives in cloud/data.py; benches import it here
 
 
 @dataclass
@@ -28,62 +31,36 @@ class SimResult:
     model: bytes = b""   # the model file devices would receive after the last round
 
 
-def device_ids(n: int) -> list[str]:
-    return [f"dev-{i:03d}" for i in range(n)]
-
-
 def simulate(cfg: FederatedConfig, on_round: Callable[[RoundReport], None] | None = None, *,
              tamper: Callable[[str, bytes], bytes] | None = None,
              server: FederatedServer | None = None) -> SimResult:
-    """`tamper(device_id, payload)`, if given, replaces each payload before the server sees it
+    """The round runner over the in-process transport: `pqsu cloud`'s rounds, with learners called
+    directly where MQTT would be.
+
+    `tamper(device_id, payload)`, if given, replaces each payload before the server sees it
     (a misbehaving device, for the reliability measurements). `server`, if given, is a fresh
     server built for `cfg` (benchmarks share one round-0 pre-training between rows).
 
     Each round's record also lists every selected device's measured `run_round` wall time and
     upload bytes (`devices`), which the radio model turns into simulated round times."""
     # Here, not at the top: they import torch and onnx, which `pqsu simulate --help` must not wait for.
-    from pqsu.cloud import report
     from pqsu.cloud.bootstrap import build_server
-    from pqsu.cloud.server import choose_devices
+    from pqsu.cloud.data import federated_data
+    from pqsu.cloud.rounds import RoundRunner, RunnerConfig
+    from pqsu.cloud.transport import InProcessTransport
     from pqsu.edge.learner import EdgeLearner
     from pqsu.edge.selective import SelectivePolicy
-    from pqsu.export.datasets import load_dataset
-    from pqsu.export.partition import federated_split
 
     start = time.perf_counter()
+    data = federated_data(cfg, cloud=server is None)
     if server is None:
-        server, _ = build_server(cfg)
-    train = load_dataset(cfg.dataset, "train", cfg.data_root)
-    _, parts = federated_split(train.y, cfg.proxy_samples, cfg.clients, cfg.partition, cfg.seed, cfg.samples_per_client)
+        server, _ = build_server(cfg, data=data.cloud)
     policy = SelectivePolicy.from_spec(cfg.upload, cfg.select, cfg.error_feedback)
-    devices = {d: EdgeLearner(d, train.x[p], train.y[p], policy) for d, p in zip(device_ids(cfg.clients), parts)}
-
-    result = SimResult(config=cfg.to_dict())
-    initial = server.evaluate().accuracy
-    for r in range(1, cfg.rounds + 1):
-        chosen = choose_devices(list(devices), cfg.fraction, cfg.seed, r)
-        task = server.open_round(r, chosen)
-        model_bytes, _ = server.model_message()
-        skipped, per_device = 0, {}
-        for device_id in chosen:
-            t0 = time.perf_counter()
-            outcome = devices[device_id].run_round(task, model_bytes)
-            per_device[device_id] = {"seconds": time.perf_counter() - t0,
-                                     "bytes_up": len(outcome.payload) if outcome.payload else 0}
-            if outcome.payload is None:
-                skipped += 1
-            else:
-                payload = tamper(device_id, outcome.payload) if tamper else outcome.payload
-                server.submit(payload, sender=device_id)
-        rep = server.close_round(skipped)
-        result.rounds.append({**rep.to_dict(), "devices": per_device})
-        if on_round:
-            on_round(rep)
-    result.model = server.model_message()[0]
-    result.summary = report.summarize(result.rounds, arch=cfg.model, in_shape=train.input_shape,
-                                      num_classes=train.num_classes, seconds=time.perf_counter() - start,
-                                      initial_accuracy=initial)
-    return result
+    learners = {d: EdgeLearner(d, shard.x, shard.y, policy) for d, shard in data.shards.items()}
+    runner = RoundRunner(RunnerConfig(rounds=cfg.rounds, round_timeout_s=None, fraction=cfg.fraction, seed=cfg.seed),
+                         server, InProcessTransport(learners, tamper=tamper), on_round=on_round)
+    summary = runner.run(started=start)
+    return SimResult(config=cfg.to_dict(), rounds=runner.rounds, summary=summary, model=runner.model)
 
 
 # -- command line ----------------------------------------------------------------------

@@ -33,6 +33,10 @@ def test_small_run_reports_rounds_saves_uplink_and_is_deterministic(fmnist):
     assert [r["round"] for r in first.rounds] == [1, 2]
     assert [r.round for r in seen] == [1, 2]  # the callback saw each round as it closed
     for r in first.rounds:
+        # the keys the benches read: per-device timings (radio model) beside what the coordinator reports
+        assert {"devices", "missing", "collect_seconds", "server_seconds", "seconds"} <= r.keys()
+        assert set(r["devices"]) == set(sim.device_ids(3)) and r["missing"] == 0
+        assert sum(d["bytes_up"] for d in r["devices"].values()) == r["bytes_up"]
         assert 0.0 <= r["accuracy"] <= 1.0
         assert r["selected"] == 3 and r["uploads"] + r["skipped"] == 3
         assert r["rejected"] == {}
@@ -52,3 +56,31 @@ def test_small_run_reports_rounds_saves_uplink_and_is_deterministic(fmnist):
     assert [r["bytes_up"] for r in second.rounds] == [r["bytes_up"] for r in first.rounds]
     assert [(r["uploads"], r["skipped"], r["model_id"]) for r in second.rounds] == \
         [(r["uploads"], r["skipped"], r["model_id"]) for r in first.rounds]
+
+
+def test_every_driver_gets_the_same_split_the_cloud_holds_its_own_part(fmnist, tmp_path):
+    """The devices' shards `pqsu run` writes are those the simulator trains on: one split, in cloud/data.py."""
+    import numpy as np
+
+    from pqsu.cloud.data import federated_data
+    from pqsu.export.partition import federated_split
+    from pqsu.tools.fleet.run import write_device_shards
+
+    cfg = _config()
+    train, _ = fmnist
+    data = federated_data(cfg)
+    proxy_idx, parts = federated_split(train.y, cfg.proxy_samples, cfg.clients, cfg.partition, cfg.seed,
+                                       cfg.samples_per_client)
+    assert list(data.shards) == sim.device_ids(3)
+    for shard, idx in zip(data.shards.values(), parts):
+        np.testing.assert_array_equal(shard.x, train.x[idx])
+        np.testing.assert_array_equal(shard.y, train.y[idx])
+        assert len(np.intersect1d(idx, proxy_idx)) == 0  # the cloud's proxy part is never a device's
+    np.testing.assert_array_equal(data.cloud.proxy.y, train.y[proxy_idx])
+    assert len(data.cloud.test_y) == cfg.eval_samples and len(data.cloud.calibration) == 256
+
+    assert write_device_shards(cfg, tmp_path) == sim.device_ids(3)
+    for device, shard in data.shards.items():
+        with np.load(tmp_path / device / "data.npz") as z:
+            np.testing.assert_array_equal(z["x"], shard.x)
+            np.testing.assert_array_equal(z["y"], shard.y)

@@ -1,0 +1,166 @@
+"""How the round runner reaches devices: the transport interface and its in-process implementation.
+
+`RoundRunner` (cloud/rounds.py) holds all round logic and talks to devices only through a
+`Transport`. Two implement it: `InProcessTransport` here (devices are learners called
+directly: `pqsu simulate` and the benchmarks) and `MqttTransport` in cloud/coordinator.py
+(`pqsu cloud`). A transport moves bytes and says who is there; it never judges an update
+(the runner hands every payload to `FederatedServer.submit`).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from pqsu.protocol.errors import PqsuError
+from pqsu.protocol.messages import RoundTask
+
+# What a device's answer can say: an update (payload), or its status after being asked.
+UPDATE = "update"
+ANSWERS = ("skipped", "failed", "offline")  # statuses that answer a round without an update
+
+
+@dataclass(frozen=True)
+class Message:
+    """One thing a device sent: an update payload, or a status (`kind` is its state, e.g. "skipped",
+    "failed", "offline", "online", "training"; `round` the round it refers to)."""
+
+    device: str             # the device the transport vouches for (its topic, its learner)
+    kind: str
+    payload: bytes = b""
+    round: int | None = None
+
+
+class Transport(Protocol):
+    """What the round runner needs from the way devices are reached. Called from one thread."""
+
+    def start(self) -> None:
+        """Connect (or nothing): called once before the first round."""
+
+    def stop(self) -> None:
+        """Disconnect: called once at the end, also after an error."""
+
+    def wait_for_devices(self, needed: int, wait_s: float | None, stop: threading.Event,
+                         admits: Callable[[str], bool]) -> list[str]:
+        """The devices that may be asked now (admitted ones that train and are online), once at
+        least `needed` are; raise PqsuError when they are not there within `wait_s`."""
+
+    def publish_model(self, data: bytes, model_id: str) -> None:
+        """Make the model file available to devices (a transport may skip an unchanged model)."""
+
+    def announce(self, task: RoundTask) -> None:
+        """Ask `task.devices` to train `task` on the published model."""
+
+    def backlog(self) -> list[Message]:
+        """Messages that arrived before the round opened and may belong to it (handled first)."""
+
+    def poll(self, timeout_s: float) -> Message | None:
+        """The next message, or None when none came within `timeout_s`."""
+
+    def quiet(self) -> bool:
+        """True when no answer can come any more this round (the runner stops waiting)."""
+
+    def close_round(self, task: RoundTask) -> None:
+        """The round is over: tell devices, so one that joins late does not train for it."""
+
+    def take_refused(self) -> dict[str, int]:
+        """Messages refused before reaching the server since the last call, by reason."""
+
+    def round_extras(self) -> dict:
+        """Transport-specific keys for the round's report (e.g. per-device timings)."""
+
+    def publish_report(self, report: dict) -> None:
+        """Publish a closed round's report (or nothing)."""
+
+    def finish(self, data: bytes, model_id: str, rounds: int) -> None:
+        """Training is over: publish the final model and say so."""
+
+    def state(self) -> dict:
+        """What a checkpoint must carry for this transport to resume (merged into its meta)."""
+
+    def summary(self) -> dict:
+        """Transport-specific keys for the run's summary."""
+
+
+class Learner(Protocol):
+    """A device's learning side as the in-process transport calls it (`pqsu.edge.learner.EdgeLearner`)."""
+
+    def run_round(self, task: RoundTask, model_bytes: bytes): ...  # -> an outcome with `.payload` (None: skipped)
+
+
+class InProcessTransport:
+    """Devices are learners in this process, run one after another when polled.
+
+    `tamper(device_id, payload)`, if given, replaces each payload before the server sees it
+    (a misbehaving device, for the reliability measurements). Each round's report gets
+    `devices`: every asked device's measured `run_round` wall time and upload bytes, which the
+    radio model turns into simulated round times.
+    """
+
+    def __init__(self, learners: Mapping[str, Learner], *,
+                 tamper: Callable[[str, bytes], bytes] | None = None):
+        self.learners, self.tamper = dict(learners), tamper
+        self._model = b""
+        self._task: RoundTask | None = None
+        self._queue: list[str] = []
+        self._timings: dict[str, dict] = {}
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def wait_for_devices(self, needed, wait_s, stop, admits) -> list[str]:
+        online = sorted(d for d in self.learners if admits(d))
+        if len(online) < needed:
+            raise PqsuError(f"only {len(online)} of the {needed} devices needed are admitted")
+        return online
+
+    def publish_model(self, data: bytes, model_id: str) -> None:
+        self._model = data
+
+    def announce(self, task: RoundTask) -> None:
+        self._task, self._queue, self._timings = task, [d for d in task.devices if d in self.learners], {}
+
+    def backlog(self) -> list[Message]:
+        return []
+
+    def poll(self, timeout_s: float) -> Message | None:
+        if not self._queue:
+            return None
+        device = self._queue.pop(0)
+        t0 = time.perf_counter()
+        outcome = self.learners[device].run_round(self._task, self._model)
+        self._timings[device] = {"seconds": time.perf_counter() - t0,
+                                 "bytes_up": len(outcome.payload) if outcome.payload else 0}
+        if outcome.payload is None:
+            return Message(device, "skipped", round=self._task.round)
+        payload = self.tamper(device, outcome.payload) if self.tamper else outcome.payload
+        return Message(device, UPDATE, payload, self._task.round)
+
+    def quiet(self) -> bool:
+        return not self._queue
+
+    def close_round(self, task: RoundTask) -> None:
+        self._task = None
+
+    def take_refused(self) -> dict[str, int]:
+        return {}
+
+    def round_extras(self) -> dict:
+        return {"devices": self._timings}
+
+    def publish_report(self, report: dict) -> None:
+        pass
+
+    def finish(self, data: bytes, model_id: str, rounds: int) -> None:
+        self._model = data
+
+    def state(self) -> dict:
+        return {}
+
+    def summary(self) -> dict:
+        return {}
