@@ -75,6 +75,19 @@ def load_latest(directory: str | Path) -> Checkpoint | None:
     return None
 
 
+def latest_job(directory: str | Path) -> str | None:
+    """The job the newest readable checkpoint belongs to (its meta alone is read, not the weights),
+    so a restarted coordinator knows before any work that it resumes its own job."""
+    for path in _listed(Path(directory)):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                job = json.loads(bytes(z["meta"]).decode()).get("job")
+            return job if isinstance(job, str) and job else None
+        except Exception:  # a damaged newest file: load_latest falls back the same way
+            continue
+    return None
+
+
 def _listed(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []

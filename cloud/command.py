@@ -30,7 +30,9 @@ from pqsu.cloud.config import add_config_arguments, config_from_args
 from pqsu.cloud.device_keys import DeviceKeys
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.identity_args import add_identity_arguments, read_password_file
+from pqsu.protocol.messages import new_job_id
 from pqsu.protocol.mqtt import BrokerURL
+from pqsu.protocol.topics import Topics
 
 
 def add_coordinator_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +48,8 @@ def add_coordinator_arguments(p: argparse.ArgumentParser) -> None:
                    "chunked (default: 131072, the AWS IoT cap)")
     g.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto",
                    help="MQTT version to speak with the broker; auto tries 5, then 3.1.1 (default: auto)")
+    g.add_argument("--take-over", action="store_true", help="replace the coordinator that holds the fleet's lease "
+                   "(it stops when it sees this one's); without it a second coordinator on a live fleet refuses")
     g.add_argument("--keys", metavar="FILE", help="JSON file {device id: hex HMAC key}: only these devices are asked "
                    "and only their signed updates count; re-read at each round start when it changed, so deleting "
                    "a device's entry removes it from the fleet without a restart")
@@ -86,14 +90,23 @@ def run(args: argparse.Namespace) -> int:
     check_tls_files(args)
     keys = DeviceKeys(args.keys) if args.keys else None  # a bad keys or password file fails here, before the model
     password = read_password_file(args.password_file)
+    from pqsu.cloud import checkpoint
+    from pqsu.cloud.preflight import preflight
+
+    job = checkpoint.latest_job(out / "checkpoints") or new_job_id()  # resumed, a coordinator keeps its job
+    facts = preflight(Topics(args.fleet), args.chunk_limit, job=job, take_over=args.take_over, url=args.broker,
+                      protocol=args.protocol, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                      username=args.username, password=password)
     # After the checks: torch and onnx take seconds to import, and bad input should not wait for them.
     from pqsu.cloud.bootstrap import build_server
     from pqsu.cloud.coordinator import Coordinator, CoordinatorConfig
 
     server, meta = build_server(cfg, checkpoint_dir=out / "checkpoints", keys=keys)
+    meta["job"] = job
     ccfg = CoordinatorConfig(broker=args.broker, fleet=args.fleet, rounds=cfg.rounds, min_devices=args.min_devices,
                              join_timeout_s=args.join_timeout, round_timeout_s=args.round_timeout,
-                             fraction=cfg.fraction, chunk_limit=args.chunk_limit, seed=cfg.seed,
+                             fraction=cfg.fraction, chunk_limit=facts.chunk_limit, seed=cfg.seed, job=job,
+                             stale_model_chunks=facts.model_chunks,
                              protocol=args.protocol, out=str(out), tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                              tls_key=args.tls_key, username=args.username, password=password)
     stop = threading.Event()

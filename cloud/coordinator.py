@@ -17,18 +17,21 @@ import collections
 import dataclasses
 import json
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pqsu.cloud.preflight import LeaseWatch
 from pqsu.cloud.rounds import RoundRunner, RunnerConfig
 from pqsu.cloud.server import FederatedServer
 from pqsu.cloud.transport import UPDATE, Message
 from pqsu.protocol import chunking
 from pqsu.protocol.errors import PqsuError
-from pqsu.protocol.messages import MessageError, RoundTask, Status, done_message
+from pqsu.protocol.messages import Lease, MessageError, RoundTask, Status, done_message
 from pqsu.protocol.mqtt import MqttClient
 from pqsu.protocol.topics import TopicError, Topics
 
@@ -51,7 +54,9 @@ class CoordinatorConfig:
     chunk_limit: int = 128 * 1024     # the AWS IoT cap; EMQX allows 1 MB by default
     seed: int = 0
     protocol: str = "auto"
-    client_id: str = "pqsu-coordinator"
+    client_id: str | None = None      # None: pqsu-coordinator-<fleet>-<job suffix>, one per job
+    job: str = ""                     # this run's job id (protocol.messages.new_job_id), kept on resume
+    stale_model_chunks: int = 0       # retained model frames of an earlier job, cleared with our first model
     out: str = "runs/cloud"
     tls_ca: str | None = None         # the coordinator's own broker identity, like an agent's
     tls_cert: str | None = None
@@ -74,9 +79,13 @@ class MqttTransport:
         """`devices` is the registry a checkpoint carries (`state()`), to resume with."""
         self.cfg = cfg
         self.topics = Topics(cfg.fleet)
-        self.client = client or MqttClient(cfg.broker, cfg.client_id, protocol=cfg.protocol, tls_ca=cfg.tls_ca,
+        # Unique per job, stable across a resume: two coordinators never kick each other off the broker, and a
+        # restarted one gets back the session that queued its devices' updates while it was down.
+        self.client_id = cfg.client_id or f"pqsu-coordinator-{cfg.fleet}-{cfg.job.rsplit('-', 1)[-1] or 'nojob'}"
+        self.client = client or MqttClient(cfg.broker, self.client_id, protocol=cfg.protocol, tls_ca=cfg.tls_ca,
                                            tls_cert=cfg.tls_cert, tls_key=cfg.tls_key, username=cfg.username,
-                                           password=cfg.password)
+                                           password=cfg.password, will=LeaseWatch.will(self.topics))
+        self.lease: LeaseWatch | None = None
         self.events: queue.Queue[_Event] = queue.Queue(maxsize=10_000)
         self.reassembler = chunking.Reassembler(max_messages=REASSEMBLY_MESSAGES, max_bytes=REASSEMBLY_BYTES)
         self._incomplete_dropped = 0  # the reassembler's evicted + expired, as far as already counted
@@ -90,7 +99,8 @@ class MqttTransport:
         self._round: RoundTask | None = None  # the open round, between announce and close_round
         self.dropped = 0   # complete messages refused because the queue was full
         self.foreign = 0   # messages on topics that are not ours, and undecodable chunks
-        self._published_model: tuple[str, int] | None = None  # (model id, chunk count)
+        # (model id, chunk count) of what is retained; an earlier job's frames count, to be cleared
+        self._published_model: tuple[str, int] | None = ("", cfg.stale_model_chunks) if cfg.stale_model_chunks else None
         # Refusals before a message reaches the server (bad frames, foreign topics, a full queue, no round
         # open), counted by reason on the network thread and merged into the next round's `rejected`.
         self._refused: collections.Counter = collections.Counter()
@@ -178,9 +188,25 @@ class MqttTransport:
         self.client.subscribe(self.topics.update_filter, self._on_update)
         self.client.subscribe(self.topics.round, self._on_round_echo)
         self.client.connect(timeout_s=30)
+        # Published before watching, so the retained lease the watch first sees is ours, not the one replaced.
+        self.lease = LeaseWatch(self.client, self.topics, Lease(job=self.cfg.job or "nojob", coordinator=self.client_id,
+                                                                host=socket.gethostname(), pid=os.getpid(),
+                                                                started=time.time()))
+        self.lease.publish()
+        self.lease.watch()
 
     def stop(self) -> None:
         self.client.close()
+
+    def clear_earlier_job(self) -> None:
+        """A new job starts on a broker that may hold an earlier job's retained round and metrics (its model
+        frames go when ours are published): cleared, so nobody reads them as this job's."""
+        for topic in (self.topics.round, self.topics.metrics):
+            self.client.publish(topic, b"", retain=True)
+
+    def _check_lease(self) -> None:
+        if self.lease is not None and self.lease.taken.is_set():
+            raise PqsuError(f"another coordinator took over fleet {self.cfg.fleet!r}: {self.lease.by.describe()}")
 
     def wait_for_devices(self, needed: int, wait_s: float | None, stop: threading.Event,
                          admits: Callable[[str], bool]) -> list[str]:
@@ -194,6 +220,7 @@ class MqttTransport:
         deadline = time.time() + wait_s
         while len(self._online(admits)) < needed and time.time() < deadline and not stop.is_set():
             self._handle(self._next(0.2))
+            self._check_lease()
         while (event := self._next(0)) is not None:  # statuses already queued count too
             self._handle(event)
         online = self._online(admits)
@@ -208,8 +235,16 @@ class MqttTransport:
 
     def announce(self, task: RoundTask) -> None:
         self._round = task
-        self._announced, self._reconnected_at = task.to_json(), None
+        self._announced, self._reconnected_at = self._round_message(task), None
         self.client.publish(self.topics.round, self._announced, retain=True)
+
+    def _round_message(self, task: RoundTask, closing: bool = False) -> bytes:
+        """The announcement with this job's id and the seconds left now, which a device counts on its own
+        clock; `deadline` stays for people and older devices."""
+        now = time.time()
+        left = 0.0 if closing or task.deadline is None else max(0.0, task.deadline - now)
+        return dataclasses.replace(task, job=self.cfg.job, deadline=now if closing else task.deadline,
+                                   remaining_s=left).to_json()
 
     def backlog(self) -> list[Message]:
         taken = []
@@ -220,6 +255,7 @@ class MqttTransport:
     def poll(self, timeout_s: float) -> Message | None:
         message = self._handle(self._next(timeout_s))
         self._republish_if_lost(*self._model)
+        self._check_lease()
         return message
 
     def quiet(self) -> bool:
@@ -228,12 +264,12 @@ class MqttTransport:
     def close_round(self, task: RoundTask) -> None:
         self._round, self._announced = None, None
         try:  # the retained announcement now says the round is over, so a device joining later does not train for it
-            self.client.publish(self.topics.round, dataclasses.replace(task, deadline=time.time()).to_json(), retain=True)
+            self.client.publish(self.topics.round, self._round_message(task, closing=True), retain=True)
         except PqsuError as exc:
             log.warning("round %d: closing announcement not published: %s", task.round, exc)
 
     def round_extras(self) -> dict:
-        return {}
+        return {"job": self.cfg.job}
 
     def publish_report(self, report: dict) -> None:
         try:  # metrics.jsonl has the report already; the retained copy is for dashboards
@@ -243,7 +279,8 @@ class MqttTransport:
 
     def finish(self, data: bytes, model_id: str, rounds: int) -> None:
         self._publish_model(data, model_id)  # the final model, for every device that serves predictions
-        self.client.publish(self.topics.round, done_message(rounds, model_id), retain=True)
+        self.client.publish(self.topics.round, done_message(rounds, model_id, self.cfg.job), retain=True)
+        self.lease.release()
 
     def state(self) -> dict:
         return {"devices": {d: dataclasses.asdict(st) for d, st in self.devices.items()}}
@@ -262,6 +299,8 @@ class MqttTransport:
         log.warning("the broker lost the retained round announcement: publishing the model and round again")
         self._published_model = None
         self._publish_model(data, model_id)
+        self.lease.publish()
+        self._announced = self._round_message(self._round)
         self.client.publish(self.topics.round, self._announced, retain=True)
 
     def _online(self, admits: Callable[[str], bool]) -> list[str]:
@@ -299,7 +338,9 @@ class MqttTransport:
                 log.info("status on %s's topic names %s: ignored", event.device, status.device)
                 return None
             self.devices[event.device] = status
-            return Message(event.device, status.state, round=status.round)
+            # A status about another job's round says the device is there, not that it answered ours.
+            ours = not status.job or status.job == self.cfg.job
+            return Message(event.device, status.state, round=status.round if ours else -1)
         if self._round is None:
             if len(self._early) == self._early.maxlen:
                 self._count("no-round")  # the oldest one falls out
@@ -319,8 +360,14 @@ class Coordinator(MqttTransport):
     def __init__(self, cfg: CoordinatorConfig, server: FederatedServer, *, meta: dict | None = None,
                  client: MqttClient | None = None):
         self.meta = meta if meta is not None else {}
+        self.resumed = bool(self.meta.get("reports"))
         super().__init__(cfg, devices=self.meta.pop("devices", {}), client=client)
         self.server = server
+
+    def start(self) -> None:
+        super().start()
+        if not self.resumed:
+            self.clear_earlier_job()
 
     def run(self, stop: threading.Event | None = None) -> dict:
         c = self.cfg

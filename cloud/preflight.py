@@ -102,7 +102,10 @@ class LeaseWatch:
         self.client, self.topics, self.lease = client, topics, lease
         self.taken = threading.Event()
         self.by: Lease | None = None
-        client.subscribe(topics.lease, self._on_lease)
+
+    def watch(self) -> None:
+        """From now on, another coordinator's lease on the topic sets `taken` (call after publish())."""
+        self.client.subscribe(self.topics.lease, self._on_lease)
 
     @staticmethod
     def will(topics: Topics) -> tuple[str, bytes, int, bool]:

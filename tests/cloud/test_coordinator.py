@@ -5,6 +5,7 @@ republish after a broker lost its state, and one whole `Coordinator.run` (the re
 tests/e2e)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -16,7 +17,7 @@ from pqsu.cloud.coordinator import Coordinator, CoordinatorConfig, MqttTransport
 from pqsu.cloud.transport import UPDATE
 from pqsu.protocol import chunking
 from pqsu.protocol.errors import PqsuError
-from pqsu.protocol.messages import RoundTask, Status, message_type
+from pqsu.protocol.messages import Lease, RoundTask, Status, message_type
 from pqsu.protocol.topics import Topics
 from tests.support.round_fakes import FakeClient, FakeServer, update
 
@@ -27,8 +28,9 @@ NEVER = threading.Event()
 
 def transport(client=None, **cfg) -> tuple[MqttTransport, FakeClient]:
     client = client or FakeClient()
-    t = MqttTransport(CoordinatorConfig(fleet="t", **cfg), client=client)
+    t = MqttTransport(CoordinatorConfig(fleet="t", **{"job": "20261201T000000Z-abc123", **cfg}), client=client)
     t.start()
+    client.published.clear()  # the lease: see test_start_takes_the_lease_under_a_client_id_of_its_own
     return t, client
 
 
@@ -166,23 +168,30 @@ def test_the_round_is_announced_retained_and_closed_with_its_deadline_passed():
     t, client = transport()
     task = RoundTask(round=4, model_id="ab" * 16, devices=("dev-a",), deadline=time.time() + 300)
     t.announce(task)
-    assert client.published[-1] == (TOPICS.round, task.to_json(), True)
+    topic, payload, retain = client.published[-1]
+    sent = RoundTask.from_json(payload)
+    assert (topic, retain) == (TOPICS.round, True) and sent.job == "20261201T000000Z-abc123"
+    assert dataclasses.replace(sent, job="", remaining_s=None) == task and 299 < sent.remaining_s <= 300
     t.close_round(task)
     topic, payload, retain = client.published[-1]
     closed = RoundTask.from_json(payload)
     assert topic == TOPICS.round and retain and closed.round == 4 and closed.deadline <= time.time()
+    assert closed.remaining_s == 0
     t.publish_report({"round": 4, "accuracy": 0.5})
     assert client.published[-1] == (TOPICS.metrics, json.dumps({"round": 4, "accuracy": 0.5}).encode(), True)
     t.finish(b"final", "cd" * 16, 4)
-    topic, payload, retain = client.published[-1]
+    topic, payload, retain = client.published[-2]
     assert topic == TOPICS.round and retain and message_type(payload) == "done" and json.loads(payload)["rounds"] == 4
+    assert json.loads(payload)["job"] == "20261201T000000Z-abc123"
+    assert client.published[-1] == (TOPICS.lease, b"", True)
 
 
 def test_a_closing_announcement_the_broker_refuses_is_logged_not_raised(caplog):
-    class Refusing(FakeClient):
-        def publish(self, topic, payload, retain=False, **kwargs):
-            raise PqsuError("broker gone")
-    t, _ = transport(Refusing())
+    t, client = transport()
+
+    def refuse(topic, payload, retain=False, **kwargs):
+        raise PqsuError("broker gone")
+    client.publish = refuse
     t.close_round(RoundTask(round=1, model_id="ab" * 16))
     t.publish_report({"round": 1})
     assert "closing announcement not published" in caplog.text and "metrics not published" in caplog.text
@@ -194,22 +203,23 @@ def test_after_a_reconnect_a_lost_announcement_and_model_are_published_again(mon
     task = RoundTask(round=1, model_id="ab" * 16, devices=("dev-a",))
     t.publish_model(b"model", "ab" * 16)
     t.announce(task)
-    client.deliver(TOPICS.round, TOPICS.round, task.to_json(), True)  # the broker kept it: its echo came back
-    t._on_connect(client)                                            # a reconnect...
-    client.deliver(TOPICS.round, TOPICS.round, task.to_json(), True)  # ...and the retained copy is still there
+    announced = client.published[-1][1]
+    client.deliver(TOPICS.round, TOPICS.round, announced, True)  # the broker kept it: its echo came back
+    t._on_connect(client)                                       # a reconnect...
+    client.deliver(TOPICS.round, TOPICS.round, announced, True)  # ...and the retained copy is still there
     client.published.clear()
     t.poll(0)
     assert client.published == []
     t._on_connect(client)  # a broker restarted without its state: no echo this time
     t.poll(0)
-    assert [topic for topic, _, _ in client.published] == [TOPICS.model_chunk(0), TOPICS.round]
-    assert client.published[-1][1] == task.to_json()
+    assert [topic for topic, _, _ in client.published] == [TOPICS.model_chunk(0), TOPICS.lease, TOPICS.round]
+    assert RoundTask.from_json(client.published[-1][1]).round == task.round
 
 
 # -- the whole coordinator, devices answering through the fake client ------------------------------------
 def test_a_coordinator_run_asks_the_online_devices_counts_their_answers_and_leaves_its_outputs(tmp_path):
     def devices_answer(topic, payload):
-        if topic != TOPICS.round or message_type(payload) != "round":
+        if topic != TOPICS.round or not payload or message_type(payload) != "round":
             return
         task = RoundTask.from_json(payload)
         if task.deadline is not None and task.deadline <= time.time():
@@ -239,5 +249,22 @@ def test_a_coordinator_run_asks_the_online_devices_counts_their_answers_and_leav
     assert {"summary.json", "config.json", "model.int8.onnx"} <= {p.name for p in tmp_path.iterdir()}
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round-000001.npz", "round-000002.npz"]
     retained_metrics = [p for topic, p, _ in client.published if topic == TOPICS.metrics]
-    assert [json.loads(p)["round"] for p in retained_metrics] == [1, 2]
-    assert message_type(client.published[-1][1]) == "done" and client.closed
+    assert retained_metrics[0] == b""  # a new job clears the earlier job's metrics (and round) first
+    assert [json.loads(p)["round"] for p in retained_metrics[1:]] == [1, 2]
+    rounds = [p for topic, p, _ in client.published if topic == TOPICS.round]
+    assert rounds[0] == b"" and message_type(rounds[-1]) == "done" and client.closed
+    assert client.published[-1] == (TOPICS.lease, b"", True)  # a clean end frees the fleet
+
+
+def test_start_takes_the_lease_under_a_client_id_of_its_own():
+    client = FakeClient()
+    t = MqttTransport(CoordinatorConfig(fleet="t", job="20261201T000000Z-abc123"), client=client)
+    t.start()
+    assert t.client_id == "pqsu-coordinator-t-abc123"
+    (topic, payload, retain), = client.published
+    lease = Lease.from_json(payload)
+    assert topic == TOPICS.lease and retain and lease.coordinator == t.client_id and lease.job.endswith("abc123")
+    # another coordinator started with --take-over: this one stops at its next wait
+    client.deliver(TOPICS.lease, TOPICS.lease, Lease(job="j2", coordinator="pqsu-coordinator-t-def456").to_json())
+    with pytest.raises(PqsuError, match="another coordinator took over fleet 't': pqsu-coordinator-t-def456"):
+        t.poll(0)
