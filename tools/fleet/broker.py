@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from pqsu.protocol.errors import PqsuError
+from pqsu.tools.lab.process import popen  # its own process group, and it dies with us
 
 log = logging.getLogger(__name__)
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto")
@@ -81,8 +82,7 @@ class Mosquitto:
     def start(self) -> "Mosquitto":
         if self.proc is not None:
             return self
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+        self.proc = popen([self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10.0
         while not wait_for_port(self.port, 0.2):
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pqsu.tools.lab.fleet_lab import (TINY, Lab, expect, read_metrics, round_announced, shutdown, slow_down, status_is,
-                                 wait_until, write_shards)
+from pqsu.tools.lab.fleet_lab import TINY, Lab, expect, read_metrics, shutdown, slow_down, write_shards
+from pqsu.tools.lab.observer import round_announced, status_is, wait_until
 
 log = logging.getLogger(__name__)
 JOIN_S, RUN_S = 240.0, 300.0  # bounds on waiting for a fleet to start and to finish, however loaded the machine
