@@ -1,9 +1,10 @@
-"""A lab for fault scenarios: a private Mosquitto, `pqsu` processes, an observer on the fleet's topics.
+"""A lab for fleet scenarios: a private Mosquitto, `pqsu` processes, an observer on the fleet's topics,
+and the tiny per-device shards the scenarios train on.
 
-Used by `pqsu reliability` (tools/reliability/faults.py, tools/reliability/fuzz.py) and by the tests,
-which run the same scenarios and assert on what they return. Everything talks to 127.0.0.1 only;
-every wait is bounded; `Lab.close()` stops every process the lab started (by its own pid and
-process group, never by name) and the broker.
+Built on the one process wrapper (`process.py`) and the one topic observer (`observer.py`). Used by
+`pqsu reliability` (faults, fuzz, security scenarios) and by the tests, which run the same scenarios and
+assert on what they return. Everything talks to 127.0.0.1 only; every wait is bounded; `Lab.close()`
+stops every process the lab started (by its own pid and process group, never by name) and the broker.
 """
 from __future__ import annotations
 
