@@ -45,9 +45,9 @@ def popen(cmd: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen(cmd, start_new_session=True, stdin=kwargs.pop("stdin", subprocess.DEVNULL), **kwargs)
 
 
-def pqsu_env(threads: int | None = 1, base: dict | None = None) -> dict[str, str]:
+def pqsu_env(threads: int | None = 1) -> dict[str, str]:
     """The environment of a `pqsu` child: `threads` OpenMP/MKL threads (None: as inherited)."""
-    env = dict(os.environ if base is None else base)
+    env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
