@@ -35,7 +35,7 @@ def broker_restart(folder: Path, rounds: int = 2) -> dict:
     slow_down(shards[1], 10)
     out = folder / "out"
     with Lab(folder, "brk") as lab:
-        cloud, agents = lab.fleet(out, shards, rounds=rounds)
+        cloud, agents = lab.start_fleet(out, shards, rounds=rounds)
         up = lab.observer.wait_for(status_is("dev-000", "uploaded", round_=1), JOIN_S, lambda: cloud.poll() is None)
         expect(up, "dev-000 never uploaded in round 1", lab)
         slow_done_before = bool(lab.observer.updates.get("dev-001"))
@@ -72,7 +72,7 @@ def coordinator_restart(folder: Path, rounds: int = 2) -> dict:
     slow_down(shards[1], 5)
     out = folder / "out"
     with Lab(folder, "crs") as lab:
-        cloud, agents = lab.fleet(out, shards, rounds=rounds)
+        cloud, agents = lab.start_fleet(out, shards, rounds=rounds)
         up = lab.observer.wait_for(status_is("dev-000", "uploaded", round_=rounds), JOIN_S + 60 * rounds,
                                    lambda: cloud.poll() is None)
         expect(up, f"dev-000 never uploaded round {rounds}", lab)
