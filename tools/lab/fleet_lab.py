@@ -61,7 +61,8 @@ class Lab:
                            "--data", str(data), "--state-dir", str(data.parent), "--torch-threads", "1", "--no-http"],
                           name or device)
 
-    def start_fleet(self, out: Path, shards: list[Path], *, rounds: int, round_timeout: float = 120) -> tuple[Process, list[Process]]:
+    def start_fleet(self, out: Path, shards: list[Path], *, rounds: int,
+                    round_timeout: float = 120) -> tuple[Process, list[Process]]:
         """A coordinator waiting for every shard's device, and an agent per shard (named by its folder)."""
         cloud = self.cloud(out, rounds=rounds, clients=len(shards), min_devices=len(shards),
                            round_timeout=round_timeout)
