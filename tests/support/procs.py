@@ -18,6 +18,9 @@ def start_pqsu(args: list[str], logdir: Path, name: str) -> Process:
     return pqsu(args, logdir, name, split_stderr=True)
 
 
+Proc = start_pqsu  # its name before the lab: tests written against it keep working
+
+
 def processes_mentioning(marker: str) -> list[tuple[int, str]]:
     found = []
     for p in psutil.process_iter(["pid", "cmdline", "status"]):
