@@ -25,7 +25,7 @@ PROJECT_NAME = "fl-pqsu"
 
 def source_tree() -> Path:
     """The repository root of the running fl-pqsu (setup.cfg next to the package folders)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # tools/flash/wheels.py
     cfg = root / "setup.cfg"
     if not cfg.is_file() or PROJECT_NAME not in cfg.read_text(errors="replace"):
         raise FlashError(f"no fl-pqsu source tree at {root} (fl-pqsu is installed as a package): "
