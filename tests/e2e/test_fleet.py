@@ -25,7 +25,8 @@ from pqsu.cloud.config import FederatedConfig
 from pqsu.protocol import model_id
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.mqtt import MqttClient
-from tests.support.procs import Proc, flags, kill_mentioning, logs_tail, processes_mentioning  # tests/support/procs.py
+from pqsu.tools.lab.process import Process
+from tests.support.procs import flags, kill_mentioning, logs_tail, processes_mentioning, start_pqsu
 
 from pqsu.tools.fleet.broker import Mosquitto, mosquitto_path
 
@@ -49,7 +50,7 @@ pytestmark = needs_fmnist
 class RunResult:
     code: int | None
     out: Path
-    proc: Proc
+    proc: Process
     seconds: float
     left_behind: list[tuple[int, str]]   # processes still mentioning the run folder right after exit
 
@@ -61,7 +62,7 @@ def pqsu_run(tmp: Path, args: list[str], name: str = "x", timeout_s: float = RUN
     """`pqsu run ... --runs-dir tmp --name x` to completion (killed after timeout_s)."""
     runs = tmp / "runs"
     start = time.monotonic()
-    proc = Proc(["run", *args, "--runs-dir", str(runs), "--name", name], tmp, "pqsu-run")
+    proc = start_pqsu(["run", *args, "--runs-dir", str(runs), "--name", name], tmp, "pqsu-run")
     try:
         code = proc.wait(timeout_s)
         left = processes_mentioning(str(runs)) if code is not None else []
@@ -248,28 +249,36 @@ def test_run_fedavg_scheme_trains_the_unpruned_model(capped_fedavg_run):
         assert m["bytes_up"] / m["uploads"] > 0.99 * dense_upload     # a dense fp32 update of it
 
 
-# -- 6: Ctrl-C ------------------------------------------------------------------------------------
+# -- 6: Ctrl-C, kill, kill -9 ----------------------------------------------------------------------
+STOPS = {"terminal": signal.SIGINT, "parent": signal.SIGINT, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}
+
+
 @needs_mosquitto
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["terminal", "parent"])
-def test_ctrl_c_stops_every_process_the_run_started(tmp_path, target):
+@pytest.mark.parametrize("target", list(STOPS))
+def test_a_stopped_run_leaves_no_process_behind(tmp_path, target):
     """terminal: SIGINT to the whole foreground process group (what Ctrl-C in a shell does);
-    parent: SIGINT to the `pqsu run` process alone (kill -INT), which must stop its children itself."""
+    parent: SIGINT to the `pqsu run` process alone (kill -INT), which must stop its children itself;
+    sigterm: kill, as systemd or a CI timeout stops it: the same as Ctrl-C, and it says so;
+    sigkill: kill -9, mid-start-up: `pqsu run` can do nothing, the kernel ends its children."""
     runs = tmp_path / "runs"
     out = runs / "x"
-    proc = Proc(["run", "--runs-dir", str(runs), "--name", "x", "--broker-kind", "mosquitto"]
-                + flags(clients=2, rounds=50, samples_per_client=150, proxy_samples=300, eval_samples=300,
-                        pretrain_epochs=0.3, finetune_epochs=0),
-                tmp_path, "pqsu-run")
+    proc = start_pqsu(["run", "--runs-dir", str(runs), "--name", "x", "--broker-kind", "mosquitto"]
+                      + flags(clients=2, rounds=50, samples_per_client=150, proxy_samples=300, eval_samples=300,
+                              pretrain_epochs=0.3, finetune_epochs=0),
+                      tmp_path, "pqsu-run")
     try:
         cloud_log = out / "logs" / "cloud.log"
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and proc.poll() is None:
+            if target == "sigkill" and len(processes_mentioning(str(runs))) >= 4:
+                break  # the broker, the coordinator and both agents are there
             if cloud_log.exists() and "round 1:" in cloud_log.read_text(errors="replace"):
                 break
             time.sleep(0.3)
         assert proc.poll() is None, proc.tail()
-        assert "round 1:" in cloud_log.read_text(errors="replace"), "round 1 never started\n" + logs_tail(out)
+        if target != "sigkill":
+            assert "round 1:" in cloud_log.read_text(errors="replace"), "round 1 never started\n" + logs_tail(out)
         started = processes_mentioning(str(runs))
         assert any("mosquitto" in cmd for _, cmd in started) and len(started) >= 4, started
 
@@ -277,17 +286,19 @@ def test_ctrl_c_stops_every_process_the_run_started(tmp_path, target):
         if target == "terminal":
             proc.signal_group(signal.SIGINT)
         else:
-            os.kill(proc.pid, signal.SIGINT)
+            os.kill(proc.pid, STOPS[target])
         code = proc.wait(25)
         took = time.monotonic() - t0
-        assert code is not None, f"pqsu run still running 25 s after SIGINT\n{proc.tail()}"
+        assert code is not None, f"pqsu run still running 25 s after {STOPS[target].name}\n{proc.tail()}"
         assert code != 0, proc.tail()
         assert took < 20, f"pqsu run took {took:.0f}s to stop"
         left_deadline = time.monotonic() + 5  # reaped children can take a moment to vanish from /proc
         while processes_mentioning(str(runs)) and time.monotonic() < left_deadline:
             time.sleep(0.2)
-        assert processes_mentioning(str(runs)) == [], "left behind after Ctrl-C"
+        assert processes_mentioning(str(runs)) == [], f"left behind after {STOPS[target].name}"
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        if target == "sigterm":
+            assert "pqsu run: stopped by SIGTERM, stopping every process" in proc.stderr, proc.stderr[-3000:]
     finally:
         proc.stop()
         kill_mentioning(str(runs))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import threading
 import time
@@ -20,83 +19,22 @@ import numpy as np
 import pytest
 
 from pqsu.protocol import chunking
-from pqsu.protocol.messages import MessageError, RoundTask, Status, message_type
-from pqsu.protocol.mqtt import MqttClient
+from pqsu.protocol.messages import RoundTask, Status, message_type
 from pqsu.protocol.topics import Topics
-from tests.support.procs import Proc, flags, kill_mentioning, logs_tail, processes_mentioning  # tests/support/procs.py
-
 from pqsu.tools.fleet.broker import Mosquitto, free_port, mosquitto_path
+from pqsu.tools.lab.fleet_lab import TINY, read_metrics, write_shards
+from pqsu.tools.lab.observer import Observer, round_announced, status_is
+from pqsu.tools.lab.process import Process, reap
+from tests.support.procs import flags, kill_mentioning, logs_tail, processes_mentioning, start_pqsu
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-# Small and quick: what these tests check does not depend on accuracy.
-TINY = dict(samples_per_client=120, proxy_samples=300, eval_samples=200, pretrain_epochs=0.3, finetune_epochs=0)
 
 pytestmark = [pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto is not installed"),
               pytest.mark.skipif(not FMNIST.is_dir(), reason="dataset-fashion-mnist is not installed")]
 
 
-def read_metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-class Observer:
-    """A plain MQTT client of the test: records what arrives on the filters it watches."""
-
-    def __init__(self, url: str, *filters: str):
-        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self.client = MqttClient(url, f"pqsu-test-observer-{os.getpid()}", persistent_session=False)
-        self.client.connect(timeout_s=15)
-        for f in filters:
-            self.client.subscribe(f, lambda topic, payload, retained: self.messages.put((topic, payload)))
-
-    def wait_for(self, predicate, timeout_s: float, alive=lambda: True):
-        """The first (topic, payload) for which predicate holds, or None after timeout_s."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and alive():
-            try:
-                topic, payload = self.messages.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            try:
-                if predicate(topic, payload):
-                    return topic, payload
-            except (MessageError, ValueError):
-                continue
-        return None
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def status_is(device: str, *states: str, round_: int | None = None):
-    def check(topic: str, payload: bytes) -> bool:
-        if not topic.endswith("/status/" + device) or not payload:
-            return False
-        s = Status.from_json(payload)
-        return s.state in states and (round_ is None or s.round == round_)
-    return check
-
-
-def write_shards(folder: Path, clients: int, samples: int, proxy: int, seed: int = 0) -> list[Path]:
-    """Per-device .npz shards split as `pqsu run` splits them (cloud's proxy first, then devices)."""
-    from pqsu.export.datasets import load_dataset
-    from pqsu.export.partition import federated_split
-
-    train = load_dataset("fashion-mnist", "train")
-    _, parts = federated_split(train.y, proxy, clients, "dirichlet:0.5", seed, samples)
-    paths = []
-    for i, idx in enumerate(parts):
-        (folder / f"dev-{i:03d}").mkdir(parents=True, exist_ok=True)
-        path = folder / f"dev-{i:03d}" / "data.npz"
-        np.savez(path, x=train.x[idx], y=train.y[idx])
-        paths.append(path)
-    return paths
-
-
-def agent(url: str, fleet: str, device: str, data: Path, logdir: Path) -> Proc:
-    return Proc(["edge", "run", "--broker", url, "--fleet", fleet, "--device-id", device, "--data", str(data),
+def agent(url: str, fleet: str, device: str, data: Path, logdir: Path) -> Process:
+    return start_pqsu(["edge", "run", "--broker", url, "--fleet", fleet, "--device-id", device, "--data", str(data),
                  "--state-dir", str(data.parent), "--torch-threads", "1"], logdir, device)
 
 
@@ -114,7 +52,7 @@ def unreachable_broker_coordinator(request, tmp_path_factory):
         return
     tmp = tmp_path_factory.mktemp("no-broker")
     url = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens there
-    proc = Proc(["cloud", "--broker", url, "--fleet", "nobroker", "--out", str(tmp / "out")]
+    proc = start_pqsu(["cloud", "--broker", url, "--fleet", "nobroker", "--out", str(tmp / "out")]
                 + flags(clients=2, rounds=1, **TINY), tmp, "cloud")
     proc.started, proc.url, proc.out, proc.exited = time.monotonic(), url, tmp / "out", None
 
@@ -173,17 +111,16 @@ def test_agent_killed_mid_round_does_not_stall_the_round(tmp_path):
     while it trains the last round. Its last will (or at worst the deadline) closes the round without
     it: the round does not wait for an answer that will never come, and the run finishes."""
     round_timeout, rounds, fleet = 20.0, 2, "kill"
-    shards = write_shards(tmp_path / "devices", clients=3, samples=TINY["samples_per_client"],
-                          proxy=TINY["proxy_samples"])
+    shards = write_shards(tmp_path / "devices", clients=3)
     with np.load(shards[2]) as z:  # the victim trains 10x longer, so the kill surely lands before its upload
         np.savez(shards[2], x=np.tile(z["x"], (10, 1, 1, 1)), y=np.tile(z["y"], 10))
     out = tmp_path / "out"
-    procs: list[Proc] = []
+    procs: list[Process] = []
     observer = None
     with Mosquitto(tmp_path / "broker") as broker:
         try:
             observer = Observer(broker.url, Topics(fleet).status_filter)
-            procs.append(Proc(["cloud", "--broker", broker.url, "--fleet", fleet, "--min-devices", "3",
+            procs.append(start_pqsu(["cloud", "--broker", broker.url, "--fleet", fleet, "--min-devices", "3",
                                "--round-timeout", str(round_timeout), "--out", str(out)]
                               + flags(clients=3, rounds=rounds, **TINY), tmp_path, "cloud"))
             procs += [agent(broker.url, fleet, f"dev-{i:03d}", shards[i], tmp_path) for i in range(3)]
@@ -192,7 +129,7 @@ def test_agent_killed_mid_round_does_not_stall_the_round(tmp_path):
             seen = observer.wait_for(status_is("dev-002", "training", round_=rounds), 150,
                                      alive=lambda: cloud.poll() is None)
             assert seen is not None, "dev-002 never trained the last round\n" + "\n".join(p.tail() for p in procs)
-            victim.popen.kill()  # SIGKILL: no clean disconnect, the broker publishes its last will
+            victim.kill()  # SIGKILL: no clean disconnect, the broker publishes its last will
             killed_at = time.monotonic()
 
             code = cloud.wait(round_timeout + 60)
@@ -203,8 +140,7 @@ def test_agent_killed_mid_round_does_not_stall_the_round(tmp_path):
         finally:
             if observer:
                 observer.close()
-            for p in procs:
-                p.stop()
+            reap(procs, grace_s=10, signal_first=True)
             kill_mentioning(str(tmp_path))
 
     metrics = read_metrics(out)
@@ -228,7 +164,7 @@ def test_first_round_asks_every_device_already_online(tmp_path):
         observer = Observer(broker.url, topics.round)
         for b in boards:  # what each agent leaves on its status topic when it connects
             observer.client.publish(topics.status(b), Status(b, "online").to_json(), retain=True)
-        proc = Proc(["cloud", "--broker", broker.url, "--fleet", fleet, "--min-devices", "1", "--round-timeout", "60",
+        proc = start_pqsu(["cloud", "--broker", broker.url, "--fleet", fleet, "--min-devices", "1", "--round-timeout", "60",
                      "--out", str(tmp_path / "out")] + flags(clients=3, rounds=1, **TINY), tmp_path, "cloud")
         try:
             seen = observer.wait_for(lambda topic, payload: message_type(payload) == "round", 120,
@@ -247,7 +183,7 @@ def test_pqsu_run_survives_an_agent_killed_mid_round(tmp_path):
     out = runs / "x"
     with Mosquitto(tmp_path / "broker") as broker:
         observer = Observer(broker.url, Topics(fleet).status_filter)
-        proc = Proc(["run", "--broker", broker.url, "--fleet", fleet, "--round-timeout", str(round_timeout),
+        proc = start_pqsu(["run", "--broker", broker.url, "--fleet", fleet, "--round-timeout", str(round_timeout),
                      "--runs-dir", str(runs), "--name", "x"] + flags(clients=2, rounds=2, **TINY), tmp_path, "run")
         try:
             seen = observer.wait_for(status_is("dev-001", "training"), 150, alive=lambda: proc.poll() is None)
@@ -306,15 +242,12 @@ def test_garbage_and_foreign_messages_on_every_topic_never_break_a_run(tmp_path)
     out = runs / "x"
     with Mosquitto(tmp_path / "broker") as broker:
         observer = Observer(broker.url, Topics(fleet).round)
-        proc = Proc(["run", "--broker", broker.url, "--fleet", fleet, "--round-timeout", "60",
+        proc = start_pqsu(["run", "--broker", broker.url, "--fleet", fleet, "--round-timeout", "60",
                      "--runs-dir", str(runs), "--name", "x"] + flags(clients=2, rounds=2, **TINY), tmp_path, "run")
         try:
-            def round_open(n):
-                return lambda topic, payload: message_type(payload) == "round" and RoundTask.from_json(payload).round == n
-
             for r in (1, 2):  # a fresh burst while each round is open (a repeated frame is a duplicate)
                 msgs, framed_updates = garbage_messages(fleet, np.random.default_rng(r))
-                assert observer.wait_for(round_open(r), 150, alive=lambda: proc.poll() is None), \
+                assert observer.wait_for(round_announced(r), 150, alive=lambda: proc.poll() is None), \
                     f"round {r} never announced\n" + proc.tail() + logs_tail(out / "logs")
                 for topic, payload in msgs:
                     observer.client.publish(topic, payload, timeout_s=10)

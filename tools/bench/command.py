@@ -18,18 +18,15 @@ generated results block (between its results markers) is rewritten.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import os
-import platform
 import shutil
-import time
 from pathlib import Path
 
-from pqsu.protocol.errors import PqsuError
 from pqsu.tools.bench import plots as bench_plots
 from pqsu.tools.bench import report as bench_report
+from pqsu.tools.lab import results as results_runner
 
 log = logging.getLogger(__name__)
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -54,22 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     suites = {"export": _export_suite, "codec": _codec_suite, "federated": _federated_suite, "fleet": _fleet_suite,
               "paper": lambda quick, out: _paper_suite(quick, out, args.mnist, args.cifar10)}
-    unknown = [s for s in args.suites if s not in suites]
-    if unknown:
-        raise PqsuError(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(suites)}")
-    out = Path(args.out or f"runs/bench-{dt.date.today().isoformat()}")
-    out.mkdir(parents=True, exist_ok=True)
+    names = results_runner.choose(args.suites, suites, "suite")
+    out = results_runner.out_folder(args.out, "bench")
     merged = out / "results.json"
-    results = json.loads(merged.read_text()) if merged.exists() else {}
-    results.update({"machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-                                "cores": os.cpu_count()}, "quick": args.quick})
-    for name in [] if args.render else args.suites:
-        start = time.perf_counter()
-        log.info("suite %s", name)
-        results[name] = suites[name](args.quick, out)
-        results[name]["seconds"] = round(time.perf_counter() - start, 1)
-        results[name]["measured_at"] = dt.datetime.now().isoformat(timespec="minutes")
-        merged.write_text(json.dumps(results, indent=2) + "\n")  # after every suite: a later failure keeps it
+    results = results_runner.load(merged)
+    out.mkdir(parents=True, exist_ok=True)
+    results.update({"machine": results_runner.machine(), "quick": args.quick})
+    results_runner.run_sections(merged, results, [] if args.render else names,
+                                lambda name: suites[name](args.quick, out), what="suite")
     plots = bench_plots.all_plots(results, out)
     (out / "results.md").write_text(to_markdown(results, {p.name: p.name for p in plots}))
     if args.docs:
@@ -161,19 +150,15 @@ def write_docs(results: dict, plots: list[Path], docs: Path = Path("docs"), read
     img.mkdir(parents=True, exist_ok=True)
     for p in plots:
         shutil.copyfile(p, img / p.name)
-    (docs / "results.md").write_text(to_markdown(results, {p.name: f"img/{p.name}" for p in plots}))
     headline = next((p for p in plots if p.name.startswith("accuracy-vs-nbiot-")), None)
     block = bench_report.readme_block(results, f"docs/img/{headline.name}" if headline else None)
-    if readme.exists():
-        readme.write_text(replace_block(readme.read_text(), block))
+    results_runner.write_docs(docs / "results.md", to_markdown(results, {p.name: f"img/{p.name}" for p in plots}),
+                              readme, block, (README_BEGIN, README_END))
 
 
 def replace_block(text: str, block: str) -> str:
     """`text` with what lies between the results markers replaced by `block`."""
-    begin, end = text.find(README_BEGIN), text.find(README_END)
-    if begin < 0 or end < begin:
-        raise PqsuError(f"README.md has no {README_BEGIN} ... {README_END} block to regenerate")
-    return text[:begin + len(README_BEGIN)] + "\n" + block + text[end:]
+    return results_runner.replace_block(text, block, README_BEGIN, README_END)
 
 
 def to_markdown(results: dict, images: dict[str, str] | None = None) -> str:

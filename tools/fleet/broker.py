@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from pqsu.protocol.errors import PqsuError
+from pqsu.tools.lab.process import popen  # its own process group, and it dies with us
 
 log = logging.getLogger(__name__)
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto")
@@ -50,7 +51,27 @@ def mosquitto_path() -> str | None:
     return next((p for p in MOSQUITTO_PATHS if Path(p).exists()), None) or shutil.which("mosquitto")
 
 
-class Mosquitto:
+class Service:
+    """`with broker:` starts it and closes it on the way out, also when starting failed half-way."""
+
+    def start(self):
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Mosquitto(Service):
     """A private Mosquitto on 127.0.0.1:<free port>; `restart()` keeps the port and its persistence."""
 
     def __init__(self, workdir: str | Path | None = None, *, persistence: bool = True, anonymous: bool = True,
@@ -81,8 +102,7 @@ class Mosquitto:
     def start(self) -> "Mosquitto":
         if self.proc is not None:
             return self
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+        self.proc = popen([self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10.0
         while not wait_for_port(self.port, 0.2):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -118,18 +138,8 @@ class Mosquitto:
         if self._tmp:
             self._tmp.cleanup()
 
-    def __enter__(self) -> "Mosquitto":
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class Amqtt:
+class Amqtt(Service):
     """amqtt's broker on a background thread of this process (MQTT 3.1.1 only)."""
 
     def __init__(self) -> None:
@@ -164,12 +174,6 @@ class Amqtt:
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
-
-    def __enter__(self) -> "Amqtt":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def embedded_broker(kind: str = "auto", workdir: str | Path | None = None):

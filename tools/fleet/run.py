@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ import numpy as np
 
 from pqsu.cloud.config import add_config_arguments, config_from_args
 from pqsu.protocol.errors import PqsuError
+from pqsu.tools.lab.process import Process, pqsu_env, reap
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
 
     broker = None if args.broker else embedded_broker(args.broker_kind, out / "broker")
     url = args.broker or broker.url
-    procs: list[subprocess.Popen] = []
+    procs: list[Process] = []
     start = time.time()
+    stop_on_sigterm = signal.signal(signal.SIGTERM, _terminated)  # `kill`, systemd, a CI timeout: as Ctrl-C
     try:
         cli = [sys.executable, "-m", "pqsu.tools.cli"]
         procs.append(_spawn(cli + ["cloud", "--config", str(settings), "--broker", url, "--fleet", args.fleet,
@@ -100,15 +100,19 @@ def run(args: argparse.Namespace) -> int:
                                 + ([] if cfg.error_feedback else ["--no-error-feedback"]),
                                 out / "logs" / f"{device}.log", threads=args.agent_threads))
         code = _follow(procs[0], out, cfg.rounds)
-        _reap(procs[1:], grace_s=30)
-    except KeyboardInterrupt:
-        print("\npqsu run: interrupted, stopping every process", file=sys.stderr)
-        _reap(procs, grace_s=10, signal_first=True)
+        reap(procs[1:], grace_s=30)
+    except KeyboardInterrupt as exc:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # another SIGTERM must not cut the stopping short
+        why = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+        print(f"\npqsu run: {why}, stopping every process", file=sys.stderr)
+        reap(procs, grace_s=10, signal_first=True)
         raise
     finally:
-        _reap(procs, grace_s=5, signal_first=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        reap(procs, grace_s=5, signal_first=True)
         if broker is not None:
             broker.close()
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
     if code != 0:
         tail = (out / "logs" / "cloud.log").read_text(errors="replace").strip().splitlines()[-5:]
         raise PqsuError(f"the coordinator exited with status {code}; see {out / 'logs' / 'cloud.log'}:\n  "
@@ -130,15 +134,19 @@ def write_device_shards(cfg, folder: Path) -> list[str]:
     return list(shards)
 
 
-def _spawn(cmd: list[str], log_path: Path, threads: int | None) -> subprocess.Popen:
-    env = dict(os.environ)
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    log = open(log_path, "ab")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: every child stopped, a non-zero exit (130) saying so."""
 
 
-def _follow(coordinator: subprocess.Popen, out: Path, rounds: int) -> int:
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _spawn(cmd: list[str], log_path: Path, threads: int | None) -> Process:
+    return Process(cmd, log_path, env=pqsu_env(threads), append=True)
+
+
+def _follow(coordinator: Process, out: Path, rounds: int) -> int:
     """Print each round as the coordinator finishes it; return its exit status."""
     metrics, seen = out / "metrics.jsonl", 0
     while True:
@@ -152,22 +160,3 @@ def _follow(coordinator: subprocess.Popen, out: Path, rounds: int) -> int:
         if code is not None:
             return code
         time.sleep(0.5)
-
-
-def _reap(procs: list[subprocess.Popen], grace_s: float, signal_first: bool = False) -> None:
-    """Wait for processes to end by themselves, then SIGTERM, then SIGKILL: none is left behind."""
-    if signal_first:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-    deadline = time.time() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            p.terminate()
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()

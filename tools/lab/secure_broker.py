@@ -29,7 +29,7 @@ from pathlib import Path
 from pqsu.protocol.atomic import atomic_write
 from pqsu.protocol.mqtt import MqttClient
 from pqsu.protocol.topics import check_device, check_fleet
-from pqsu.tools.fleet.broker import BrokerError, Mosquitto
+from pqsu.tools.fleet.broker import BrokerError, Mosquitto, Service
 from pqsu.tools.lab.pki import make_pki
 
 COORDINATOR = "pqsu-coordinator"
@@ -78,7 +78,7 @@ class Identity:
     key_file: Path | None = None                                # for --key-file (hex, 0600)
 
 
-class SecureBroker:
+class SecureBroker(Service):
     """Mosquitto on a free loopback port with TLS, passwords and the fleet ACL (see the module doc)."""
 
     def __init__(self, folder: str | Path, fleet: str, devices: list[str], *, coordinator: str = COORDINATOR,
@@ -128,16 +128,6 @@ class SecureBroker:
 
     def close(self) -> None:
         self.broker.close()
-
-    def __enter__(self) -> "SecureBroker":
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def client(self, user: str, client_id: str | None = None, *, password: str | None = None,
                cert: bool = True, url: str | None = None, **kwargs) -> MqttClient:

@@ -19,16 +19,11 @@ The exit code is 1 if any measured check failed.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import importlib
-import json
 import logging
-import os
-import platform
-import time
 from pathlib import Path
 
-from pqsu.protocol.errors import PqsuError
+from pqsu.tools.lab import results as results_runner
 
 log = logging.getLogger(__name__)
 SECTIONS = {"security": "pqsu.tools.reliability.security", "faults": "pqsu.tools.reliability.faults",
@@ -51,34 +46,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    unknown = [s for s in args.sections if s not in SECTIONS]
-    if unknown:
-        raise PqsuError(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    out = Path(args.out or f"runs/reliability-{dt.date.today().isoformat()}")
+    names = results_runner.choose(args.sections, SECTIONS, "section")
+    out = results_runner.out_folder(args.out, "reliability")
     merged = out / "reliability.json"
-    if args.render and not merged.is_file():
-        raise PqsuError(f"--render: {merged} does not exist; run the sections into {out} first")
-    try:
-        results = json.loads(merged.read_text()) if merged.exists() else {}
-    except (OSError, ValueError) as exc:
-        raise PqsuError(f"{merged} is not readable JSON ({exc}); move it away or choose another --out") from None
+    results = results_runner.load(merged, required=args.render)
     out.mkdir(parents=True, exist_ok=True)
     if not args.render:
-        results["machine"] = {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-                              "cores": os.cpu_count()}
-    names = [] if args.render else list(dict.fromkeys(args.sections))
-    for i, name in enumerate(names, 1):
-        log.info("section %s (%d of %d)", name, i, len(names))
-        results[name] = _measure(name, args.quick)
-        merged.write_text(json.dumps(results, indent=2) + "\n")
+        results["machine"] = results_runner.machine()
+
+    def measured(name: str) -> None:
         checks = section_checks(name, results[name])
         log.info("section %s: %d of %d checks passed in %.0f s", name, sum(checks.values()), len(checks),
                  results[name]["seconds"])
+    results_runner.run_sections(merged, results, [] if args.render else names,
+                                lambda name: importlib.import_module(SECTIONS[name]).measure(args.quick),
+                                record_errors=True, stamps={"quick": args.quick}, after=measured)
     text = to_markdown(results)
     (out / "reliability.md").write_text(text)
     if args.docs:
-        DOCS.parent.mkdir(parents=True, exist_ok=True)
-        DOCS.write_text(text)
+        results_runner.write_docs(DOCS, text)
     print("\n".join(summary_lines(results)))
     print(f"written: {merged}, {out / 'reliability.md'}" + (f", {DOCS}" if args.docs else ""))
     failed = [f"{name}: {check}" for name in SECTIONS if name in results
@@ -86,19 +72,6 @@ def run(args: argparse.Namespace) -> int:
     for f in failed:
         log.error("check failed: %s", f)
     return 1 if failed else 0
-
-
-def _measure(name: str, quick: bool) -> dict:
-    """One section's results; a section that raises is recorded with its error, the others still run."""
-    start = time.perf_counter()
-    try:
-        result = importlib.import_module(SECTIONS[name]).measure(quick)
-    except Exception as exc:  # noqa: BLE001 - reported in the results, never hidden
-        log.exception("section %s failed", name)
-        result = {"error": f"{type(exc).__name__}: {exc}"[:4000]}
-    result.update(seconds=round(time.perf_counter() - start, 1), quick=quick,
-                  measured_at=dt.datetime.now().isoformat(timespec="minutes"))
-    return result
 
 
 # -- checks: from what each section measured -----------------------------------------------------------------

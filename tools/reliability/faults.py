@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pqsu.tools.lab.fleet_lab import (TINY, Lab, expect, read_metrics, round_announced, shutdown, slow_down, status_is,
-                                 wait_until, write_shards)
+from pqsu.tools.lab.fleet_lab import TINY, Lab, expect, read_metrics, shutdown, slow_down, write_shards
+from pqsu.tools.lab.observer import round_announced, status_is, wait_until
 
 log = logging.getLogger(__name__)
 JOIN_S, RUN_S = 240.0, 300.0  # bounds on waiting for a fleet to start and to finish, however loaded the machine
@@ -35,8 +35,7 @@ def broker_restart(folder: Path, rounds: int = 2) -> dict:
     slow_down(shards[1], 10)
     out = folder / "out"
     with Lab(folder, "brk") as lab:
-        cloud = lab.cloud(out, rounds=rounds, clients=2, min_devices=2, round_timeout=120)
-        agents = [lab.agent(f"dev-{i:03d}", shards[i]) for i in range(2)]
+        cloud, agents = lab.start_fleet(out, shards, rounds=rounds)
         up = lab.observer.wait_for(status_is("dev-000", "uploaded", round_=1), JOIN_S, lambda: cloud.poll() is None)
         expect(up, "dev-000 never uploaded in round 1", lab)
         slow_done_before = bool(lab.observer.updates.get("dev-001"))
@@ -73,8 +72,7 @@ def coordinator_restart(folder: Path, rounds: int = 2) -> dict:
     slow_down(shards[1], 5)
     out = folder / "out"
     with Lab(folder, "crs") as lab:
-        cloud = lab.cloud(out, rounds=rounds, clients=2, min_devices=2, round_timeout=120)
-        agents = [lab.agent(f"dev-{i:03d}", shards[i]) for i in range(2)]
+        cloud, agents = lab.start_fleet(out, shards, rounds=rounds)
         up = lab.observer.wait_for(status_is("dev-000", "uploaded", round_=rounds), JOIN_S + 60 * rounds,
                                    lambda: cloud.poll() is None)
         expect(up, f"dev-000 never uploaded round {rounds}", lab)

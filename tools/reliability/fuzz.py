@@ -20,7 +20,8 @@ from pqsu.protocol import chunking, codec
 from pqsu.protocol.messages import RoundTask, Status
 from pqsu.protocol.mqtt import MqttClient
 from pqsu.tools.reliability import corpus as fuzz_corpus
-from pqsu.tools.lab.fleet_lab import Lab, expect, read_metrics, round_announced, shutdown, wait_until
+from pqsu.tools.lab.fleet_lab import Lab, expect, read_metrics, shutdown
+from pqsu.tools.lab.observer import round_announced, wait_until
 
 log = logging.getLogger(__name__)
 DEVICE, OTHERS = "dev-000", ["dev-001", "dev-002", "dev-017", "pi-07"]

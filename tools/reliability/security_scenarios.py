@@ -18,12 +18,6 @@ Every process is stopped and every wait is bounded.
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import queue
-import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,51 +25,18 @@ from pathlib import Path
 from pqsu.protocol import chunking, codec
 from pqsu.protocol.codec import TensorBlock, Update
 from pqsu.protocol.errors import PqsuError
-from pqsu.protocol.messages import MessageError, RoundTask, Status, message_type
+from pqsu.protocol.messages import RoundTask, Status
 from pqsu.protocol.mqtt import MqttClient, MqttError
 from pqsu.protocol.topics import Topics
+from pqsu.tools.lab.fleet_lab import TINY, flags, pqsu, read_metrics, write_shards
+from pqsu.tools.lab.observer import Observer, message_is, round_announced
 from pqsu.tools.lab.pki import make_pki
+from pqsu.tools.lab.process import reap
 from pqsu.tools.lab.secure_broker import COORDINATOR, MONITOR, SecureBroker
 
 FLEET = "secure"
-# Small and quick: what is measured here does not depend on accuracy.
-TINY = ["--clients", "3", "--samples-per-client", "120", "--proxy-samples", "300", "--eval-samples", "200",
-        "--pretrain-epochs", "0.3", "--finetune-epochs", "0"]
 AGENT, REMOVED, HOLDER = "dev-000", "dev-001", "dev-002"  # a real agent; two devices scripted here
 LIMIT = 128 * 1024
-
-
-class Watcher:
-    """An MQTT client that records what arrives on its filters."""
-
-    def __init__(self, client: MqttClient, *filters: str):
-        self.client, self.seen = client, queue.Queue()
-        client.connect(timeout_s=15)
-        for f in filters:
-            client.subscribe(f, lambda topic, payload, retained: self.seen.put((topic, payload)))
-
-    def wait_for(self, predicate, timeout_s: float, alive=lambda: True) -> tuple[list, tuple | None]:
-        """(everything received before, the first (topic, payload) matching predicate or None)."""
-        before, deadline = [], time.monotonic() + timeout_s
-        while time.monotonic() < deadline and alive():
-            try:
-                item = self.seen.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            try:
-                if predicate(*item):
-                    return before, item
-            except (MessageError, ValueError):
-                pass
-            before.append(item)
-        return before, None
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def _is(topic: str, payload: bytes = b""):
-    return lambda t, p: t == topic and (not payload or p == payload)
 
 
 def row(check: str, layer: str, attempts: int, through: int, **extra) -> dict:
@@ -131,10 +92,10 @@ def acl_checks(folder: Path, repeats: int = 1) -> list[dict]:
     `through` = messages delivered to the reader."""
     t = Topics(FLEET)
     with SecureBroker(folder / "acl", FLEET, ["dev-a", "dev-b"]) as sb:
-        coord = Watcher(sb.client(COORDINATOR, "acl-coordinator", persistent_session=False),
+        coord = Observer(sb.client(COORDINATOR, "acl-coordinator", persistent_session=False),
                         t.update_filter, t.status_filter, t.round)
-        b = Watcher(sb.client("dev-b", persistent_session=False), t.round, t.model_filter)
-        a = Watcher(sb.client("dev-a", persistent_session=False), t.update_filter, t.status_filter, t.round)
+        b = Observer(sb.client("dev-b", persistent_session=False), t.round, t.model_filter)
+        a = Observer(sb.client("dev-a", persistent_session=False), t.update_filter, t.status_filter, t.round)
         try:
             offline_b = Status("dev-b", "offline").to_json()
             for i in range(repeats):
@@ -149,9 +110,9 @@ def acl_checks(folder: Path, repeats: int = 1) -> list[dict]:
                 b.client.publish(t.status("dev-b"), Status("dev-b", "online").to_json(), retain=True)
             barrier = b"barrier"  # the coordinator's, after everything above was acknowledged by the broker
             coord.client.publish(t.round, barrier)
-            at_coord, _ = coord.wait_for(_is(t.round, barrier), 10)
-            at_b, _ = b.wait_for(_is(t.round, barrier), 10)
-            at_a, _ = a.wait_for(_is(t.round, barrier), 10)
+            at_coord, _ = coord.collect(message_is(t.round, barrier), 10)
+            at_b, _ = b.collect(message_is(t.round, barrier), 10)
+            at_a, _ = a.collect(message_is(t.round, barrier), 10)
         finally:
             for w in (a, b, coord):
                 w.close()
@@ -189,52 +150,6 @@ def _claims(seen: list, topic: str) -> list[str]:
     return named
 
 
-class _Proc:
-    """A `pqsu` command in its own process group, output to a log file."""
-
-    def __init__(self, args: list[str], log: Path):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.log = log
-        with open(log, "wb") as out:
-            self.popen = subprocess.Popen([sys.executable, "-m", "pqsu.tools.cli", *args], stdout=out,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                          start_new_session=True)
-
-    def wait(self, timeout_s: float) -> int | None:
-        try:
-            return self.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self) -> None:
-        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            if self.popen.poll() is not None:
-                break
-            try:
-                os.killpg(self.popen.pid, sig)
-            except ProcessLookupError:
-                break
-            self.wait(grace)
-
-    def tail(self, n: int = 15) -> str:
-        lines = self.log.read_text(errors="replace").strip().splitlines()[-n:] if self.log.exists() else []
-        return f"--- {self.log.name} (exit {self.popen.poll()})\n" + "\n".join(lines)
-
-
-def _write_shard(folder: Path) -> Path:
-    """The agent's Fashion-MNIST shard, split as `pqsu run` splits it for 3 clients."""
-    import numpy as np
-
-    from pqsu.export.datasets import load_dataset
-    from pqsu.export.partition import federated_split
-
-    train = load_dataset("fashion-mnist", "train")
-    _, parts = federated_split(train.y, 300, 3, "dirichlet:0.5", 0, 120)
-    folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / "data.npz", x=train.x[parts[0]], y=train.y[parts[0]])
-    return folder / "data.npz"
-
-
 def _device(sb: SecureBroker, device: str) -> MqttClient:
     """A device scripted here: connected with its credentials and last will, online."""
     t = Topics(FLEET)
@@ -251,18 +166,18 @@ def fleet_run(folder: Path, repeats: int = 1, timeout_s: float = 180.0) -> dict:
     holds each round open until the attacks are done (`HOLDER`). Returns what was measured."""
     t, out = Topics(FLEET), folder / "cloud"
     with SecureBroker(folder / "fleet", FLEET, [AGENT, REMOVED, HOLDER]) as sb:
-        shard = _write_shard(folder / AGENT)
+        shard = write_shards(folder / "devices", 3)[0]  # dev-000's, split as `pqsu run` splits 3 clients
         keys = {d: sb.identities[d].hmac_key for d in (AGENT, REMOVED)}
-        cloud = _Proc(["cloud", *sb.cli_flags(COORDINATOR), "--fleet", FLEET, "--keys", str(sb.keys_path),
-                       "--min-devices", "3", "--join-timeout", str(timeout_s), "--round-timeout", "60",
-                       "--rounds", "2", "--out", str(out), *TINY], folder / "cloud.log")
-        agent = _Proc(["edge", "run", *sb.cli_flags(AGENT), "--fleet", FLEET, "--device-id", AGENT, "--data",
-                       str(shard), "--state-dir", str(shard.parent), "--key-file", str(sb.identities[AGENT].key_file),
-                       "--torch-threads", "1", "--no-http"], folder / f"{AGENT}.log")
+        cloud = pqsu(["cloud", *sb.cli_flags(COORDINATOR), "--fleet", FLEET, "--keys", str(sb.keys_path),
+                      "--min-devices", "3", "--join-timeout", str(timeout_s), "--round-timeout", "60",
+                      "--rounds", "2", "--out", str(out), *flags(clients=3, **TINY)], folder, "cloud")
+        agent = pqsu(["edge", "run", *sb.cli_flags(AGENT), "--fleet", FLEET, "--device-id", AGENT, "--data",
+                      str(shard), "--state-dir", str(shard.parent), "--key-file", str(sb.identities[AGENT].key_file),
+                      "--torch-threads", "1", "--no-http"], folder, AGENT)
         clients: list[MqttClient] = []
         history: list[tuple[str, bytes]] = []
         try:
-            mon = Watcher(sb.client(MONITOR, persistent_session=False), t.round, t.update_filter, t.status_filter)
+            mon = Observer(sb.client(MONITOR, persistent_session=False), t.round, t.update_filter, t.status_filter)
             clients.append(mon.client)
             removed, holder = _device(sb, REMOVED), _device(sb, HOLDER)
             attacker = sb.client(AGENT, f"{AGENT}-attacker", persistent_session=False)
@@ -273,9 +188,7 @@ def fleet_run(folder: Path, repeats: int = 1, timeout_s: float = 180.0) -> dict:
                 return PqsuError(f"{what}\n{cloud.tail()}\n{agent.tail()}")
 
             def announced(r: int) -> RoundTask:
-                def match(tp: str, p: bytes) -> bool:
-                    return tp == t.round and message_type(p) == "round" and RoundTask.from_json(p).round == r
-                seen, hit = mon.wait_for(match, timeout_s, alive=lambda: cloud.popen.poll() is None)
+                seen, hit = mon.collect(round_announced(r), timeout_s, alive=lambda: cloud.running)
                 history.extend(seen)
                 if hit is None:
                     raise failure(f"round {r} was never announced")
@@ -285,7 +198,7 @@ def fleet_run(folder: Path, repeats: int = 1, timeout_s: float = 180.0) -> dict:
                 """Everything the monitor got up to now: the holder's status goes last through the broker."""
                 payload = Status(HOLDER, "online", detail=tag).to_json()
                 holder.publish(t.status(HOLDER), payload, retain=True)
-                seen, hit = mon.wait_for(_is(t.status(HOLDER), payload), 15)
+                seen, hit = mon.collect(message_is(t.status(HOLDER), payload), 15)
                 history.extend(seen)
                 if hit is None:
                     raise failure(f"the monitor never saw barrier {tag!r}")
@@ -332,14 +245,13 @@ def fleet_run(folder: Path, repeats: int = 1, timeout_s: float = 180.0) -> dict:
             holder.publish(t.status(HOLDER), Status(HOLDER, "skipped", 2).to_json(), retain=True)
 
             cloud_code, agent_code = cloud.wait(timeout_s), agent.wait(30)
-            seen, _ = mon.wait_for(lambda *_: False, 0.5)
+            seen, _ = mon.collect(lambda *_: False, 0.5)
             history.extend(seen)
         finally:
             for c in clients:
                 c.close()
-            for p in (agent, cloud):
-                p.stop()
-        metrics = _read_metrics(out)
+            reap([agent, cloud], grace_s=10, signal_first=True)
+        metrics = read_metrics(out)
     uploaded = {Status.from_json(p).round for tp, p in history
                 if tp == t.status(AGENT) and p and Status.from_json(p).state == "uploaded"}
     return {
@@ -355,7 +267,3 @@ def fleet_run(folder: Path, repeats: int = 1, timeout_s: float = 180.0) -> dict:
                                  for tp, p in history),
     }
 
-
-def _read_metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pqsu.tools.flash import wheels as wheels_mod
 from pqsu.tools.flash.boards import BOARDS, CPU, get_board
 from pqsu.tools.fleet.broker import Mosquitto, free_port, mosquitto_path
 from pqsu.tools.cli import build_parser, main
+from pqsu.tools.lab.process import CLI, Process, reap
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 BROKER = "mqtt://broker.example:1883"
@@ -459,30 +459,6 @@ def test_ssh_target_copies_and_places_the_bundle(capsys, tmp_path, wheel, creds,
 
 
 # -- end to end: the issue's demonstration -----------------------------------------------------
-class Proc:
-    def __init__(self, cmd: list[str], log: Path, env: dict):
-        self.log = log
-        with open(log, "wb") as f:
-            self.popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                          start_new_session=True)
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout=10)
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)  # anything the process group left behind
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def tail(self, n: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-
 def _http(url: str, body: bytes | None = None, timeout: float = 10.0) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
     try:
@@ -516,7 +492,7 @@ def test_flash_install_offline_join_a_round_and_predict(tmp_path):
     py = f"{sys.version_info[0]}.{sys.version_info[1]}"
     http_port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    procs: list[Proc] = []
+    procs: list[Process] = []
     with Mosquitto(tmp_path / "mosquitto") as broker:
         try:
             # 1. flash: the wheel built from this tree, every pinned wheel for this platform
@@ -559,17 +535,17 @@ def test_flash_install_offline_join_a_round_and_predict(tmp_path):
             ds = load_dataset("fashion-mnist").head(200)
             np.savez(shard, x=ds.x, y=ds.y)
             state = root / "var/lib/pqsu/state"
-            agent = Proc([str(venv / "bin/pqsu"), "edge", "run", "--config", str(root / "etc/pqsu/agent.toml"),
-                          "--state-dir", str(state), "--data", str(shard)], logs / "agent.log", env)
+            agent = Process([str(venv / "bin/pqsu"), "edge", "run", "--config", str(root / "etc/pqsu/agent.toml"),
+                             "--state-dir", str(state), "--data", str(shard)], logs / "agent.log", env=env)
             procs.append(agent)
 
             # 4. a coordinator: round 1 (the device trains and uploads), round 2 ships round 1's model
             t0 = time.monotonic()
-            cloud = Proc([sys.executable, "-m", "pqsu.tools.cli", "cloud", "--broker", broker.url, "--fleet", "e2e",
-                          "--rounds", "2", "--min-devices", "1", "--clients", "1", "--samples-per-client", "200",
-                          "--proxy-samples", "300", "--eval-samples", "300", "--pretrain-epochs", "0.3",
-                          "--join-timeout", "120", "--round-timeout", "120", "--out", str(out)],
-                         logs / "cloud.log", env)
+            cloud = Process([*CLI, "cloud", "--broker", broker.url, "--fleet", "e2e", "--rounds", "2",
+                             "--min-devices", "1", "--clients", "1", "--samples-per-client", "200",
+                             "--proxy-samples", "300", "--eval-samples", "300", "--pretrain-epochs", "0.3",
+                             "--join-timeout", "120", "--round-timeout", "120", "--out", str(out)],
+                            logs / "cloud.log", env=env)
             procs.append(cloud)
             deadline = time.monotonic() + 300
             while cloud.popen.poll() is None and time.monotonic() < deadline:
@@ -604,5 +580,4 @@ def test_flash_install_offline_join_a_round_and_predict(tmp_path):
             print(f"flash {t_flash:.0f} s, offline install {t_install:.0f} s, 2 rounds {t_rounds:.0f} s; "
                   f"/predict from model {answer['model_id'][:12]}")
         finally:
-            for p in reversed(procs):
-                p.stop()
+            reap(procs, grace_s=15, signal_first=True)
