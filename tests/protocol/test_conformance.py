@@ -216,3 +216,12 @@ def test_regenerating_the_kit_gives_the_same_bytes():
     assert on_disk == set(files)
     changed = sorted(rel for rel, data in files.items() if (KIT / rel).read_bytes() != data)
     assert changed == [], f"regenerated files differ: {changed}"
+
+
+def test_the_examples_in_protocol_md_are_the_kits_files():
+    """The JSON examples in docs/protocol.md are copies of golden files: they must not drift."""
+    doc = (KIT.parent / "protocol.md").read_text()
+    for name in ("round", "status-uploaded"):
+        assert "\n" + (KIT / f"messages/{name}.json").read_text() + "\n```" in doc, name
+    worked = (KIT / "updates/worked-example.bin").read_bytes()
+    assert worked[-4:].hex(" ") in doc and len(worked) == 90  # the CRC line of the worked example
