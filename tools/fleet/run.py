@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import signal
 import sys
 import time
@@ -52,9 +53,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest MQTT payload; bigger messages are chunked (default: 131072, the AWS IoT cap)")
     g.add_argument("--agent-threads", type=int, default=1, metavar="N",
                    help="torch threads per agent process (default: 1)")
+    g.add_argument("--force", action="store_true", help="start --clients agents even when this machine's free "
+                   f"memory cannot hold them (about {AGENT_MB} MB each)")
 
 
 RUNS_DIR = "runs"
+# An agent process holds torch, onnxruntime, its model and its shard: 356 MB unique memory measured for the cnn
+# (psutil USS of `pqsu edge run` during a round, 2026-12-01); rounded up for bigger zoo models.
+AGENT_MB, COORDINATOR_MB = 400, 1000
+
+
+def check_capacity(clients: int, force: bool) -> None:
+    """Refuse a fleet this machine cannot hold (hundreds of processes swapping help nobody); warn when the
+    agents share few cores, since every round then takes longer than it would on real boards."""
+    available = _available_mb()
+    needed = clients * AGENT_MB + COORDINATOR_MB
+    if available is not None and needed > available and not force:
+        raise PqsuError(f"--clients {clients} needs about {needed:,} MB ({AGENT_MB} MB an agent), this machine has "
+                        f"{available:,} MB free: use fewer clients, or --force")
+    cores = os.cpu_count() or 1
+    if clients > cores:
+        print(f"pqsu run: note: {clients} agents share {cores} cores, so rounds take longer than on real boards",
+              file=sys.stderr)
+
+
+def _available_mb() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) // 1024
+    except (OSError, KeyError, ValueError):
+        return None  # not Linux: no check rather than a wrong one
+
+
+def check_fleet_args(args: argparse.Namespace) -> None:
+    """With --broker, what the coordinator's preflight would find, before shards are written and agents
+    started: agents of a second run would otherwise connect under the first run's device ids."""
+    from pqsu.cloud.preflight import check_chunk_limit, preflight
+    from pqsu.edge.settings import MIN_CHUNK_LIMIT
+
+    check_chunk_limit(args.chunk_limit)
+    if args.chunk_limit < MIN_CHUNK_LIMIT:  # the agents' own bound, or they would all exit at start
+        raise PqsuError(f"--chunk-limit {args.chunk_limit} is below the agents' minimum of {MIN_CHUNK_LIMIT} bytes")
+    if not args.broker:
+        return
+    from pqsu.cloud.command import check_broker
+    from pqsu.protocol.messages import new_job_id
+    from pqsu.protocol.topics import Topics
+
+    check_broker(args.broker)
+    preflight(Topics(args.fleet), args.chunk_limit, job=new_job_id(), url=args.broker)
 
 
 def output_folder(args: argparse.Namespace) -> Path:
@@ -71,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     out = output_folder(args)
+    check_fleet_args(args)
+    check_capacity(cfg.clients, args.force)
     if (out / "summary.json").exists() and json.loads((out / "summary.json").read_text()).get("completed", True):
         raise PqsuError(f"{out} holds a finished run; choose another {'--out' if args.out else '--name'}")
     (out / "logs").mkdir(parents=True, exist_ok=True)

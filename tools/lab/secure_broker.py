@@ -60,6 +60,8 @@ def fleet_acl(fleet: str, coordinator: str = COORDINATOR, monitor: str = MONITOR
         f"topic readwrite {p}/round",   # it reads its own retained announcement back (lost-state check)
         f"topic write {p}/model/+",
         f"topic write {p}/metrics",
+        f"topic readwrite {p}/lease",    # one coordinator per fleet: it reads the lease before taking it
+        f"topic readwrite {p}/probe/+",  # its preflight: does the broker pass a frame of the chunk limit?
         f"topic read {p}/update/+",
         f"topic read {p}/status/+",
         f"user {monitor}",
