@@ -73,9 +73,12 @@ class EdgeAgent:
                                            persistent_session=True, tls_ca=cfg.tls_ca, tls_cert=cfg.tls_cert,
                                            tls_key=cfg.tls_key, username=cfg.username, password=cfg.password)
         self.events: queue.Queue[tuple[str, bytes, float]] = queue.Queue(maxsize=1000)
-        self.models = chunking.Reassembler(max_messages=4, max_bytes=1 << 30)
+        # remember=1: late copies of the model just completed are dropped, but a model seen before may come
+        # back (A, B, then A again: two jobs that start from the same seed)
+        self.models = chunking.Reassembler(max_messages=4, max_bytes=1 << 30, remember=1)
         self.model: InferenceModel | None = None  # holds the verified file too (`model.file`), for training
         self.rounds_joined = 0
+        self._joined_job: str | None = None  # the job this process trained in (its `done` ends the process)
         self.bad_messages = 0
         self.models_received = 0   # new model versions swapped in by this process
         self.model_bytes_down = 0  # their bytes (the downlink of an inference-only device)
@@ -231,12 +234,13 @@ class EdgeAgent:
         return task
 
     def _parse_done(self, payload: bytes) -> str | None:
-        """A job's end ends this device's training only if it trains in that job: a retained `done` left by
-        an earlier job on a shared broker must not stop a device that came for the next one."""
+        """A job's end ends this agent only if this agent process trained in that job. A `done` it finds
+        retained when it starts belongs to a job that was over before it came (a shared broker, a board
+        rebooted after its job ended): it waits for the next job instead. A job-less `done` (an older
+        coordinator) ends it as before."""
         job = message_job(payload)
-        mine = self.learner.state.job if self.learner else ""
-        if job and job != mine:
-            log.info("%s: job %s is over (not ours: %s); waiting for a round", self.cfg.device_id, job, mine or "none")
+        if job and job != self._joined_job:
+            log.info("%s: job %s is over; waiting for the next one", self.cfg.device_id, job)
             return None
         self._clear_outbox()
         return "done"
@@ -276,6 +280,7 @@ class EdgeAgent:
         everything for this round: the status reports the device's compute from then on
         (verifying and loading the model, training, encoding), for the fleet benchmark."""
         self._publish_status("training", task.round)
+        self._joined_job = task.job
         try:
             outcome = self.learner.run_round(task, self.model.file)  # verified on arrival: not hashed again
         except PqsuError as exc:

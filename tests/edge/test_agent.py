@@ -258,6 +258,7 @@ def test_an_update_written_before_a_crash_is_sent_at_start(tmp_path, model):
 
 def test_an_earlier_jobs_done_does_not_stop_an_agent_that_came_for_the_next(tmp_path, model):
     learner = FakeLearner()
+    learner.state.job = "job-a"  # this board even trained in job a, before it was restarted
     with Running(tmp_path, learner) as run:
         run.client.send_model(model[0])
         run.client.send_round(done_message(7, model[1], job="job-a"))  # retained from the job before
@@ -302,3 +303,14 @@ def test_deadlines_follow_the_devices_own_clock_not_its_wall_clock(tmp_path, mod
         run.client.send_round(task(model, 2, job="j", deadline=real_time() + 3600, remaining_s=0.0))  # closed
         run.settle()
         assert learner.rounds == [1]
+
+
+def test_a_model_seen_before_is_taken_again_when_it_comes_back(tmp_path, model):
+    """A, B, then A again (two jobs that start from the same seed): the last one is served."""
+    other = int8_models().b.read_bytes()
+    with Running(tmp_path, None) as run:
+        for data in (model[0], other, model[0]):
+            run.client.send_model(data)
+            wait_for(lambda: run.agent.model is not None and run.agent.model.model_id == model_id.verify(data),
+                     "the model swapped in")
+        assert run.agent.models_received == 3
