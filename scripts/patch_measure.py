@@ -9,6 +9,8 @@ and measures against the int8 model devices hold:
 - the exact patch: the master requantized with the keyframe's scales held (round 0's file),
   its bytes against the full int8 file the server exports this round, the int8 weights it
   changes and the weights the held scales clip;
+- the patched model's accuracy with the fresh export's activation scales spliced in, which
+  tells whether held weight scales or stale activation calibration cost more;
 - how far a generic compressor (zlib, stdlib) would shrink the exact patch;
 - capped patches (largest changes first, at most N bytes), each following its own chain of
   files, so what a cap leaves out stays pending toward the devices' model; their accuracy
@@ -36,6 +38,8 @@ from pqsu.export import measure
 from pqsu.export.pipeline import export_int8
 from pqsu.export.requantize import QdqLayout, capped_requantize, requantize
 from pqsu.export.training import evaluate_logits
+from pqsu.protocol import model_id
+from pqsu.protocol.onnx_wire import spans
 from pqsu.protocol.patch import apply_patch, make_patch
 from pqsu.tools.fleet.simulate import simulate
 
@@ -43,6 +47,20 @@ from pqsu.tools.fleet.simulate import simulate
 def accuracy(server, data: bytes) -> float:
     return evaluate_logits(measure.ort_logits(measure.ort_session(data, threads=1), server.eval_x),
                            server.eval_y).accuracy
+
+
+def with_activation_scales(data: bytes, source: bytes, layout: QdqLayout) -> bytes:
+    """`data` with the activation scales and zero points of `source` (same graph), re-stamped:
+    held weight scales with a fresh calibration, to tell which of the two a keyframe fixes."""
+    weights = {n + s for n in layout.tensors for s in ("_scale", "_zero_point", "_quantized_scale",
+                                                       "_quantized_zero_point", "_quantized")}
+    out = bytearray(data)
+    src = {s.key: s for s in spans(source) if s.kind == "tensor"}
+    for s in spans(data):
+        if s.kind == "tensor" and s.key not in weights and s.key in src:
+            t = src[s.key]
+            out[s.start:s.end] = source[t.start:t.end]
+    return model_id.stamp(bytes(out))[0]
 
 
 def measure_speed(server, held: bytes, repeats: int) -> dict:
@@ -84,7 +102,8 @@ def measure_rounds(cfg: FederatedConfig, caps: list[int], repeats: int) -> tuple
                "patch_zlib": len(zlib.compress(patch, 9)),
                "weights": nxt.weight_entries, "changed": nxt.weights_changed,
                "clipped": nxt.weights_clipped, "acc_fresh": accuracy(server, fresh),
-               "acc_exact": accuracy(server, nxt.data), "capped": {}}
+               "acc_exact": accuracy(server, nxt.data),
+               "acc_fresh_act": accuracy(server, with_activation_scales(nxt.data, fresh, layout)), "capped": {}}
         for cap in caps:
             capped, left = capped_requantize(chains[cap], server.master, cap, layout=layout)
             cpatch = make_patch(chains[cap], capped.data)
@@ -102,7 +121,7 @@ def measure_rounds(cfg: FederatedConfig, caps: list[int], repeats: int) -> tuple
 
 def table(rows: list[dict], caps: list[int], speed: dict) -> str:
     head = ["round", "full int8 file B", "patch B", "full/patch", "patch zlib -9 B", "int8 weights changed", "clipped",
-            "acc fresh export", "acc patched"]
+            "acc fresh export", "acc patched", "acc patched, fresh activation scales"]
     for cap in caps:
         head += [f"cap {cap} B: patch B", "left out", "acc"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -110,7 +129,7 @@ def table(rows: list[dict], caps: list[int], speed: dict) -> str:
         cells = [r["round"], r["full_bytes"], r["patch_bytes"], f"{r['full_bytes'] / r['patch_bytes']:.1f}x",
                  r["patch_zlib"],
                  f"{r['changed']} of {r['weights']} ({100 * r['changed'] / r['weights']:.2f}%)", r["clipped"],
-                 f"{r['acc_fresh']:.4f}", f"{r['acc_exact']:.4f}"]
+                 f"{r['acc_fresh']:.4f}", f"{r['acc_exact']:.4f}", f"{r['acc_fresh_act']:.4f}"]
         for cap in caps:
             c = r["capped"][cap]
             cells += [c["bytes"], c["pending"], f"{c['acc']:.4f}"]
