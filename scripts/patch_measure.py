@@ -12,9 +12,12 @@ and measures against the int8 model devices hold:
 - the patched model's accuracy with the fresh export's activation scales spliced in, which
   tells whether held weight scales or stale activation calibration cost more;
 - how far a generic compressor (zlib, stdlib) would shrink the exact patch;
-- capped patches (largest changes first, at most N bytes), each following its own chain of
-  files, so what a cap leaves out stays pending toward the devices' model; their accuracy
-  against the exact chain and the fresh export shows what a cap costs;
+- keyframe policies (every K rounds, or when the held scales clip more than a fraction of
+  the weights; optionally capped patches, largest changes first, what a cap leaves out
+  pending toward the devices' model), each following its own chain of files: bytes down per
+  round and accuracy against the fresh export. Devices here train on the fresh export each
+  round, so a policy's accuracy is that of the model it would deliver, not of a run trained
+  on it (that needs the wiring into the round loop);
 - coordinator time: a full `export_int8` of the master against `requantize`, both timed in
   this run, several repeats each, medians compared.
 
@@ -28,6 +31,7 @@ import sys
 import tempfile
 import time
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,7 +44,7 @@ from pqsu.export.requantize import QdqLayout, capped_requantize, requantize
 from pqsu.export.training import evaluate_logits
 from pqsu.protocol import model_id
 from pqsu.protocol.onnx_wire import spans
-from pqsu.protocol.patch import apply_patch, make_patch
+from pqsu.protocol.patch import PatchError, apply_patch, make_patch
 from pqsu.tools.fleet.simulate import simulate
 
 
@@ -84,13 +88,68 @@ def measure_speed(server, held: bytes, repeats: int) -> dict:
             "ratio": e / r, "ratio_uncached": e / c, "repeats": repeats}
 
 
-def measure_rounds(cfg: FederatedConfig, caps: list[int], repeats: int) -> tuple[list[dict], dict]:
+def keyframe_patch(held: bytes, fresh: bytes) -> int | str:
+    """Bytes of a patch to the fresh export, if it is patchable: activation zero points are
+    varint-coded `int32_data`, which a patch never rewrites, so a calibration that moves one is not."""
+    try:
+        return len(make_patch(held, fresh))
+    except PatchError as exc:
+        return exc.reason
+
+
+@dataclass
+class Chain:
+    """What devices would hold under one keyframe policy: a keyframe (the fresh export, sent
+    whole) every `every` rounds, or when more than `clip` of the int8 weights clip at the held
+    scales; between keyframes, patches (capped at `cap` bytes if given)."""
+
+    label: str
+    every: int | None = None
+    clip: float | None = None
+    cap: int | None = None
+    held: bytes = b""
+    layout: QdqLayout | None = None
+    since: int = 0
+    keyframes: int = 0
+    bytes_down: list = field(default_factory=list)
+    acc: list = field(default_factory=list)
+
+    def start(self, keyframe: bytes, layout: QdqLayout) -> None:
+        self.held, self.layout = keyframe, layout
+
+    def step(self, server, fresh: bytes) -> None:
+        nxt = requantize(self.held, server.master, layout=self.layout)
+        self.since += 1
+        drift = nxt.weights_clipped / nxt.weight_entries
+        if (self.every and self.since >= self.every) or (self.clip is not None and drift > self.clip):
+            self.held, self.layout, self.since = fresh, QdqLayout.of(fresh), 0
+            self.keyframes += 1
+            self.bytes_down.append(len(fresh))
+        else:
+            if self.cap:
+                nxt, _ = capped_requantize(self.held, server.master, self.cap, layout=self.layout)
+            patch = make_patch(self.held, nxt.data)
+            assert apply_patch(self.held, patch) == nxt.data
+            self.held = nxt.data
+            self.bytes_down.append(len(patch))
+        self.acc.append(accuracy(server, self.held))
+
+
+POLICIES = [Chain("no keyframe"), Chain("no keyframe, cap 4096 B", cap=4096), Chain("every 2", every=2),
+            Chain("every 4", every=4), Chain("clip > 0.5%", clip=0.005), Chain("clip > 1%", clip=0.01),
+            Chain("clip > 2%", clip=0.02), Chain("clip > 1%, cap 4096 B", clip=0.01, cap=4096),
+            Chain("every 4 or clip > 1%", every=4, clip=0.01)]
+
+
+def measure_rounds(cfg: FederatedConfig, chains: list[Chain], repeats: int) -> tuple[list[dict], list[dict], dict]:
     server, _ = build_server(cfg)
     keyframe = server.model_message()[0]
     layout = QdqLayout.of(keyframe)
     exact = keyframe
-    chains = {cap: keyframe for cap in caps}
+    for chain in chains:
+        chain.start(keyframe, layout)
     rows: list[dict] = []
+    fresh_acc: list[float] = []
 
     def on_round(rep) -> None:
         nonlocal exact
@@ -98,47 +157,49 @@ def measure_rounds(cfg: FederatedConfig, caps: list[int], repeats: int) -> tuple
         nxt = requantize(exact, server.master, layout=layout)
         patch = make_patch(exact, nxt.data)
         assert apply_patch(exact, patch) == nxt.data
-        row = {"round": rep.round, "full_bytes": len(fresh), "patch_bytes": len(patch),
-               "patch_zlib": len(zlib.compress(patch, 9)),
-               "weights": nxt.weight_entries, "changed": nxt.weights_changed,
-               "clipped": nxt.weights_clipped, "acc_fresh": accuracy(server, fresh),
-               "acc_exact": accuracy(server, nxt.data),
-               "acc_fresh_act": accuracy(server, with_activation_scales(nxt.data, fresh, layout)), "capped": {}}
-        for cap in caps:
-            capped, left = capped_requantize(chains[cap], server.master, cap, layout=layout)
-            cpatch = make_patch(chains[cap], capped.data)
-            assert apply_patch(chains[cap], cpatch) == capped.data
-            pending = requantize(capped.data, server.master, layout=layout).weights_changed
-            row["capped"][cap] = {"bytes": len(cpatch), "left_out": left, "pending": pending,
-                                  "acc": accuracy(server, capped.data)}
-            chains[cap] = capped.data
-        rows.append(row)
+        fresh_acc.append(accuracy(server, fresh))
+        rows.append({"round": rep.round, "full_bytes": len(fresh), "patch_bytes": len(patch),
+                     "patch_zlib": len(zlib.compress(patch, 9)), "keyframe_patch": keyframe_patch(exact, fresh),
+                     "weights": nxt.weight_entries, "changed": nxt.weights_changed,
+                     "clipped": nxt.weights_clipped, "acc_fresh": fresh_acc[-1],
+                     "acc_exact": accuracy(server, nxt.data),
+                     "acc_fresh_act": accuracy(server, with_activation_scales(nxt.data, fresh, layout))})
+        for chain in chains:
+            chain.step(server, fresh)
         exact = nxt.data
 
     simulate(cfg, on_round, server=server)
-    return rows, measure_speed(server, exact, repeats)
+    policies = []
+    for c in chains:
+        gaps = [100 * (f - a) for f, a in zip(fresh_acc, c.acc)]
+        policies.append({"policy": c.label, "keyframes": c.keyframes, "mean_bytes": statistics.mean(c.bytes_down),
+                         "full_bytes": rows[-1]["full_bytes"], "mean_gap_pt": statistics.mean(gaps),
+                         "worst_gap_pt": max(gaps), "last3_acc": statistics.mean(c.acc[-3:])})
+    return rows, policies, measure_speed(server, exact, repeats)
 
 
-def table(rows: list[dict], caps: list[int], speed: dict) -> str:
-    head = ["round", "full int8 file B", "patch B", "full/patch", "patch zlib -9 B", "int8 weights changed", "clipped",
-            "acc fresh export", "acc patched", "acc patched, fresh activation scales"]
-    for cap in caps:
-        head += [f"cap {cap} B: patch B", "left out", "acc"]
+def table(rows: list[dict], policies: list[dict], speed: dict) -> str:
+    head = ["round", "full int8 file B", "patch B", "full/patch", "patch zlib -9 B", "fresh keyframe as a patch B",
+            "int8 weights changed", "clipped", "acc fresh export", "acc patched", "acc patched, fresh act. scales"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["round"], r["full_bytes"], r["patch_bytes"], f"{r['full_bytes'] / r['patch_bytes']:.1f}x",
-                 r["patch_zlib"],
-                 f"{r['changed']} of {r['weights']} ({100 * r['changed'] / r['weights']:.2f}%)", r["clipped"],
+                 r["patch_zlib"], r["keyframe_patch"],
+                 f"{r['changed']} of {r['weights']} ({100 * r['changed'] / r['weights']:.2f}%)",
+                 f"{r['clipped']} ({100 * r['clipped'] / r['weights']:.2f}%)",
                  f"{r['acc_fresh']:.4f}", f"{r['acc_exact']:.4f}", f"{r['acc_fresh_act']:.4f}"]
-        for cap in caps:
-            c = r["capped"][cap]
-            cells += [c["bytes"], c["pending"], f"{c['acc']:.4f}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", "| keyframe policy | keyframes | mean bytes down per round | full file / mean | "
+              "mean acc gap to fresh export (pt) | worst gap (pt) | last-3 mean acc |", "|---|---|---|---|---|---|---|"]
+    for p in policies:
+        lines.append(f"| {p['policy']} | {p['keyframes']} | {p['mean_bytes']:.0f} | "
+                     f"{p['full_bytes'] / p['mean_bytes']:.1f}x | {p['mean_gap_pt']:.2f} | {p['worst_gap_pt']:.2f} | "
+                     f"{p['last3_acc']:.4f} |")
     lines.append("")
     lines.append(f"coordinator, median of {speed['repeats']}: export_int8 {speed['export_s'] * 1e3:.0f} ms, "
                  f"requantize {speed['requantize_s'] * 1e3:.2f} ms with the keyframe's layout cached "
-                 f"({speed['ratio']:.0f}x faster), {speed['requantize_uncached_s'] * 1e3:.2f} ms parsing it "
-                 f"again ({speed['ratio_uncached']:.0f}x faster)")
+                 f"({speed['ratio']:.0f}x faster), {speed['requantize_uncached_s'] * 1e3:.2f} ms "
+                 f"parsing it again ({speed['ratio_uncached']:.0f}x faster)")
     return "\n".join(lines)
 
 
@@ -147,16 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--scheme", default="ours")
-    p.add_argument("--caps", default="1024,4096", help="patch size caps in bytes, comma separated")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    caps = [int(c) for c in args.caps.split(",") if c]
     cfg = FederatedConfig.for_scheme(args.scheme, clients=args.clients, rounds=args.rounds, seed=args.seed)
-    rows, speed = measure_rounds(cfg, caps, args.repeats)
-    print(f"scheme {args.scheme}, cnn pruned {cfg.prune}, {args.clients} clients, {args.rounds} rounds, seed {args.seed}")
-    print(table(rows, caps, speed))
+    rows, policies, speed = measure_rounds(cfg, POLICIES, args.repeats)
+    print(f"scheme {args.scheme}, cnn pruned {cfg.prune}, {args.clients} clients, {args.rounds} rounds, "
+          f"seed {args.seed}")
+    print(table(rows, policies, speed))
     return 0
 
 

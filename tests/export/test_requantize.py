@@ -63,11 +63,12 @@ def test_a_moved_master_runs_in_onnxruntime_like_a_model_requantized_by_hand(bas
     ours = measure.ort_logits(measure.ort_session(out.data), trained_cnn.x_test[:200])
     hand = measure.ort_logits(measure.ort_session(by_hand(base, master)), trained_cnn.x_test[:200])
     np.testing.assert_array_equal(ours, hand)
-    # onnx's own serializer writes the same bytes (before the id is stamped): the file is canonical
-    hand_ids = {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(by_hand(base, master)).graph.initializer}
-    ours_ids = {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(out.data).graph.initializer}
-    for name in hand_ids:
-        np.testing.assert_array_equal(ours_ids[name], hand_ids[name], err_msg=name)
+    values = lambda data: {t.name: numpy_helper.to_array(t)  # noqa: E731
+                           for t in onnx.load_from_string(data).graph.initializer}
+    hand_values, our_values = values(by_hand(base, master)), values(out.data)
+    for name in hand_values:
+        np.testing.assert_array_equal(our_values[name], hand_values[name], err_msg=name)
+    # onnx's own serializer writes the same bytes (once stamped): splicing gives the canonical file
     assert model_id.stamp(by_hand(base, master))[0] == out.data
 
 
