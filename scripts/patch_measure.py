@@ -210,12 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scheme", default="ours")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server-momentum", type=float, default=None, help="override the scheme's server momentum")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = FederatedConfig.for_scheme(args.scheme, clients=args.clients, rounds=args.rounds, seed=args.seed)
+    extra = {} if args.server_momentum is None else {"server_momentum": args.server_momentum}
+    cfg = FederatedConfig.for_scheme(args.scheme, clients=args.clients, rounds=args.rounds, seed=args.seed, **extra)
     rows, policies, speed = measure_rounds(cfg, POLICIES, args.repeats)
     print(f"scheme {args.scheme}, cnn pruned {cfg.prune}, {args.clients} clients, {args.rounds} rounds, "
-          f"seed {args.seed}")
+          f"server momentum {cfg.server_momentum}, seed {args.seed}")
     print(table(rows, policies, speed))
     return 0
 

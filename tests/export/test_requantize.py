@@ -144,3 +144,18 @@ def test_a_capped_patch_sends_the_largest_changes_and_keeps_the_rest_pending(bas
     again, left_again = capped_requantize(capped.data, master, 2000, layout=layout)
     assert left_again < left
     assert apply_patch(capped.data, make_patch(capped.data, again.data)) == again.data
+
+
+def test_the_wire_walker_finds_every_initializer_value_where_onnx_reads_it(base):
+    from pqsu.protocol.onnx_wire import spans
+
+    found = {s.key: s for s in spans(base) if s.kind == "tensor"}
+    proto = onnx.load_from_string(base)
+    assert set(found) == {t.name for t in proto.graph.initializer if t.raw_data or t.float_data}
+    for t in proto.graph.initializer:
+        if t.name in found:
+            s = found[t.name]
+            expected = t.raw_data or np.asarray(t.float_data, "<f4").tobytes()
+            assert base[s.start:s.end] == expected and s.data_type == t.data_type, t.name
+    meta = [s.key for s in spans(base) if s.kind == "meta"]
+    assert meta == [p.key for p in proto.metadata_props]
