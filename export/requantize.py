@@ -183,8 +183,9 @@ def step_changes(base: bytes, master: Mapping[str, np.ndarray], layout: QdqLayou
 def capped_requantize(base: bytes, master: Mapping[str, np.ndarray], max_patch_bytes: int, *,
                       layout: QdqLayout | None = None) -> tuple[Requantized, int]:
     """The next file whose patch from `base` fits `max_patch_bytes`: the largest weight changes
-    first (biases and metadata always go). Returns (file, weight changes left out); what is left
-    out stays in the master, so a later round sends it, as a device's error feedback does.
+    first (biases and metadata always go; if they alone exceed the cap, no weight changes).
+    Returns (file, weight changes left out); what is left out stays in the master, so a later
+    round sends it, as a device's error feedback does.
     """
     from pqsu.protocol.patch import make_patch
 
