@@ -11,7 +11,8 @@ and measures against the int8 model devices hold:
   changes and the weights the held scales clip;
 - the patched model's accuracy with the fresh export's activation scales spliced in, which
   tells whether held weight scales or stale activation calibration cost more;
-- how far a generic compressor (zlib, stdlib) would shrink the exact patch;
+- how far a generic compressor (zlib, stdlib) would shrink the exact patch, and how far it
+  would shrink one that carried value differences instead of new values (an estimate);
 - keyframe policies (every K rounds, or when the held scales clip more than a fraction of
   the weights; optionally capped patches, largest changes first, what a cap leaves out
   pending toward the devices' model), each following its own chain of files: bytes down per
@@ -34,6 +35,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pqsu.cloud.bootstrap import build_server
@@ -42,9 +44,9 @@ from pqsu.export import measure
 from pqsu.export.pipeline import export_int8
 from pqsu.export.requantize import QdqLayout, capped_requantize, requantize
 from pqsu.export.training import evaluate_logits
-from pqsu.protocol import model_id
-from pqsu.protocol.onnx_wire import spans
-from pqsu.protocol.patch import PatchError, apply_patch, make_patch
+from pqsu.protocol import model_id, varint
+from pqsu.protocol.onnx_wire import ITEMSIZE, spans
+from pqsu.protocol.patch import PatchError, apply_patch, diff, make_patch
 from pqsu.tools.fleet.simulate import simulate
 
 
@@ -86,6 +88,21 @@ def measure_speed(server, held: bytes, repeats: int) -> dict:
     e, r, c = (statistics.median(x) for x in (export_s, requant_s, cold_s))
     return {"export_s": e, "requantize_s": r, "requantize_uncached_s": c,
             "ratio": e / r, "ratio_uncached": e / c, "repeats": repeats}
+
+
+def delta_zlib_bytes(held: bytes, nxt: bytes) -> int:
+    """What the patch would take if it carried value differences (new - old, wrapping) instead of
+    new values and were zlib-compressed: headers and names as they are, index data and
+    differences compressed together. An estimate for a possible format version 2."""
+    tensors, splices = diff(held, nxt)
+    streams, overhead = [], 86 + 4 + sum(len(new) + 15 + len(key) for key, _, _, new in splices)
+    for c in tensors:
+        width = ITEMSIZE.get(c.data_type, 1)
+        old = np.frombuffer(held, f"<u{width}", c.numel, c.offset)[c.indices]
+        new = np.frombuffer(c.values, f"<u{width}")
+        streams += [varint.encode_index_set(c.indices, c.numel)[1], (new - old).tobytes()]
+        overhead += 1 + 2 + len(c.name.encode()) + 10 + 5
+    return overhead + len(zlib.compress(b"".join(streams), 9))
 
 
 def keyframe_patch(held: bytes, fresh: bytes) -> int | str:
@@ -159,7 +176,8 @@ def measure_rounds(cfg: FederatedConfig, chains: list[Chain], repeats: int) -> t
         assert apply_patch(exact, patch) == nxt.data
         fresh_acc.append(accuracy(server, fresh))
         rows.append({"round": rep.round, "full_bytes": len(fresh), "patch_bytes": len(patch),
-                     "patch_zlib": len(zlib.compress(patch, 9)), "keyframe_patch": keyframe_patch(exact, fresh),
+                     "patch_zlib": len(zlib.compress(patch, 9)),
+                     "delta_zlib": delta_zlib_bytes(exact, nxt.data), "keyframe_patch": keyframe_patch(exact, fresh),
                      "weights": nxt.weight_entries, "changed": nxt.weights_changed,
                      "clipped": nxt.weights_clipped, "acc_fresh": fresh_acc[-1],
                      "acc_exact": accuracy(server, nxt.data),
@@ -179,12 +197,13 @@ def measure_rounds(cfg: FederatedConfig, chains: list[Chain], repeats: int) -> t
 
 
 def table(rows: list[dict], policies: list[dict], speed: dict) -> str:
-    head = ["round", "full int8 file B", "patch B", "full/patch", "patch zlib -9 B", "fresh keyframe as a patch B",
+    head = ["round", "full int8 file B", "patch B", "full/patch", "patch zlib -9 B",
+            "differences + zlib B (estimate)", "fresh keyframe as a patch B",
             "int8 weights changed", "clipped", "acc fresh export", "acc patched", "acc patched, fresh act. scales"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["round"], r["full_bytes"], r["patch_bytes"], f"{r['full_bytes'] / r['patch_bytes']:.1f}x",
-                 r["patch_zlib"], r["keyframe_patch"],
+                 r["patch_zlib"], r["delta_zlib"], r["keyframe_patch"],
                  f"{r['changed']} of {r['weights']} ({100 * r['changed'] / r['weights']:.2f}%)",
                  f"{r['clipped']} ({100 * r['clipped'] / r['weights']:.2f}%)",
                  f"{r['acc_fresh']:.4f}", f"{r['acc_exact']:.4f}", f"{r['acc_fresh_act']:.4f}"]
