@@ -253,3 +253,18 @@ def test_the_worked_example_in_the_docs_is_what_make_patch_produces():
     assert apply_patch(a, documented) == b
     for key, value in (("base", model_id.verify(a)), ("target", model_id.verify(b)), ("size", str(len(patch)))):
         assert f"<!-- {key} -->{value}" in text or f"`{value}`" in text, key
+
+
+def test_a_board_without_onnx_or_torch_applies_a_patch(pair, tmp_path):
+    import subprocess
+    import sys
+
+    a, b = pair
+    (tmp_path / "a").write_bytes(a)
+    (tmp_path / "p").write_bytes(make_patch(a, b))
+    code = ("import sys; sys.modules.update(onnx=None, torch=None, onnxruntime=None)\n"
+            "from pathlib import Path\nfrom pqsu.protocol.patch import apply_patch\n"
+            f"d = Path({str(tmp_path)!r})\n"
+            "sys.stdout.buffer.write(apply_patch((d / 'a').read_bytes(), (d / 'p').read_bytes()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
+    assert out.stdout == b
