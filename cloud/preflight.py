@@ -71,8 +71,12 @@ def preflight(topics: Topics, chunk_limit: int, *, job: str, take_over: bool = F
             log.info("broker %s allows packets of at most %d bytes: frames of %d bytes instead of --chunk-limit %d",
                      client.url, client.max_packet_size, limit, chunk_limit)
         if not client.echoes(probe, limit, timeout_s=5):
-            raise PqsuError(f"the broker {client.url} did not pass a {limit:,}-byte message (its message size limit, "
-                            f"or an ACL without {topics.prefix}/probe/+ for the coordinator): lower --chunk-limit")
+            bounds = _size_limit(client, probe, limit)
+            if bounds is None:
+                raise PqsuError(f"the broker {client.url} passed not even a small message back: is "
+                                f"{topics.prefix}/probe/+ missing from the coordinator's ACL?")
+            raise PqsuError(f"the broker {client.url} did not pass a {limit:,}-byte message (its message size limit "
+                            f"is between {bounds[0]:,} and {bounds[1]:,} bytes): use --chunk-limit {bounds[0]}")
         facts = BrokerFacts(client.is_mqtt5, client.max_packet_size, limit, _lease(leases), len(chunks))
     except MqttError as exc:
         raise PqsuError(str(exc)) from None
@@ -82,6 +86,24 @@ def preflight(topics: Topics, chunk_limit: int, *, job: str, take_over: bool = F
         raise PqsuError(f"fleet {topics.fleet!r} is driven by another coordinator: {facts.lease.describe()}; "
                         "stop it, or pass --take-over to replace it")
     return facts
+
+
+def _size_limit(client: MqttClient, probe: str, limit: int, steps: int = 12) -> tuple[int, int] | None:
+    """(passes, dropped): payload sizes around the broker's limit, found by bisection to within
+    limit / 2**steps; None when not even a frame header's worth passes (the ACL, not the size). Only on
+    the error path: a dropped probe costs its whole (short) wait."""
+    lo, hi = chunking.HEADER_SIZE + 1, limit
+    if not client.echoes(probe, lo, timeout_s=2):
+        return None
+    for _ in range(steps):
+        if hi - lo <= 1:
+            break
+        mid = (lo + hi) // 2
+        if client.echoes(probe, mid, timeout_s=0.5):
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
 
 
 def _lease(payloads: list[bytes]) -> Lease | None:

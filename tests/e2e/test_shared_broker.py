@@ -101,7 +101,7 @@ def test_an_mqtt311_broker_that_drops_large_messages_is_named_before_any_work(tm
         finally:
             reap([cloud], grace_s=5, signal_first=True)
         errors = [line for line in cloud.stderr.splitlines() if line.startswith("pqsu cloud: error:")]
-        assert len(errors) == 1 and "did not pass a 131,072-byte message" in errors[0] and "--chunk-limit" in errors[0]
+        assert len(errors) == 1 and "did not pass a 131,072-byte message" in errors[0] and "use --chunk-limit 40" in errors[0]
         assert cloud.stderr.strip().splitlines()[-1] == errors[0]
         assert not (tmp_path / "out" / "checkpoints").exists()
 
