@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pqsu.protocol.messages import STATES, Lease, MessageError, RoundTask, Status, done_message, new_job_id
-from tests.support.procs import CLI, ENV
+from pqsu.tools.lab.process import CLI, pqsu_env
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -144,7 +144,7 @@ def test_metrics_of_a_real_simulated_run_validate(tmp_path):
         pytest.skip("dataset-fashion-mnist is not installed")
     args = ["simulate", "--rounds", "2", "--clients", "2", "--samples-per-client", "100", "--proxy-samples", "200",
             "--eval-samples", "200", "--pretrain-epochs", "0.2", "--finetune-epochs", "0", "--out", str(tmp_path)]
-    done = subprocess.run(CLI + args, env=ENV, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(CLI + args, env=pqsu_env(threads=1), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
