@@ -21,9 +21,30 @@ class MessageError(PqsuError):
     """A control message that is not valid JSON of the expected shape."""
 
 
+class _JsonMessage:
+    """to_json / from_json for a frozen dataclass message: {"v", "type", fields...}; unknown keys ignored."""
+
+    KIND = ""   # the message's "type"
+    WHAT = ""   # how errors name it
+
+    def to_json(self) -> bytes:
+        return json.dumps({"v": VERSION, "type": self.KIND, **asdict(self)}, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes):
+        body = _load(data, cls.KIND)
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in body.items() if k in known})
+        except TypeError as exc:
+            raise MessageError(f"invalid {cls.WHAT}: {exc}") from None
+
+
 @dataclass(frozen=True)
-class RoundTask:
+class RoundTask(_JsonMessage):
     """A round as announced to devices: which model, and how to train on it."""
+
+    KIND, WHAT = "round", "round task"
 
     round: int
     model_id: str
@@ -71,25 +92,16 @@ class RoundTask:
         """The deadline on the receiver's clock, given that clock's reading when the message arrived."""
         return None if self.remaining_s is None else received_at + self.remaining_s
 
-    def to_json(self) -> bytes:
-        return json.dumps({"v": VERSION, "type": "round", **asdict(self)}, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> "RoundTask":
-        body = _load(data, "round")
-        known = {f.name for f in fields(cls)}
-        try:
-            return cls(**{k: v for k, v in body.items() if k in known})
-        except TypeError as exc:
-            raise MessageError(f"invalid round task: {exc}") from None
 
 
 STATES = ("online", "offline", "training", "uploaded", "skipped", "failed")
 
 
 @dataclass(frozen=True)
-class Status:
+class Status(_JsonMessage):
     """A device's state, retained on its status topic (the last will sets "offline")."""
+
+    KIND, WHAT = "status", "status"
 
     device: str
     state: str
@@ -108,17 +120,6 @@ class Status:
                 or not (_num(self.seconds) and self.seconds >= 0) or not _job(self.job):
             raise MessageError("invalid status: bad field types")
 
-    def to_json(self) -> bytes:
-        return json.dumps({"v": VERSION, "type": "status", **asdict(self)}, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> "Status":
-        body = _load(data, "status")
-        known = {f.name for f in fields(cls)}
-        try:
-            return cls(**{k: v for k, v in body.items() if k in known})
-        except TypeError as exc:
-            raise MessageError(f"invalid status: {exc}") from None
 
 
 def done_message(rounds: int, model_id: str, job: str = "") -> bytes:
@@ -141,9 +142,11 @@ def new_job_id() -> str:
 
 
 @dataclass(frozen=True)
-class Lease:
+class Lease(_JsonMessage):
     """Retained on the lease topic while a coordinator drives the fleet. Its last will clears it, so a
     crashed coordinator frees the fleet; a second coordinator that finds another's lease refuses."""
+
+    KIND, WHAT = "lease", "lease"
 
     job: str
     coordinator: str      # the holder's MQTT client id (unique per coordinator instance)
@@ -156,17 +159,6 @@ class Lease:
                 and isinstance(self.host, str) and len(self.host) <= 255 and _int(self.pid) and _num(self.started)):
             raise MessageError("invalid lease: bad field types")
 
-    def to_json(self) -> bytes:
-        return json.dumps({"v": VERSION, "type": "lease", **asdict(self)}, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> "Lease":
-        body = _load(data, "lease")
-        known = {f.name for f in fields(cls)}
-        try:
-            return cls(**{k: v for k, v in body.items() if k in known})
-        except TypeError as exc:
-            raise MessageError(f"invalid lease: {exc}") from None
 
     def describe(self) -> str:
         when = dt.datetime.fromtimestamp(self.started, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

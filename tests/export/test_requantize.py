@@ -46,7 +46,7 @@ def by_hand(base: bytes, master: dict[str, np.ndarray]) -> bytes:
             s = numpy_helper.to_array(inits[name + "_quantized_scale"]).astype(np.float64)
             q = np.round(w.astype(np.float64) / s).astype(np.int32)
         q_init.CopyFrom(numpy_helper.from_array(q, q_init.name))
-    return proto.SerializeToString()
+    return model_id.stamped(proto.SerializeToString()).data  # its own id, so a board would load it too
 
 
 def test_the_weights_a_file_was_exported_from_give_the_file_back(base, exported):
@@ -60,8 +60,8 @@ def test_a_moved_master_runs_in_onnxruntime_like_a_model_requantized_by_hand(bas
     out = requantize(base, master)
     assert out.model_id != model_id.verify(base)
     assert model_id.verify(out.data) == out.model_id
-    ours = measure.ort_logits(measure.ort_session(out.data), trained_cnn.x_test[:200])
-    hand = measure.ort_logits(measure.ort_session(by_hand(base, master)), trained_cnn.x_test[:200])
+    ours = measure.ort_session(out.data).logits(trained_cnn.x_test[:200])
+    hand = measure.ort_session(by_hand(base, master)).logits(trained_cnn.x_test[:200])
     np.testing.assert_array_equal(ours, hand)
     values = lambda data: {t.name: numpy_helper.to_array(t)  # noqa: E731
                            for t in onnx.load_from_string(data).graph.initializer}

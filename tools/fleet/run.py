@@ -63,8 +63,8 @@ RUNS_DIR = "runs"
 AGENT_MB, COORDINATOR_MB = 400, 1000
 
 
-def check_capacity(clients: int, force: bool) -> None:
-    """Refuse a fleet this machine cannot hold (hundreds of processes swapping help nobody); warn when the
+def check_capacity(clients: int, force: bool) -> str | None:
+    """Refuse a fleet this machine cannot hold (hundreds of processes swapping help nobody); a note when the
     agents share few cores, since every round then takes longer than it would on real boards."""
     available = _available_mb()
     needed = clients * AGENT_MB + COORDINATOR_MB
@@ -73,8 +73,8 @@ def check_capacity(clients: int, force: bool) -> None:
                         f"{available:,} MB free: use fewer clients, or --force")
     cores = os.cpu_count() or 1
     if clients > cores:
-        print(f"pqsu run: note: {clients} agents share {cores} cores, so rounds take longer than on real boards",
-              file=sys.stderr)
+        return f"pqsu run: note: {clients} agents share {cores} cores, so rounds take longer than on real boards"
+    return None
 
 
 def _available_mb() -> int | None:
@@ -120,13 +120,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = output_folder(args)
     check_fleet_args(args)
-    check_capacity(cfg.clients, args.force)
+    note = check_capacity(cfg.clients, args.force)
     if (out / "summary.json").exists() and json.loads((out / "summary.json").read_text()).get("completed", True):
         raise PqsuError(f"{out} holds a finished run; choose another {'--out' if args.out else '--name'}")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     settings = out / "settings.json"  # every field, None included: the coordinator must not fall back on a preset
     settings.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
+    if note:
+        print(note, file=sys.stderr)
     devices = write_device_shards(cfg, out / "devices")
     print(f"pqsu run: {cfg.clients} devices, {cfg.rounds} rounds of {cfg.model} on {cfg.dataset} -> {out}", flush=True)
 

@@ -195,14 +195,14 @@ def bad_message_bytes(body: dict | bytes) -> bytes:
     return body if isinstance(body, bytes) else json.dumps(body, sort_keys=True).encode()
 
 
-def metrics_example(model_id: str) -> dict:
+def metrics_example(model_id: str, model_bytes: int) -> dict:
     """A retained round report as the coordinator publishes it (RoundReport plus the coordinator's keys)."""
     from pqsu.cloud.server import RoundReport
 
     rep = RoundReport(round=3, model_id=model_id, accuracy=0.8125, loss=0.53125, selected=3, uploads=2, skipped=1,
-                      rejected={"duplicate": 1, "chunk-hash-mismatch": 2}, bytes_up=4096, bytes_down=53304,
-                      model_bytes=17768, seconds=12.5, train_loss=0.75).to_dict()
-    return {**rep, "missing": 0, "collect_seconds": 9.25, "server_seconds": 3.0}
+                      rejected={"duplicate": 1, "chunk-hash-mismatch": 2}, bytes_up=4096,
+                      bytes_down=3 * model_bytes, model_bytes=model_bytes, seconds=12.5, train_loss=0.75).to_dict()
+    return {**rep, "missing": 0, "collect_seconds": 9.25, "server_seconds": 3.0, "job": DEMO_JOB}
 
 
 # -- the model file ----------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def build(with_model: bool = True) -> dict[str, bytes]:
     for name, (kind, body, schema) in BAD_MESSAGES.items():
         files[f"messages/bad/{name}.json"] = bad_message_bytes(body)
         index["bad_messages"].append({"name": name, "type": kind, "refused_by_schema": schema})
-    files["messages/metrics.json"] = json.dumps(metrics_example(mid)).encode()
+    files["messages/metrics.json"] = json.dumps(metrics_example(mid, len(model))).encode()
     index["messages_without_decoder"] = ["metrics"]
     files["index.json"] = _dump(index)
     return files
