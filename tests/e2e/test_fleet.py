@@ -175,6 +175,7 @@ def test_mqtt_run_gives_the_numbers_of_the_in_process_simulator(mosquitto_run):
 
 # -- 2: the in-process amqtt broker (MQTT 3.1.1) -----------------------------------------------
 @pytest.mark.slow
+@pytest.mark.long
 def test_run_with_embedded_amqtt_broker(tmp_path):
     pytest.importorskip("amqtt")
     res = pqsu_run(tmp_path, flags(**QUALITY) + ["--broker-kind", "amqtt"])
@@ -255,7 +256,8 @@ STOPS = {"terminal": signal.SIGINT, "parent": signal.SIGINT, "sigterm": signal.S
 
 @needs_mosquitto
 @pytest.mark.slow
-@pytest.mark.parametrize("target", list(STOPS))
+@pytest.mark.parametrize("target", [t if t in ("sigterm", "sigkill") else pytest.param(t, marks=pytest.mark.long)
+                                    for t in STOPS])  # both SIGINTs take the path SIGTERM takes
 def test_a_stopped_run_leaves_no_process_behind(tmp_path, target):
     """terminal: SIGINT to the whole foreground process group (what Ctrl-C in a shell does);
     parent: SIGINT to the `pqsu run` process alone (kill -INT), which must stop its children itself;

@@ -138,6 +138,7 @@ def test_the_metrics_schema_refuses_a_report_without_its_counts():
 
 
 @pytest.mark.slow
+@pytest.mark.long  # tests/e2e/test_schemas_live.py validates a real run's metrics in the default suite
 def test_metrics_of_a_real_simulated_run_validate(tmp_path):
     """`pqsu simulate --out DIR`: every line of metrics.jsonl is a valid report (~15 s)."""
     if not Path("/usr/share/datasets/fashion-mnist").is_dir():

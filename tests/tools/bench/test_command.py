@@ -32,6 +32,7 @@ def quick(tmp_path_factory, one_torch_thread):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_paper_quick_has_every_row_and_consistent_bytes(quick):
     out, results = quick
     table = results["paper"]["tables"]["cnn/fashion-mnist"]
@@ -58,6 +59,7 @@ def test_paper_quick_has_every_row_and_consistent_bytes(quick):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_paper_quick_radio_times_recompute_from_the_recorded_round(quick):
     _, results = quick
     table = results["paper"]["tables"]["cnn/fashion-mnist"]
@@ -120,6 +122,7 @@ def test_unknown_suite_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # a timing comparison (device compute < collect time) that a loaded machine can trip
 def test_fleet_quick_round_over_mosquitto(tmp_path):
     from pqsu.tools.bench.fleet import run_fleet
 

@@ -479,6 +479,7 @@ HAS_SERVICE = (Path(flash_mod.__file__).resolve().parents[2] / "edge" / "service
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto is not installed")
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_flash_install_offline_join_a_round_and_predict(tmp_path):
