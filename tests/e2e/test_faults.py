@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pqsu.tools.reliability import faults as reliability_faults
-from pqsu.tools.fleet.broker import mosquitto_path
+from pqsu.tools.lab.broker import mosquitto_path
 
 needs_lab = pytest.mark.skipif(mosquitto_path() is None or not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                                reason="mosquitto or dataset-fashion-mnist is not installed")

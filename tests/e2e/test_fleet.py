@@ -28,7 +28,7 @@ from pqsu.protocol.mqtt import MqttClient
 from pqsu.tools.lab.process import Process
 from tests.support.procs import flags, kill_mentioning, logs_tail, processes_mentioning, start_pqsu
 
-from pqsu.tools.fleet.broker import Mosquitto, mosquitto_path
+from pqsu.tools.lab.broker import Mosquitto, mosquitto_path
 
 RUN_TIMEOUT_S = 240.0   # a tiny run takes ~40 s on a loaded 2-core machine
 

@@ -21,7 +21,7 @@ import pytest
 from pqsu.protocol import chunking
 from pqsu.protocol.messages import RoundTask, Status, message_type
 from pqsu.protocol.topics import Topics
-from pqsu.tools.fleet.broker import Mosquitto, free_port, mosquitto_path
+from pqsu.tools.lab.broker import Mosquitto, free_port, mosquitto_path
 from pqsu.tools.lab.fleet_lab import TINY, read_metrics, write_shards
 from pqsu.tools.lab.observer import Observer, round_announced, status_is
 from pqsu.tools.lab.process import Process, reap

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pqsu.protocol.mqtt import MqttClient
-from pqsu.tools.fleet.broker import Mosquitto, mosquitto_path
+from pqsu.tools.lab.broker import Mosquitto, mosquitto_path
 from tests.support.procs import Proc, flags, kill_mentioning
 
 jsonschema = pytest.importorskip("jsonschema")

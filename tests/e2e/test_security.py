@@ -22,7 +22,7 @@ pytest.importorskip("cryptography")
 from pqsu.cloud.command import check_tls_files  # noqa: E402
 from pqsu.cloud.device_keys import DeviceKeys  # noqa: E402
 from pqsu.protocol.errors import PqsuError  # noqa: E402
-from pqsu.tools.fleet.broker import mosquitto_path  # noqa: E402
+from pqsu.tools.lab.broker import mosquitto_path  # noqa: E402
 from pqsu.tools.reliability.security import fleet_rows, forged_accepted, markdown  # noqa: E402
 from pqsu.tools.reliability.security_scenarios import (AGENT, HOLDER, REMOVED, acl_checks, connection_checks,  # noqa: E402
                                            fleet_run)

@@ -14,7 +14,7 @@ import pytest
 from pqsu.protocol.messages import Lease
 from pqsu.protocol.mqtt import MqttClient
 from pqsu.protocol.topics import Topics
-from pqsu.tools.fleet.broker import Mosquitto, mosquitto_path
+from pqsu.tools.lab.broker import Mosquitto, mosquitto_path
 from pqsu.tools.lab.fleet_lab import CLI, TINY, Lab, flags, pqsu, read_metrics, write_shards
 from pqsu.tools.lab.observer import wait_until
 from pqsu.tools.lab.process import Process, pqsu_env, reap

@@ -1,9 +1,9 @@
-"""Test helpers for a private Mosquitto: the launcher itself is `pqsu.tools.fleet.broker.Mosquitto`."""
+"""Test helpers for a private Mosquitto: the launcher itself is `pqsu.tools.lab.broker.Mosquitto`."""
 from __future__ import annotations
 
 import socket
 
-from pqsu.tools.fleet.broker import Mosquitto, free_port, mosquitto_path  # noqa: F401  (re-exported for tests)
+from pqsu.tools.lab.broker import Mosquitto, free_port, mosquitto_path  # noqa: F401  (re-exported for tests)
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -29,7 +29,7 @@ from pqsu.edge.selective import SelectivePolicy
 from pqsu.protocol.messages import MessageError, Status
 from pqsu.protocol.mqtt import MqttClient
 from pqsu.protocol.topics import Topics
-from pqsu.tools.fleet.broker import Mosquitto
+from pqsu.tools.lab.broker import Mosquitto
 from pqsu.tools.fleet.run import write_device_shards
 
 log = logging.getLogger(__name__)

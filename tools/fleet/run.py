@@ -115,7 +115,7 @@ def output_folder(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pqsu.tools.fleet.broker import embedded_broker
+    from pqsu.tools.lab.broker import embedded_broker
 
     cfg = config_from_args(args)
     out = output_folder(args)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pqsu.tools.fleet.broker import Mosquitto
+from pqsu.tools.lab.broker import Mosquitto
 from pqsu.tools.lab.observer import Observer
 from pqsu.tools.lab.process import CLI, Process, pqsu_env, reap, wait_all
 
@@ -92,17 +92,16 @@ class Lab:
 
 def write_shards(folder: Path, clients: int, samples: int = TINY["samples_per_client"],
                  proxy: int = TINY["proxy_samples"], seed: int = 0) -> list[Path]:
-    """Per-device .npz shards split as `pqsu run` splits them (the cloud's proxy first, then devices)."""
-    from pqsu.export.datasets import load_dataset
-    from pqsu.export.partition import federated_split
+    """Per-device .npz shards split as every driver splits them (`pqsu.cloud.data`), small ones by default."""
+    from pqsu.cloud.config import FederatedConfig
+    from pqsu.cloud.data import device_shards
 
-    train = load_dataset("fashion-mnist", "train")
-    _, parts = federated_split(train.y, proxy, clients, "dirichlet:0.5", seed, samples)
+    cfg = FederatedConfig(clients=clients, samples_per_client=samples, proxy_samples=proxy, seed=seed)
     paths = []
-    for i, idx in enumerate(parts):
-        path = folder / f"dev-{i:03d}" / "data.npz"
+    for device, shard in device_shards(cfg).items():
+        path = folder / device / "data.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, x=train.x[idx], y=train.y[idx])
+        np.savez(path, x=shard.x, y=shard.y)
         paths.append(path)
     return paths
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from pqsu.protocol.atomic import atomic_write
 from pqsu.protocol.mqtt import MqttClient
 from pqsu.protocol.topics import check_device, check_fleet
-from pqsu.tools.fleet.broker import BrokerError, Mosquitto, Service
+from pqsu.tools.lab.broker import BrokerError, Mosquitto, Service
 from pqsu.tools.lab.pki import make_pki
 
 COORDINATOR = "pqsu-coordinator"

@@ -28,7 +28,7 @@ from pqsu.tools.flash import bundle as bundle_mod
 from pqsu.tools.flash import command as flash_mod
 from pqsu.tools.flash import wheels as wheels_mod
 from pqsu.tools.flash.boards import BOARDS, CPU, get_board
-from pqsu.tools.fleet.broker import Mosquitto, free_port, mosquitto_path
+from pqsu.tools.lab.broker import Mosquitto, free_port, mosquitto_path
 from pqsu.tools.cli import build_parser, main
 from pqsu.tools.lab.process import CLI, Process, reap
 

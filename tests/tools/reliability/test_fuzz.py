@@ -15,7 +15,7 @@ import pytest
 
 from pqsu.cloud.coordinator import REASSEMBLY_MESSAGES, Coordinator, CoordinatorConfig
 from pqsu.protocol import chunking
-from pqsu.tools.fleet.broker import mosquitto_path
+from pqsu.tools.lab.broker import mosquitto_path
 from pqsu.tools.reliability.fuzz import bad_input, markdown
 
 CASES = 1000
