@@ -25,8 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from pqsu.cloud.config import add_config_arguments, config_from_args
 from pqsu.protocol.errors import PqsuError
 from pqsu.tools.lab.process import Process, pqsu_env, reap
@@ -177,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
 
 def write_device_shards(cfg, folder: Path) -> list[str]:
     """One `<folder>/<device>/data.npz` per device, split as every driver splits (`pqsu.cloud.data`)."""
+    import numpy as np  # here: `pqsu run --help` should not wait for numpy
+
     from pqsu.cloud.data import device_shards
 
     shards = device_shards(cfg)
