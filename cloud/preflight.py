@@ -21,6 +21,7 @@ from pqsu.protocol.topics import Topics, TopicError
 
 log = logging.getLogger(__name__)
 RETAINED_WAIT_S = 1.5  # retained messages follow the SUBACK at once; this is slack for a slow link
+ECHO_WAIT_S = 3.0      # a round trip through the broker; a dropped probe costs all of it
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def preflight(topics: Topics, chunk_limit: int, *, job: str, take_over: bool = F
         if limit < chunk_limit:
             log.info("broker %s allows packets of at most %d bytes: frames of %d bytes instead of --chunk-limit %d",
                      client.url, client.max_packet_size, limit, chunk_limit)
-        if not client.echoes(probe, limit, timeout_s=5):
+        if not client.echoes(probe, limit, timeout_s=ECHO_WAIT_S):
             bounds = _size_limit(client, probe, limit)
             if bounds is None:
                 raise PqsuError(f"the broker {client.url} passed not even a small message back: is "

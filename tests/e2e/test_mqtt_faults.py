@@ -177,6 +177,7 @@ def test_first_round_asks_every_device_already_online(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # test_agent_killed_mid_round_does_not_stall_the_round covers it without pqsu run around it
 def test_pqsu_run_survives_an_agent_killed_mid_round(tmp_path):
     round_timeout, fleet = 10.0, "runkill"
     runs = tmp_path / "runs"
