@@ -7,6 +7,7 @@ in this process (MQTT 3.1.1 only, which the protocol supports as well).
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import os
@@ -51,14 +52,16 @@ def mosquitto_path() -> str | None:
     return next((p for p in MOSQUITTO_PATHS if Path(p).exists()), None) or shutil.which("mosquitto")
 
 
-class Service:
+class Service(abc.ABC):
     """`with broker:` starts it and closes it on the way out, also when starting failed half-way."""
 
+    @abc.abstractmethod
     def start(self):
-        raise NotImplementedError
+        """Start the service and return it."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Stop it and release what it holds; safe to call twice."""
 
     def __enter__(self):
         try:
