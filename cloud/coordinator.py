@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pqsu.cloud.preflight import LeaseWatch
+from pqsu.cloud.lease import LeaseWatch
 from pqsu.cloud.rounds import RoundRunner, RunnerConfig
 from pqsu.cloud.server import FederatedServer
 from pqsu.cloud.transport import UPDATE, Message

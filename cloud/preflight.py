@@ -1,5 +1,5 @@
 """What the coordinator learns from the broker before any work: it is there, it speaks MQTT, it passes
-a frame of the chunk limit, and no other coordinator holds the fleet.
+a frame of the chunk limit, and no other coordinator holds the fleet (the lease: cloud/lease.py).
 
 Read-only and quick (one short clean-session connection): pre-training can take minutes, and a run
 must not spend them only to find a wrong URL, a broker that drops its model frames, or a fleet that
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 
+from pqsu.cloud.lease import read_lease
 from pqsu.protocol import chunking
 from pqsu.protocol.errors import PqsuError
-from pqsu.protocol.messages import Lease, MessageError
+from pqsu.protocol.messages import Lease
 from pqsu.protocol.mqtt import MqttClient, MqttError
 from pqsu.protocol.topics import Topics, TopicError
 
@@ -78,7 +78,7 @@ def preflight(topics: Topics, chunk_limit: int, *, job: str, take_over: bool = F
                                 f"{topics.prefix}/probe/+ missing from the coordinator's ACL?")
             raise PqsuError(f"the broker {client.url} did not pass a {limit:,}-byte message (its message size limit "
                             f"is between {bounds[0]:,} and {bounds[1]:,} bytes): use --chunk-limit {bounds[0]}")
-        facts = BrokerFacts(client.is_mqtt5, client.max_packet_size, limit, _lease(leases), len(chunks))
+        facts = BrokerFacts(client.is_mqtt5, client.max_packet_size, limit, read_lease(leases), len(chunks))
     except MqttError as exc:
         raise PqsuError(str(exc)) from None
     finally:
@@ -105,45 +105,3 @@ def _size_limit(client: MqttClient, probe: str, limit: int, steps: int = 12) -> 
         else:
             hi = mid
     return lo, hi
-
-
-def _lease(payloads: list[bytes]) -> Lease | None:
-    if not payloads or not payloads[-1]:
-        return None
-    try:
-        return Lease.from_json(payloads[-1])
-    except MessageError as exc:
-        log.warning("ignored an unreadable lease on the broker: %s", exc)
-        return None
-
-
-class LeaseWatch:
-    """The coordinator's side of the lease: published retained at start (the last will clears it), cleared
-    at a clean end, and watched, so that a coordinator started with --take-over makes this one stop."""
-
-    def __init__(self, client: MqttClient, topics: Topics, lease: Lease):
-        self.client, self.topics, self.lease = client, topics, lease
-        self.taken = threading.Event()
-        self.by: Lease | None = None
-
-    def watch(self) -> None:
-        """From now on, another coordinator's lease on the topic sets `taken` (call after publish())."""
-        self.client.subscribe(self.topics.lease, self._on_lease)
-
-    @staticmethod
-    def will(topics: Topics) -> tuple[str, bytes, int, bool]:
-        """An empty retained message deletes the lease when the coordinator dies without a word."""
-        return topics.lease, b"", 1, True
-
-    def publish(self) -> None:
-        self.client.publish(self.topics.lease, self.lease.to_json(), retain=True)
-
-    def release(self) -> None:
-        if not self.taken.is_set():
-            self.client.publish(self.topics.lease, b"", retain=True)
-
-    def _on_lease(self, topic: str, payload: bytes, retained: bool) -> None:
-        other = _lease([payload])
-        if other is not None and other.coordinator != self.lease.coordinator:
-            self.by = other
-            self.taken.set()
