@@ -107,6 +107,8 @@ def accuracy_vs_uplink_figure(rounds: list[dict], config: dict, initial_accuracy
         if isinstance(initial_accuracy, (int, float)) and math.isfinite(initial_accuracy):
             # round 0 sent nothing: on a log axis that is a line, not a point
             ax.axhline(100 * initial_accuracy, color="grey", linewidth=0.8, linestyle=":", label="round 0 (no uplink yet)")
+            low = min([a for _, a in pts] + [100 * initial_accuracy])
+            ax.set_ylim(bottom=low - 0.05 * (max(a for _, a in pts) - low + 1))
             ax.legend(fontsize=8)
     ax.set_xlabel("uplink bytes so far, all devices (log scale)")
     ax.set_ylabel("test accuracy (%)")

@@ -154,7 +154,10 @@ class FleetState:
             entry.updates += 1
 
     def _lease(self, _arg, payload: bytes, now: float, retained: bool) -> None:
-        self.coordinator = Lease.from_json(payload).describe() if payload else None
+        lease = Lease.from_json(payload) if payload else None
+        if lease is not None:
+            self._adopt(lease.job)  # the holder's job, before its first round is announced
+        self.coordinator = lease.describe() if lease else None
 
     def _adopt(self, job: str) -> bool:
         """False for a message of an earlier job; a new job starts the picture afresh (devices stay)."""
