@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="address to serve on (default: 127.0.0.1; any other needs a token)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to serve on; 0 = any free one (default: {DEFAULT_PORT})")
     p.add_argument("--token-file", metavar="FILE", help=f"file holding the access token (default: ${TOKEN_ENV}, if set)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="give up when the broker cannot be reached within this long (default: 10)")
     add_identity_arguments(p.add_argument_group("broker identity"), "the dashboard's")
 
 
@@ -88,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise PqsuError(f"--port {args.port}: expected 0..65535")
     token = read_token(args.token_file)
-    dash = Dashboard(args.broker, args.fleet, host=args.bind, port=args.port, token=token, tls_ca=args.tls_ca,
+    dash = Dashboard(args.broker, args.fleet, host=args.bind, port=args.port, token=token,
+                     connect_timeout_s=args.connect_timeout, tls_ca=args.tls_ca,
                      tls_cert=args.tls_cert, tls_key=args.tls_key, username=args.username,
                      password=read_password_file(args.password_file))
     stop = threading.Event()

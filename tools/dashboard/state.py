@@ -59,7 +59,7 @@ class FleetState:
         self.changed = threading.Condition(self.lock)
         self.version = 0
         self.job = ""
-        self.coordinator: str | None = None
+        self.lease: Lease | None = None
         self.link_up: Callable[[], bool] = lambda: False  # the listener's: is the broker connection up now?
         self.devices: dict[str, Device] = {}
         self.round: OpenRound | None = None
@@ -137,7 +137,7 @@ class FleetState:
         body = json.loads(payload)  # Python's json takes the NaN the coordinator writes for "no accuracy"
         if not isinstance(body, dict) or not isinstance(body.get("round"), int):
             raise MessageError("metrics without a round")
-        if not self._adopt(body.get("job", "") if isinstance(body.get("job", ""), str) else ""):
+        if not self._adopt(body.get("job", "") if isinstance(body.get("job", ""), str) else "", switch=False):
             return
         self.reports[body["round"]] = body
         if self.round is not None and self.round.task.round == body["round"]:
@@ -156,14 +156,16 @@ class FleetState:
     def _lease(self, _arg, payload: bytes, now: float, retained: bool) -> None:
         lease = Lease.from_json(payload) if payload else None
         if lease is not None:
-            self._adopt(lease.job)  # the holder's job, before its first round is announced
-        self.coordinator = lease.describe() if lease else None
+            self._adopt(lease.job, switch=False)  # the holder's job, before its first round is announced
+        self.lease = lease
 
-    def _adopt(self, job: str) -> bool:
-        """False for a message of an earlier job; a new job starts the picture afresh (devices stay)."""
+    def _adopt(self, job: str, switch: bool = True) -> bool:
+        """False for a message of another job than ours. The round topic (`switch`) is the one a new
+        coordinator takes over, so a new job there starts the picture afresh (devices stay); the lease
+        and metrics only name the job when none is known yet."""
         if not job or job == self.job:
             return True
-        if self.job and job < self.job:  # job ids sort by start time: this one is older than ours
+        if self.job and not switch:
             return False
         self.job, self.round, self.tasks, self.reports, self.done = job, None, {}, {}, None
         for d in self.devices.values():
@@ -198,7 +200,9 @@ class FleetState:
                         refusals[reason] = refusals.get(reason, 0) + n
                 rounds.append(row)
             return _finite({
-                "fleet": self.fleet, "job": self.job or None, "coordinator": self.coordinator,
+                "fleet": self.fleet, "job": self.job or None,
+                "coordinator": self.lease.coordinator if self.lease else None,
+                "coordinator_detail": self.lease.describe() if self.lease else None,
                 "connected": self.link_up(), "version": self.version, "devices": devices,
                 "round": self._round_view(now), "rounds": rounds, "refusals": refusals, "done": self.done,
                 "bad_messages": self.bad_messages,

@@ -22,8 +22,9 @@ function ago(s) {
 }
 function duration(s) {
   if (s === null || s === undefined) return "-";
-  if (s < 120) return s.toFixed(0) + " s";
-  return Math.floor(s / 60) + " min " + Math.round(s % 60) + " s";
+  const whole = Math.round(s);
+  if (whole < 120) return whole + " s";
+  return Math.floor(whole / 60) + " min " + (whole % 60) + " s";
 }
 
 function cell(row, text, cls) {
@@ -72,7 +73,8 @@ function renderRound(round, done) {
     return;
   }
   $("round-number").textContent = String(round.round);
-  const state = done ? "training done" : round.open ? "in progress" : "closed";
+  const all = round.asked > 0 && round.answered === round.asked;
+  const state = done ? "training done" : !round.open ? "closed" : all ? "all answered: aggregating" : "in progress";
   $("round-state").textContent = state;
   $("round-state").className = "tag" + (round.open && !done ? " open" : "");
   $("round-answered").textContent = String(round.answered);
@@ -116,7 +118,7 @@ function renderAccuracy(rounds) {
   const accs = pts.map((r) => 100 * r.accuracy);
   const lo = accs.length ? Math.max(0, Math.floor(Math.min(...accs) / 10) * 10) : 0;
   const hi = accs.length ? Math.min(100, Math.ceil((Math.max(...accs) + 0.01) / 10) * 10) : 100;
-  const x = (r) => BOX.left + ((BOX.w - BOX.left - BOX.right) * r) / last;
+  const x = (r) => BOX.left + ((BOX.w - BOX.left - BOX.right) * r) / (last + 0.5);
   const y = (a) => BOX.h - BOX.bottom - ((BOX.h - BOX.top - BOX.bottom) * (a - lo)) / (hi - lo);
   for (let a = lo; a <= hi; a += 10) {
     el(svg, "line", { class: "grid", x1: BOX.left, x2: BOX.w - BOX.right, y1: y(a), y2: y(a) });
@@ -139,14 +141,14 @@ function renderBytes(rounds) {
   const last = Math.max(1, ...rounds.map((r) => r.round));
   const lo = values.length ? Math.floor(Math.log10(Math.min(...values))) : 2;
   const hi = values.length ? Math.max(lo + 1, Math.ceil(Math.log10(Math.max(...values)))) : 6;
-  const x = (r) => BOX.left + ((BOX.w - BOX.left - BOX.right) * r) / last;
+  const x = (r) => BOX.left + ((BOX.w - BOX.left - BOX.right) * r) / (last + 0.5);
   const y = (v) => BOX.h - BOX.bottom - ((BOX.h - BOX.top - BOX.bottom) * (Math.log10(v) - lo)) / (hi - lo);
   for (let e = lo; e <= hi; e++) {  // one labelled line per power of ten: a log axis that reads
     el(svg, "line", { class: "grid", x1: BOX.left, x2: BOX.w - BOX.right, y1: y(10 ** e), y2: y(10 ** e) });
     el(svg, "text", { x: BOX.left - 6, y: y(10 ** e) + 4, "text-anchor": "end" }, bytes(10 ** e));
   }
   roundAxis(svg, last, x);
-  const w = Math.min(14, (BOX.w - BOX.left - BOX.right) / (2.5 * last));
+  const w = Math.min(14, (BOX.w - BOX.left - BOX.right) / (3 * (last + 0.5)));
   rounds.forEach((r) => {
     [["bytes_up", "bar-up", -w], ["bytes_down", "bar-down", 0]].forEach(([key, cls, dx]) => {
       const v = r[key];
@@ -186,6 +188,7 @@ function render(s) {
   $("fleet").textContent = s.fleet;
   $("job").textContent = dash(s.job);
   $("coordinator").textContent = s.coordinator || "none holds the fleet";
+  $("coordinator").title = s.coordinator_detail || "";
   $("link").textContent = s.connected ? "broker connected" : "broker unreachable";
   $("link").className = "link " + (s.connected ? "up" : "down");
   renderDevices(s.devices);
