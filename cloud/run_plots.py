@@ -51,13 +51,14 @@ def round_axis(ax, last_round: int) -> None:
 
 
 def log_axis(axis, formatter=human_bytes) -> None:
-    """A log axis labelled as people read it: at 1, 2 and 5 of each decade over a short span, at every
-    power of ten over a long one. Call it once the data is drawn (it reads the axis's span)."""
+    """A log axis labelled as people read it: at every digit within one decade, at 1, 2 and 5 of each
+    decade over a short span, at every power of ten over a long one. Call it once the data is drawn (it reads the axis's span)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     lo, hi = sorted(axis.get_view_interval())
     decades = math.log10(hi / lo) if lo > 0 and hi > 0 else 99
-    subs = (1.0, 2.0, 5.0) if decades <= 2.5 else (1.0, 3.0) if decades <= 4 else (1.0,)
+    subs = tuple(range(1, 10)) if decades <= 1 else (1.0, 2.0, 5.0) if decades <= 2.5 else (1.0, 3.0) if decades <= 4 \
+        else (1.0,)
     axis.set_major_locator(LogLocator(base=10, subs=subs, numticks=99))
     axis.set_major_formatter(FuncFormatter(lambda v, _pos: formatter(v)))
     axis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10)), numticks=99))
