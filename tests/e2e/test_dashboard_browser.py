@@ -72,12 +72,7 @@ def test_dashboard_follows_a_live_run_in_chromium_and_the_report_opens(tmp_path)
                 page = json.loads(browser.evaluate(PAGE))
                 if not history or page != history[-1]:
                     history.append(page)
-                points, progress = len(page["points"]), page["progress"]
-                # the docs' picture: the last round under way, some devices answered and some not
-                if points == ROUNDS - 1 and progress.get("open") == "true" and \
-                        0 < int(progress.get("answered", 0)) < CLIENTS and not (tmp_path / "mid.png").exists():
-                    browser.screenshot(tmp_path / "mid.png")
-                if points == ROUNDS:
+                if len(page["points"]) == ROUNDS:
                     browser.screenshot(tmp_path / "end.png")
                     break
                 time.sleep(0.25)
@@ -99,7 +94,7 @@ def test_dashboard_follows_a_live_run_in_chromium_and_the_report_opens(tmp_path)
             metrics = [json.loads(line) for line in (runs / "x" / "metrics.jsonl").read_text().splitlines()]
             assert history[-1]["points"] == [[m["round"], f"round {m['round']}: {100 * m['accuracy']:.1f}%"]
                                              for m in metrics]
-            _keep(tmp_path / ("mid.png" if (tmp_path / "mid.png").exists() else "end.png"), "dashboard.png")
+            _keep(tmp_path / "end.png", "dashboard.png")
 
             # the report of the finished run, in the same browser: plots inline and loaded
             report = start_pqsu(["report", str(runs / "x")], tmp_path, "report")
@@ -109,7 +104,8 @@ def test_dashboard_follows_a_live_run_in_chromium_and_the_report_opens(tmp_path)
             assert len(widths) == 2 and min(widths) >= 300, widths
             rows = browser.evaluate("document.querySelectorAll('table')[1].querySelectorAll('tbody tr').length")
             assert rows == ROUNDS
-            _keep(browser.screenshot(tmp_path / "report.png"), "report.png")
+            browser.screenshot(tmp_path / "report-full.png")
+            _keep(browser.screenshot(tmp_path / "report.png", full_page=False), "report.png")  # the top, for the README
     finally:
         proc.stop()
         kill_mentioning(str(runs))
