@@ -82,7 +82,8 @@ class DashboardServer:
         return f"http://{host}:{port}/"
 
     def start(self) -> "DashboardServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="pqsu-dashboard", daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="pqsu-dashboard", daemon=True)
         self._thread.start()
         return self
 

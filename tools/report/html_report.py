@@ -24,7 +24,7 @@ th, td { padding: 0.25em 0.7em; border-bottom: 1px solid #d9dee4; text-align: le
 th { color: #6b7480; font-weight: 600; font-size: 0.9em; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .plots { display: flex; flex-wrap: wrap; gap: 1em; }
-.plots img { width: calc(50% - 0.5em); min-width: 320px; border: 1px solid #d9dee4; }
+.plots img { box-sizing: border-box; width: calc(50% - 0.5em); min-width: 320px; border: 1px solid #d9dee4; }
 .problems { color: #c8423b; } code { font-size: 0.9em; }
 """
 SUMMARY_ROWS = (("initial_accuracy", "accuracy at round 0", "pct"), ("final_accuracy", "final accuracy", "pct"),
