@@ -78,6 +78,8 @@ class DashboardServer:
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
+        if ipaddress.ip_address(host).is_unspecified:  # bound to every address: name one a browser can reach
+            host = socket.gethostname()
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}/"
 
