@@ -20,8 +20,11 @@ def _title(what: str, name: str, table: dict) -> str:
     return f"{what}: {name.replace('/', ' · ')}" + (f" · {clients} devices" if clients else "")
 
 
-# Round times people read on a log time axis: 0.1 s ... 1 s, 10 s, 1 min, 10 min, 1 h, 10 h, 4 days.
+# Round times people read on a log time axis: 0.1 s ... 1 s, 10 s, 1 min, 10 min, 1 h, 10 h, 4 days; and finer
+# steps when the plot spans little.
 TIME_TICKS_S = (0.01, 0.1, 1, 10, 60, 600, 3600, 36000, 345600, 3456000)
+FINE_TIME_TICKS_S = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 18000, 36000,
+                     86400, 172800)
 
 
 def _seconds(s: float) -> str:
@@ -32,7 +35,9 @@ def _seconds(s: float) -> str:
 def _time_axis(axis) -> None:
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
-    axis.set_major_locator(FixedLocator(TIME_TICKS_S))
+    lo, hi = sorted(axis.get_view_interval())
+    fine = lo > 0 and hi / lo < 10 ** 2.5
+    axis.set_major_locator(FixedLocator(FINE_TIME_TICKS_S if fine else TIME_TICKS_S))
     axis.set_major_formatter(FuncFormatter(lambda v, _pos: _seconds(v)))
     axis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10)), numticks=99))
     axis.set_minor_formatter(NullFormatter())
@@ -45,10 +50,15 @@ def _style(label: str) -> dict:
                 markersize=3, label=label)
 
 
+def _legend_outside(ax) -> None:
+    """Right of the axes: with up to nine rows a legend inside covers the lines it names."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
 def accuracy_per_round(name: str, table: dict, out: Path) -> Path:
     """Test accuracy per round from round 0, one line per row, dense FedAvg as the reference."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=100)
     last = 1
     for label, row in table["rows"].items():
         acc = [row.get("initial_accuracy")] + list(row["accuracy_per_round"])
@@ -61,7 +71,7 @@ def accuracy_per_round(name: str, table: dict, out: Path) -> Path:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(_title("accuracy per round", name, table), fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     fig.tight_layout()
     path = out / f"accuracy-per-round-{_slug(name)}.png"
     fig.savefig(path)
@@ -72,7 +82,7 @@ def accuracy_per_round(name: str, table: dict, out: Path) -> Path:
 def accuracy_vs_time(name: str, table: dict, out: Path, profile: str = "nbiot") -> Path:
     """Test accuracy against cumulative simulated time on one link profile, one line per row."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=100)
     for label, row in table["rows"].items():
         times, t = [], 0.0
         for s in row["radio"][profile]["round_s"]:
@@ -86,7 +96,7 @@ def accuracy_vs_time(name: str, table: dict, out: Path, profile: str = "nbiot") 
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(_title(f"accuracy against simulated {profile} time", name, table), fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     fig.tight_layout()
     path = out / f"accuracy-vs-{profile}-{_slug(name)}.png"
     fig.savefig(path)
