@@ -10,6 +10,7 @@ PQSU_SCREENSHOTS=docs/img ./scripts/test.sh -m long tests/e2e/test_dashboard_bro
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -32,6 +33,7 @@ pytestmark = [
     pytest.mark.long,
     pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed (Debian package chromium)"),
     pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto is not installed"),
+    pytest.mark.skipif(importlib.util.find_spec("websocket") is None, reason="websocket-client missing (the dev extra)"),
     pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="no Fashion-MNIST"),
 ]
 
