@@ -57,8 +57,8 @@ class OrtModel:
         if x.shape == shape:
             x = x[None]
         if x.ndim != len(shape) + 1 or x.shape[1:] != shape:
-            raise InferenceError(f"input of shape {x.shape} fits neither one sample of the model's {shape} "
-                                 f"nor a batch of them (N, {', '.join(map(str, shape))})")
+            raise InferenceError(f"input of shape {x.shape} does not fit the model's {shape}: give one sample of "
+                                 f"that shape or a batch of them (N, {', '.join(map(str, shape))})")
         if x.dtype == np.uint8:
             unit = (1, -1) + (1,) * (len(shape) - 1)
             mean = np.asarray(self.info.mean, np.float32).reshape(unit)
