@@ -152,6 +152,7 @@ def test_export_of_a_1d_user_model_on_its_own_data_calibration_and_evaluation(it
 
     info = read_info(out)
     assert info.in_shape == (1, 24) and info.classes == ("1", "2") and info.spec["widths"] == [8, 12, 16, 2]
+    assert info.extra == {"input": "readings"}  # raw float inputs are normalized without the pixel scale
 
     normalized = (np.load(italy_files / "calib.npz")["x"] - info.mean[0]) / info.std[0]  # as the calibrator saw them
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
