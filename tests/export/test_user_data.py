@@ -3,7 +3,6 @@ on a user's own 1-D model and data, with every bad input refused in one line bef
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
