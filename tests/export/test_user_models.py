@@ -196,3 +196,22 @@ def test_conv1d_net_prunes_and_rebuilds_from_its_recorded_widths():
     x = torch.randn(3, 1, 24)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), folded(x))
+
+
+@pytest.mark.long
+def test_fresh_groupnorms_with_equal_values_each_get_their_own_tensor():
+    """Two untrained GroupNorms hold the same values (ones, zeros): only the probe export tells their tensors apart."""
+    from pqsu.export.onnx_export import to_onnx
+
+    model = fold_batchnorm(custom_model(f"{MODULE}:groupnorm_resnet", (1, 28, 28), 10).eval())
+    data = load_dataset("fashion-mnist", "train").head(8)
+    proto, _ = to_onnx(model, model_info(model, data))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for key in ("stem.1.weight", "gn1.weight", "gn2.weight", "gn1.bias"):
+        assert key in inits and inits[key].size == 8, key
+    consumers = {name: [n.op_type for n in proto.graph.node if name in n.input] for name in ("gn1.weight", "gn2.weight")}
+    assert consumers["gn1.weight"] and consumers["gn2.weight"]  # each feeds its own node
+    x = data.normalized()
+    import onnxruntime as ort
+    logits = ort.InferenceSession(proto.SerializeToString()).run(None, {"input": x})[0]
+    np.testing.assert_allclose(logits, predict_logits(model, x), atol=1e-4, rtol=1e-4)  # real values went back in
