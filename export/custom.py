@@ -1,9 +1,9 @@
 """Users' own architectures, named `package.module:factory`.
 
-`factory()` returns the unpruned `nn.Module`; a factory that takes keyword arguments `in_shape`
-and/or `num_classes` is told the data's, so one factory serves any input. A pruned copy is rebuilt by building it
-and shrinking it to the recorded per-layer widths through the dependency graph, so no
-widths-aware constructor is needed. Importing a module named in a file is code
+`factory()` returns the unpruned `nn.Module`; a factory that takes keyword arguments
+`in_shape` and/or `num_classes` is told the data's, so one factory serves any input. A
+pruned copy is rebuilt by building it and shrinking it to the recorded per-layer widths
+through the dependency graph, so no widths-aware constructor is needed. Importing a module named in a file is code
 execution, so a model that came over the network is only rebuilt this way when the
 receiver explicitly allows custom architectures.
 """
@@ -48,7 +48,8 @@ def custom_model(arch: str, in_shape: tuple[int, ...], num_classes: int) -> nn.M
     try:
         model = factory(**_shape_arguments(factory, tuple(in_shape), num_classes))
     except Exception as exc:  # the user's code: any exception, shown as one line
-        raise ZooError(f"{arch}() failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ZooError(f"{arch}() failed: {type(exc).__name__}: {first}") from None
     if not isinstance(model, nn.Module):
         raise ZooError(f"{arch}() returned {type(model).__name__}, not an nn.Module")
     try:

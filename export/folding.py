@@ -49,7 +49,8 @@ def batchnorm_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[str]]
         ok = (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
               and calls[src.target] == 1 and calls[node.target] == 1
               and isinstance(model.get_submodule(src.target), FOLDABLE))
-        if ok and model.get_submodule(node.target).running_var is not None and _width(model.get_submodule(src.target)) == model.get_submodule(node.target).num_features:
+        bn = model.get_submodule(node.target)
+        if ok and bn.running_var is not None and _width(model.get_submodule(src.target)) == bn.num_features:
             pairs.append((src.target, node.target))
         else:
             unpaired.append(node.target)
@@ -75,7 +76,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         check_foldable(model)
     for layer_name, bn_name in pairs:
         layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+        inv_std = 1.0 / torch.sqrt(bn.running_var + bn.eps)
+        scale = bn.weight * inv_std if bn.affine else inv_std
         shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
         bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
         layer.weight.mul_(scale.reshape(-1, *[1] * (layer.weight.ndim - 1)))

@@ -103,7 +103,8 @@ def read_labelled(path: str | Path, split: str = "train"):
     elif "x_test" in a:
         x_test = checked_samples(a["x_test"], f"{where} (x_test)")
         if x_test.shape[1:] != x.shape[1:] or x_test.dtype != x.dtype:
-            raise LabelledDataError(f"{where}: x_test is {x_test.dtype} {x_test.shape[1:]}, x is {x.dtype} {x.shape[1:]}")
+            raise LabelledDataError(f"{where}: x_test is {x_test.dtype} {x_test.shape[1:]}, "
+                                    f"x is {x.dtype} {x.shape[1:]}")
         y_test = checked_labels(a["y_test"], len(x_test), f"{where} (y_test)", len(names) if names else None)
         train, test = (x, y), (x_test, y_test)
     else:

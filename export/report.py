@@ -108,8 +108,9 @@ def load_export_data(cfg: ExportConfig) -> tuple[ArrayDataset, ArrayDataset, np.
         raise LabelledDataError(f"{cfg.dataset}: no evaluation samples (give --eval-data FILE.npz)")
     if cfg.calib_data:
         x = checked_samples(read_npz(cfg.calib_data, required=("x",))["x"], cfg.calib_data)
-        calib_set = _like(train_data, ArrayDataset(x, np.zeros(len(x), np.int64), "calibration", list(train_data.classes),
-                                                   train_data.mean, train_data.std), cfg.calib_data)
+        unlabelled = ArrayDataset(x, np.zeros(len(x), np.int64), "calibration", list(train_data.classes),
+                                  train_data.mean, train_data.std)
+        calib_set = _like(train_data, unlabelled, cfg.calib_data)
     else:
         calib_set = train_data
     if cfg.train_samples:

@@ -132,8 +132,8 @@ def read_ts(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
             values = [[float(v) for v in d.split(",")] for d in dims]
         except ValueError:
             raise SensorDataError(f"{path}:{number}: not a list of numbers (missing values are not supported)") from None
-        if not dims or len({len(v) for v in values}) != 1 or (series and
-                                                              (len(values), len(values[0])) != (len(series[0]), len(series[0][0]))):
+        shape = (len(values), len(values[0])) if dims else (0, 0)
+        if not dims or len({len(v) for v in values}) != 1 or (series and shape != (len(series[0]), len(series[0][0]))):
             raise SensorDataError(f"{path}:{number}: series of unequal length or dimension count are not supported")
         series.append(values)
         labels.append(label.strip())
