@@ -75,7 +75,8 @@ def name_parameters(proto: onnx.ModelProto, values: dict[str, tuple[np.ndarray, 
     missing = [n for n, where in found.items() if not where]
     twice = [f"{n} ({', '.join(where)})" for n, where in found.items() if len(where) > 1]
     if missing or twice:
-        parts = ([f"parameter(s) {', '.join(missing[:5])} are folded into other tensors"] if missing else []) + \
+        parts = ([f"parameter(s) {', '.join(missing[:5])} are unused by forward or folded into other tensors"]
+                 if missing else []) + \
                 ([f"parameter(s) {'; '.join(twice[:3])} appear more than once"] if twice else [])
         raise ParameterNameError("the exported graph does not hold every parameter once as a tensor of its own: "
                                  + "; ".join(parts) + " (fold such layers into the model before export)")
