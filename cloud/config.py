@@ -83,6 +83,15 @@ class FederatedConfig:
             raise PqsuError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
         return cls(**{**SCHEMES[scheme], **overrides})
 
+    def check_model_and_data(self) -> None:
+        """A one-line PqsuError unless the data set loads and `model` builds for its samples and classes:
+        what `pqsu simulate`, `pqsu cloud` and `pqsu run` check before any work (shards, agents, round 0)."""
+        from pqsu.export.datasets import load_dataset  # numpy: not needed to build a parser
+        from pqsu.export.model_check import check_model  # torch: only when a run really starts
+
+        test = load_dataset(self.dataset, "test", self.data_root)  # the smaller split: shape and classes
+        check_model(self.model, test.input_shape, test.num_classes, self.dataset)
+
     def server_config(self) -> ServerConfig:
         from pqsu.cloud.server import ServerConfig  # torch and onnx: only when a run really starts
 
@@ -163,7 +172,8 @@ def _shown(value: object) -> str:
 
 # (metavar, what the flag does) per FederatedConfig field. No "%" here: argparse formats help with it.
 FIELD_HELP: dict[str, tuple[str, str]] = {
-    "model": ("NAME", "model architecture from the zoo: cnn, alexnet, vgg16 or resnet18"),
+    "model": ("NAME", "model architecture: from the zoo (cnn, alexnet, vgg16 or resnet18), or your own "
+              "nn.Module as package.module:factory (importable here; pqsu run lets its agents rebuild it)"),
     "dataset": ("NAME", "data set: fashion-mnist, mnist or cifar10"),
     "data_root": ("DIR", "folder with the data set files (default: the data set's standard place)"),
     "clients": ("N", "number of devices the training data is split among"),

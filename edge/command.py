@@ -142,8 +142,22 @@ def _learner(s: AgentSettings):
 
     if s.torch_threads > 0:
         torch.set_num_threads(s.torch_threads)
+    allow_model_code(s)
     x, y = load_local_data(s.data)
     b = s.board  # a flashed board's caps on what a round asks
     budget = TrainingBudget(max_epochs=b.max_epochs, max_batch_size=b.max_batch_size, time_budget_s=b.time_budget_s)
     return EdgeLearner(s.device_id, x, y, s.policy(), state_path=Path(s.state_dir) / "state.npz", key=key,
-                       allow_custom=s.allow_custom, budget=budget)
+                       allow_custom=s.allow_model_code, budget=budget)
+
+
+def allow_model_code(s: AgentSettings) -> None:
+    """Make the allowed architectures importable (model_code_dir last on the path) and import each now,
+    so a missing module or factory stops the agent at start, not at its first round."""
+    if s.model_code_dir:
+        folder = str(Path(s.model_code_dir).resolve())
+        if folder not in sys.path:
+            sys.path.append(folder)
+    from pqsu.export.model_check import check_importable
+
+    for arch in s.allow_model_code:
+        check_importable(arch)

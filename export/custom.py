@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -17,6 +18,10 @@ from torch import nn
 
 from pqsu.export.pruning import fold_batchnorm, layer_widths, shrink_to_widths
 from pqsu.export.zoo import ARCHS, ModelSpec, ZooError, build_model
+
+
+class CustomModelRefused(ZooError):
+    """A custom architecture this receiver was not allowed to import."""
 
 
 def is_custom(arch: str) -> bool:
@@ -49,13 +54,14 @@ def custom_model(arch: str, in_shape: tuple[int, int, int], num_classes: int) ->
     return model
 
 
-def build_any(spec: ModelSpec, *, allow_custom: bool = False) -> nn.Module:
-    """A fresh model for `spec`: a zoo architecture, or (when allowed) a user's own."""
+def build_any(spec: ModelSpec, *, allow_custom: bool | Collection[str] = False) -> nn.Module:
+    """A fresh model for `spec`: a zoo architecture, or a user's own when `allow_custom` is True or
+    names it (the architectures a device was told it may import)."""
     if not is_custom(spec.arch):
         return build_model(spec)
-    if not allow_custom:
-        raise ZooError(f"model uses custom architecture {spec.arch!r}; allow custom architectures "
-                       "to import and run that code")
+    if not (allow_custom is True or (not isinstance(allow_custom, bool) and spec.arch in allow_custom)):
+        raise CustomModelRefused(f"the model is a custom architecture, {spec.arch}; this device rebuilds it only "
+                                 f"when allowed to import that code: --allow-model-code {spec.arch}")
     model = custom_model(spec.arch, spec.in_shape, spec.num_classes)
     shrink_to_widths(model.eval(), spec.widths, torch.zeros(1, *spec.in_shape))
     if not spec.batchnorm:
