@@ -52,10 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long each network check may wait (default: 5)")
     pr = sub.add_parser("predict", help="classify inputs with a saved model (one-off, no broker)",
-                        description="Classify FILE with an fl-pqsu int8 model: a .npy array (one image C,H,W "
-                        "or a batch N,C,H,W; uint8 pixels or normalized floats), a .json file {\"inputs\": ...}, "
-                        "or an 8-bit PNG or binary PGM/PPM image of the model's size. Prints one line per "
-                        "sample: index, label, probability.")
+                        description="Classify FILE with an fl-pqsu int8 model: a .npy array (one sample of the "
+                        "shape the model declares, e.g. an image C,H,W or a sensor window C,L, or a batch of them, "
+                        "batch axis first; uint8 pixels or normalized floats), a .json file {\"inputs\": ...}, "
+                        "or, for an image model, an 8-bit PNG or binary PGM/PPM image of its size. Prints one "
+                        "line per sample: index, label, probability.")
     pr.add_argument("file", metavar="FILE", help="the input: .npy, .json, .png or .pgm/.ppm")
     pr.add_argument("--model", metavar="PATH", help="the int8 ONNX model (default: <state-dir>/model.onnx)")
     pr.add_argument("--state-dir", metavar="DIR",
@@ -114,7 +115,7 @@ def predict(args: argparse.Namespace) -> int:
         if not path.exists():
             raise PqsuError(f"no model at {path}: give --model FILE, or the --state-dir of an agent that received one")
     model = InferenceModel.from_file(path, providers=list(providers) or None)
-    x = inputs.load_file(args.file, channels=model.info.in_shape[0])
+    x = inputs.load_file(args.file, channels=model.info.in_shape[0], in_shape=model.info.in_shape)
     pred = model.classify(x)
     if args.json:
         print(json.dumps(pred.to_dict()))

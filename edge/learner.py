@@ -106,7 +106,8 @@ class EdgeLearner:
                           time_budget_s=task.time_budget_s, seed=_seed(task.seed, self.device_id, task.round))
         x = self.inputs(info.mean, info.std)
         if x.shape[1:] != tuple(info.in_shape):
-            raise PqsuError(f"{self.device_id}: local samples are {x.shape[1:]}, the model takes {tuple(info.in_shape)}")
+            raise PqsuError(f"{self.device_id}: local samples are {x.shape[1:]}, "
+                            f"the model takes {tuple(info.in_shape)}")
         stats = train(model, x, self.y, cfg)
         delta = {k: v.detach().numpy() - received[k] for k, v in model.state_dict().items()}
         if not (np.isfinite(stats.loss) and all(np.isfinite(d).all() for d in delta.values())):

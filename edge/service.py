@@ -1,8 +1,9 @@
 """The agent's local inference API: stdlib HTTP on 127.0.0.1 only, for applications on the board.
 
   POST /predict   body: .npy (Content-Type application/x-npy or application/octet-stream) or
-                  JSON {"inputs": nested list} (application/json); one image (C, H, W) or a
-                  batch (N, C, H, W); uint8 pixels are normalized with the model's own
+                  JSON {"inputs": nested list} (application/json); one sample of the shape the
+                  model declares (an image (C, H, W), a sensor window (C, L)...) or a batch of
+                  them, batch axis first; uint8 pixels are normalized with the model's own
                   statistics, floats pass as they are.
                   -> 200 {"model_id", "predictions": [int], "labels": [str],
                           "probabilities": [[float]] (softmax), "latency_ms"}

@@ -57,7 +57,8 @@ def simulate(cfg: FederatedConfig, on_round: Callable[[RoundReport], None] | Non
         server, _ = build_server(cfg, data=data.cloud)
     policy = SelectivePolicy.from_spec(cfg.upload, cfg.select, cfg.error_feedback)
     # The devices rebuild the model this run was configured with, a custom architecture too: the same code.
-    learners = {d: EdgeLearner(d, shard.x, shard.y, policy, allow_custom={cfg.model}) for d, shard in data.shards.items()}
+    learners = {d: EdgeLearner(d, shard.x, shard.y, policy, allow_custom={cfg.model})
+                for d, shard in data.shards.items()}
     runner = RoundRunner(RunnerConfig(rounds=cfg.rounds, round_timeout_s=None, fraction=cfg.fraction, seed=cfg.seed),
                          server, InProcessTransport(learners, tamper=tamper), on_round=on_round)
     summary = runner.run(started=start)
