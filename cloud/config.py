@@ -231,7 +231,55 @@ def config_from_args(args: argparse.Namespace) -> FederatedConfig:
         except PqsuError as exc:
             raise PqsuError(f"settings file {path}: {exc}") from None
     values.update({n: getattr(args, n) for n in hints if getattr(args, n, None) is not None})
+    others = {k: v for k, v in settings.items() if k not in hints}
+    if others:
+        apply_command_settings(others, args, path)
     return FederatedConfig.for_scheme(scheme, **values)
+
+
+def apply_command_settings(settings: dict, args: argparse.Namespace, path) -> None:
+    """The file's keys that are the command's own options (`broker = ...` for `pqsu cloud`) set them where the
+    command line left the default; a key the command does not have, or a value of the wrong type, is one line.
+
+    A flag given with its default value counts as not given: argparse keeps no record of which flags were typed."""
+    parser = getattr(args, "_parser", None)
+    actions = {a.dest: a for a in parser._actions} if parser is not None else {}  # noqa: SLF001 (argparse has no public list)
+    for key, value in settings.items():
+        action = actions.get(key)
+        if action is None or key in ("help", "config") or key.startswith("_"):
+            known = sorted(d for d in actions if d not in ("help", "config") and not d.startswith("_"))
+            raise PqsuError(f"settings file {path}: unknown key {key!r}" + (f"; known keys: {', '.join(known)}" if known else ""))
+        value = _command_value(action, value, f"settings file {path}: {key} = {json.dumps(value, default=str)}")
+        if getattr(args, key, None) == action.default:
+            setattr(args, key, value)
+
+
+def _command_value(action: argparse.Action, value: object, where: str) -> object:
+    if action.nargs == 0:  # store_true / store_false
+        if not isinstance(value, bool):
+            raise PqsuError(f"{where}: expected true or false")
+        return value
+    if isinstance(value, bool) or isinstance(value, (list, dict)):
+        raise PqsuError(f"{where}: expected {'an integer' if action.type is int else 'a number' if action.type is float else 'a string'}")
+    if action.type is int and not isinstance(value, int):
+        raise PqsuError(f"{where}: expected an integer")
+    if action.type is float:
+        if not isinstance(value, (int, float)):
+            raise PqsuError(f"{where}: expected a number")
+        value = float(value)
+    elif action.type is not int:
+        if isinstance(value, (int, float)) and action.choices is not None:
+            value = str(value)  # protocol = 5 in TOML means "5"
+        if not isinstance(value, str):
+            raise PqsuError(f"{where}: expected a string")
+        if action.type is not None:
+            try:
+                value = action.type(value)
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+                raise PqsuError(f"{where}: {exc}") from None
+    if action.choices is not None and value not in action.choices:
+        raise PqsuError(f"{where}: expected one of {', '.join(map(str, action.choices))}")
+    return value
 
 
 def _boolean(text: str) -> bool:
