@@ -247,10 +247,10 @@ class Doctor:
             return Check("FAIL", "data", str(exc), "check the --data path; `pqsu run` writes data.npz shards (x, y)")
         shape = tuple(x.shape[1:])
         if self.saved_shape is not None and shape != self.saved_shape:
-            return Check("FAIL", "data", f"{len(x)} images of {shape}, but the saved model takes {self.saved_shape}",
+            return Check("FAIL", "data", f"{len(x)} samples of {shape}, but the saved model takes {self.saved_shape}",
                          "this data belongs to another model or data set")
         classes = len(set(y.tolist()))
-        return Check("PASS", "data", f"{self.s.data}: {len(x)} samples, images {shape} uint8, {classes} classes")
+        return Check("PASS", "data", f"{self.s.data}: {len(x)} samples of {shape} {x.dtype}, {classes} classes")
 
     # -- runtime -------------------------------------------------------------------------
     def onnxruntime(self) -> Check:
