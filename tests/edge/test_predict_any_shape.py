@@ -21,22 +21,19 @@ WRONG = "does not fit the model: give one sample (1, 24) or a batch (N, 1, 24)"
 
 @pytest.fixture(scope="module")
 def sensor_model(tmp_path_factory):
-    """A Conv1d net as a real fl-pqsu ONNX file (fp32: the input path is what is tested, and it skips
-    calibration), with two named classes."""
-    import torch
-
-    from pqsu.export.pipeline import export_model
-    from pqsu.protocol.model_info import ModelInfo
+    """A Conv1d net as a real fl-pqsu ONNX file, through round 0 (BatchNorm folded) on float windows with
+    two named classes (fp32: the input path is what is tested here, and it skips calibration)."""
+    from pqsu.export.datasets import ArrayDataset
+    from pqsu.export.pipeline import PrepareConfig, export_model, model_info, prepare
 
     from tests.support.nets import single_torch_thread
-    from tests.support.user_models import conv1d_net
 
-    torch.manual_seed(0)
-    info = ModelInfo(spec={"arch": "tests.support.user_models:conv1d_net", "widths": [], "in_shape": list(WINDOW),
-                           "num_classes": 2, "batchnorm": False}, input_name="input", mean=(0.5,), std=(0.25,),
-                     classes=("low", "high"), precision="fp32", opset=0)
+    rng = np.random.default_rng(0)
+    data = ArrayDataset(rng.normal(0.5, 0.25, (32, *WINDOW)).astype(np.float32), rng.integers(0, 2, 32), "windows",
+                        ["low", "high"], (0.5,), (0.25,))
     with single_torch_thread():
-        exported = export_model(conv1d_net().eval(), info)
+        model = prepare(PrepareConfig(arch="tests.support.user_models:conv1d_net", prune=None, pretrain_epochs=0), data)
+        exported = export_model(model, model_info(model, data))
     path = tmp_path_factory.mktemp("sensor") / "sensor.onnx"
     path.write_bytes(exported.data)
     return path

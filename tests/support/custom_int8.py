@@ -34,6 +34,6 @@ def custom_int8() -> CustomInt8:
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     path = folder / "mobilenet.int8.onnx"
     with single_torch_thread():
-        model = prepare(PrepareConfig(arch=ARCH, prune=0.5, pretrain_epochs=0, finetune_epochs=0), data)
+        model = prepare(PrepareConfig(arch=ARCH, prune=0.5, pretrain_epochs=0.5, finetune_epochs=0), data)
         export_int8(model, model_info(model, data), data.normalized()[:64], path)
     return CustomInt8(path, data.x.copy(), data.y.copy())
