@@ -91,8 +91,9 @@ def build_any(spec: ModelSpec, *, allow_custom: bool | Collection[str] = False) 
     if not is_custom(spec.arch):
         return build_model(spec)
     if not (allow_custom is True or (not isinstance(allow_custom, bool) and spec.arch in allow_custom)):
-        raise CustomModelRefused(f"the model is a custom architecture, {spec.arch}; this device rebuilds it only "
-                                 f"when allowed to import that code: --allow-model-code {spec.arch}")
+        # Short, the flag early: an agent's status message carries the first 200 characters.
+        raise CustomModelRefused(f"custom architecture {spec.arch}: imported (its code run) only with "
+                                 f"--allow-model-code {spec.arch}")
     model = custom_model(spec.arch, spec.in_shape, spec.num_classes)
     shrink_to_widths(model.eval(), spec.widths, torch.zeros(1, *spec.in_shape))
     if not spec.batchnorm:

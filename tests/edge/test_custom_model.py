@@ -46,7 +46,9 @@ def test_a_device_not_allowed_that_code_refuses_to_rebuild_it_in_one_line(custom
         _round(custom, allow)
     message = str(exc.value)
     assert "\n" not in message
-    assert f"custom architecture, {ARCH}" in message and f"--allow-model-code {ARCH}" in message
+    assert message == (f"cannot rebuild the model the file declares: custom architecture {ARCH}: imported (its "
+                       f"code run) only with --allow-model-code {ARCH}")
+    assert len(message) <= 200  # what an agent's status message carries to the coordinator
 
 
 def test_an_allowed_device_fine_tunes_the_custom_model_and_uploads(custom):
