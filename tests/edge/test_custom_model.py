@@ -3,6 +3,7 @@ torch needed), and rebuilds it for training only when allowed to import that cod
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -90,3 +91,17 @@ def test_edge_run_checks_the_allowed_code_at_start_before_connecting(allow, mess
                      "--allow-model-code", allow])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_doctor_names_a_saved_custom_model_the_device_may_not_import(custom, capsys, tmp_path):
+    from tests.edge.test_doctor import doctor
+    from tests.support.mosquitto import free_port
+
+    (tmp_path / "state").mkdir()
+    shutil.copy(custom.path, tmp_path / "state" / "model.onnx")
+    _, checks, out = doctor(capsys, "--broker", f"mqtt://127.0.0.1:{free_port()}", "--device-id", "pi-own-03",
+                            "--state-dir", str(tmp_path / "state"), "--http-port", "0")
+    assert checks["model"][0] == "PASS" and ARCH in checks["model"][1]
+    level, text = checks["model-code"]
+    assert level == "WARN" and f"custom architecture {ARCH}, which this device may not import" in text
+    assert f"hint: --allow-model-code {ARCH}" in text
