@@ -84,13 +84,20 @@ class FederatedConfig:
         return cls(**{**SCHEMES[scheme], **overrides})
 
     def check_model_and_data(self) -> None:
-        """A one-line PqsuError unless the data set loads and `model` builds for its samples and classes:
-        what `pqsu simulate`, `pqsu cloud` and `pqsu run` check before any work (shards, agents, round 0)."""
+        """A one-line PqsuError unless the data set loads, splits among the cloud and the clients, and
+        `model` builds for its samples and classes: what `pqsu simulate`, `pqsu cloud` and `pqsu run`
+        check before any work (shards, agents, round 0)."""
         from pqsu.export.datasets import load_dataset  # numpy: not needed to build a parser
         from pqsu.export.model_check import check_model  # torch: only when a run really starts
+        from pqsu.export.partition import federated_split
 
-        test = load_dataset(self.dataset, "test", self.data_root)  # the smaller split: shape and classes
-        check_model(self.model, test.input_shape, test.num_classes, self.dataset)
+        train = load_dataset(self.dataset, "train", self.data_root)
+        if self.proxy_samples + self.clients > len(train):
+            raise PqsuError(f"{self.dataset} has {len(train)} training samples: the cloud's {self.proxy_samples} "
+                            f"(--proxy-samples) leave {max(len(train) - self.proxy_samples, 0)} for {self.clients} "
+                            "clients; keep fewer for the cloud")
+        federated_split(train.y, self.proxy_samples, self.clients, self.partition, self.seed, self.samples_per_client)
+        check_model(self.model, train.input_shape, train.num_classes, self.dataset)
 
     def server_config(self) -> ServerConfig:
         from pqsu.cloud.server import ServerConfig  # torch and onnx: only when a run really starts

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pqsu.export.model_check import check_model
+from pqsu.protocol.errors import PqsuError
 from pqsu.tools import cli
 
 from tests.support.nets import FMNIST_ROOT
@@ -48,10 +50,17 @@ def _fails_in_one_line(argv: list[str], capsys) -> tuple[str, float]:
 
 
 @pytest.mark.parametrize("model, message", BAD_MODELS, ids=[m for m, _ in BAD_MODELS])
-def test_simulate_refuses_a_bad_model_in_one_line_before_any_work(model, message, capsys, tmp_path):
-    err, seconds = _fails_in_one_line(["simulate", "--model", model, "--rounds", "1", "--out", str(tmp_path / "o")],
-                                      capsys)
-    assert err.startswith("pqsu simulate: error: ") and message in err
+def test_every_bad_model_is_one_line_naming_it(model, message):
+    with pytest.raises(PqsuError) as exc:
+        check_model(model, (1, 28, 28), 10, "fashion-mnist")
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_simulate_refuses_a_bad_model_in_one_line_before_any_work(capsys, tmp_path):
+    err, seconds = _fails_in_one_line(["simulate", "--model", f"{BAD}:raises_inside", "--rounds", "1",
+                                       "--out", str(tmp_path / "o")], capsys)
+    assert err == f"pqsu simulate: error: {BAD}:raises_inside() failed: ValueError: width must be even (data set " \
+                  "fashion-mnist)"
     assert seconds < 5, f"{seconds:.1f}s"  # torch is already imported here: the check itself is quick
     assert not (tmp_path / "o").exists()
 
@@ -95,3 +104,12 @@ def test_the_console_script_finds_a_model_module_in_the_current_folder_and_fails
         "(data set fashion-mnist)"]
     assert seconds < 30, f"{seconds:.1f}s"  # measured about 6 s on a loaded 2-core machine
     assert not (tmp_path / "run").exists()
+
+
+def test_a_split_that_leaves_the_clients_nothing_is_one_line_before_any_work(capsys, tmp_path):
+    err, seconds = _fails_in_one_line(["simulate", "--proxy-samples", "60000", "--clients", "3",
+                                       "--out", str(tmp_path / "o")], capsys)
+    assert err == ("pqsu simulate: error: fashion-mnist has 60000 training samples: the cloud's 60000 "
+                   "(--proxy-samples) leave 0 for 3 clients; keep fewer for the cloud")
+    assert seconds < 5 and not (tmp_path / "o").exists()
+
