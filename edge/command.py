@@ -8,6 +8,9 @@ The device id is the MQTT client id (with a persistent session) and the name the
 coordinator knows it by. --data is an .npz shard (arrays x uint8 N,C,H,W and y), a
 folder of shards, or a folder with train-images/train-labels IDX files. Without torch
 installed (or with --inference-only) the agent only follows model versions and serves them.
+A model of a user's own architecture (its file names package.module:factory) is served either
+way, but trained on only with --allow-model-code naming that factory: rebuilding it imports,
+and so runs, that code (--model-code-dir adds the folder that holds it to the import path).
 
 While it runs, the agent answers local applications on http://127.0.0.1:8780 (loopback
 only): POST /predict (.npy or JSON {"inputs": [...]}), GET /healthz, GET /metrics
