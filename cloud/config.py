@@ -179,9 +179,11 @@ def _shown(value: object) -> str:
 
 # (metavar, what the flag does) per FederatedConfig field. No "%" here: argparse formats help with it.
 FIELD_HELP: dict[str, tuple[str, str]] = {
-    "model": ("NAME", "model architecture: from the zoo (cnn, alexnet, vgg16 or resnet18), or your own "
-              "nn.Module as package.module:factory (importable here; pqsu run lets its agents rebuild it)"),
-    "dataset": ("NAME", "data set: fashion-mnist, mnist or cifar10"),
+    "model": ("NAME", "model architecture: from the zoo (cnn, alexnet, vgg16, resnet18 for images, cnn1d for "
+                      "sensor windows), or your own nn.Module as package.module:factory (importable here; pqsu run "
+                      "lets its agents rebuild it)"),
+    "dataset": ("NAME", "data set: fashion-mnist, mnist, cifar10, italy-power, basic-motions, or a labelled-array "
+                        ".npz file (x, y)"),
     "data_root": ("DIR", "folder with the data set files (default: the data set's standard place)"),
     "clients": ("N", "number of devices the training data is split among"),
     "partition": ("SPEC", "how the devices' data is split: iid, dirichlet[:ALPHA] (label skew, stronger as ALPHA "

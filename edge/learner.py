@@ -60,9 +60,9 @@ class RoundOutcome:
 
 
 class EdgeLearner:
-    """A device's learning side. `x` is raw: uint8 images (N, C, H, W) or samples of any shape the
-    model takes; it is normalized with the mean and std the model itself declares, so data and model
-    can never disagree."""
+    """A device's learning side. `x` is raw samples, batch first (uint8 images (N, C, H, W), float
+    sensor windows (N, C, L)...): they are normalized with the mean and std the model itself
+    declares, so data and model can never disagree."""
 
     def __init__(self, device_id: str, x: np.ndarray, y: np.ndarray, policy: SelectivePolicy, *,
                  state_path: str | Path | None = None, key: bytes | None = None,
@@ -70,7 +70,7 @@ class EdgeLearner:
         # `allow_custom`: the custom architectures (package.module:factory) this device may import to
         # rebuild a model it was sent, or True for any (the in-process simulator's own configured model).
         if len(x) != len(y) or x.ndim < 2:
-            raise PqsuError(f"{device_id}: local data must be samples (N, C, ...) with one label each")
+            raise PqsuError(f"{device_id}: local data must be samples, batch first (N, C, ...), with one label each")
         self.device_id, self.x, self.y, self.policy = device_id, x, y, policy
         self.state_path = Path(state_path) if state_path else None
         self.state = DeviceState.load(self.state_path) if self.state_path else DeviceState()

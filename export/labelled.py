@@ -125,5 +125,5 @@ def read_labelled(path: str | Path, split: str = "train"):
             raise LabelledDataError(f"{where}: std must be positive")
     else:
         mean, std = channel_stats(train[0])
-    xs, ys = train if split == "train" else test
+    xs, ys = train if split in ("train", "all") else test
     return ArrayDataset(xs, ys, path.name, names, mean, std)

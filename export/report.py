@@ -18,7 +18,8 @@ from pqsu.export.custom import spec_of
 from pqsu.export.datasets import ArrayDataset, load_dataset
 from pqsu.export.folding import fold_batchnorm
 from pqsu.export.labelled import LabelledDataError, checked_samples, is_labelled_file, read_labelled, read_npz
-from pqsu.export.pipeline import PrepareConfig, check_arch, export_model, export_pair, finish, model_info, pretrain
+from pqsu.export.pipeline import (PrepareConfig, check_arch, export_model, export_pair, finish, initial_model,
+                                  model_info, pretrain)
 from pqsu.export.runtime import OrtModel
 from pqsu.export.training import evaluate, evaluate_logits
 from pqsu.protocol.atomic import atomic_write
@@ -136,6 +137,7 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     x_test = test_data.normalized()
 
     prep = cfg.prepare_config()
+    initial_model(prep, train_data)  # the model is built for this data (input shape, classes, BN) before any training
     if prep.pretrain_epochs > 0:
         log.info("[2/6] pre-training %s for %g epoch(s) on %d samples", cfg.model, prep.pretrain_epochs, len(train_data))
     model = pretrain(prep, train_data, progress=cfg.progress)
@@ -145,8 +147,10 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     lat = {"torch_fp32_unpruned_b1": measure.torch_latency_ms(model, xs1, cfg.latency_repeats),
            "torch_fp32_unpruned_b64": measure.torch_latency_ms(model, xs64, max(3, cfg.latency_repeats // 5))}
     params_fp32, macs_fp32, widths_fp32 = measure.count_params(model), measure.count_macs(model, in_shape), spec_of(model).widths
-    # the exporter folds BatchNorm as the pipeline does; folding a copy first keeps every parameter named
-    bytes_fp32 = len(export_model(fold_batchnorm(copy.deepcopy(model)), model_info(model, train_data)).data)
+    # the exporter folds BatchNorm as the pipeline does; folding a copy first keeps every parameter named.
+    # Unpruned, the exported fp32 file below is this very model: no second export for its size.
+    bytes_fp32 = None if cfg.prune is None else \
+        len(export_model(fold_batchnorm(copy.deepcopy(model)), model_info(model, train_data)).data)
 
     if cfg.prune is not None:
         log.info("[3/6] pruning %.0f%% of channels (L1 group importance)", cfg.prune * 100)
@@ -171,6 +175,7 @@ def run_export(cfg: ExportConfig) -> ExportReport:
                 "ort_int8_pruned_b64": measure.ort_latency_ms(s_int8, xs64, cfg.latency_repeats)})
 
     bytes_int8, macs_pruned = len(int8.data), measure.count_macs(model, in_shape)
+    bytes_fp32 = len(fp32.data) if bytes_fp32 is None else bytes_fp32
     return ExportReport(
         model=cfg.model, dataset=train_data.name, prune_ratio=cfg.prune or 0.0, model_id=int8.info.model_id,
         widths_fp32=list(widths_fp32), widths_pruned=list(spec_of(model).widths),

@@ -57,8 +57,8 @@ class OrtModel:
         if x.shape == shape:
             x = x[None]
         if x.ndim != len(shape) + 1 or x.shape[1:] != shape:
-            raise InferenceError(f"input of shape {x.shape} does not fit the model: give one sample {shape} "
-                                 f"or a batch (N, {', '.join(map(str, shape))})")
+            raise InferenceError(f"input of shape {x.shape} does not fit the model's {shape}: give one sample of "
+                                 f"that shape or a batch of them (N, {', '.join(map(str, shape))})")
         if len(x) == 0:
             raise InferenceError(f"empty batch {x.shape}: give at least one sample {shape}")
         if x.dtype == np.uint8:

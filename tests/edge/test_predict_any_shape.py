@@ -16,7 +16,7 @@ from pqsu.edge.service import InferenceService  # noqa: E402
 from pqsu.tools import cli  # noqa: E402
 
 WINDOW = (1, 24)
-WRONG = "does not fit the model: give one sample (1, 24) or a batch (N, 1, 24)"
+WRONG = "does not fit the model's (1, 24): give one sample of that shape or a batch of them (N, 1, 24)"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ step inside the default test suite's time budget.
 - `groupnorm_resnet`: a residual block normalized by GroupNorm (exported as anonymous tensors);
 - `attribute_bn_net`: BatchNorm held as attributes (`self.bn1`), torchvision style, with a skip;
 - `conv1d_net`: Conv1d + BatchNorm1d for (channels, length) sensor windows;
-- `layernorm_mlp`: Linear layers and LayerNorm only.
+- `layernorm_mlp`: Linear layers and LayerNorm only;
+- `prenorm_net`: a BatchNorm before any conv, which cannot be folded: a bad-input case.
 """
 from __future__ import annotations
 
@@ -103,6 +104,19 @@ class LayerNormMLP(nn.Module):
         return self.out(self.body(x))
 
 
+class PreNormNet(nn.Module):
+    """A BatchNorm on the input, before any conv: nothing to fold it into, so export must refuse it."""
+
+    def __init__(self, in_shape=IMAGE, num_classes=10):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(in_shape[0])
+        self.conv = nn.Conv2d(in_shape[0], 4, 3, padding=1)
+        self.fc = nn.Linear(4 * in_shape[1] * in_shape[2], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(torch.relu(self.conv(self.bn(x))), 1))
+
+
 def mobilenet_net(in_shape=IMAGE, num_classes=10) -> nn.Module:
     return MobileNetStyle(tuple(in_shape), num_classes)
 
@@ -121,6 +135,10 @@ def conv1d_net(in_shape=WINDOW, num_classes=2) -> nn.Module:
 
 def layernorm_mlp(in_shape=WINDOW, num_classes=2) -> nn.Module:
     return LayerNormMLP(tuple(in_shape), num_classes)
+
+
+def prenorm_net(in_shape=IMAGE, num_classes=10) -> nn.Module:
+    return PreNormNet(tuple(in_shape), num_classes)
 
 
 IMAGE_FACTORIES = ("mobilenet_net", "groupnorm_resnet", "attribute_bn_net")
