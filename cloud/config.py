@@ -116,6 +116,17 @@ class FederatedConfig:
         return dataclasses.asdict(self)
 
 
+def scheme_of(config: dict) -> str:
+    """The scheme whose preset a config's values (a run's config.json) follow; "custom" for none."""
+    for name, preset in SCHEMES.items():
+        if all(config.get(k, FIELD_DEFAULTS.get(k)) == v for k, v in preset.items()):
+            return name
+    return "custom"
+
+
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FederatedConfig)}
+
+
 # -- type checks (a settings file's values and programmatic configs alike) -------------------
 @functools.cache
 def field_types() -> dict[str, object]:

@@ -14,6 +14,8 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
 # libfaketime: the tests run an agent whose wall clock is hours off, as on a board without a real-time clock
 command -v faketime >/dev/null 2>&1 || need_apt+=(faketime)
+# chromium: the dashboard's browser test drives it headless over the DevTools protocol (no download at test time)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing system packages: ${need_apt[*]}"

@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pqsu.tools.bench.command", "run the measured benchmarks and print the ratios"),
     "reliability": ("pqsu.tools.reliability.command", "measure security and fault tolerance against real processes"),
     "flash": ("pqsu.tools.flash.command", "build an agent bundle for a board (rpi4, rpi5, jetson-orin...) and install it"),
+    "dashboard": ("pqsu.tools.dashboard.command", "a live, read-only web page of a fleet, fed from its MQTT messages"),
+    "report": ("pqsu.tools.report.command", "one self-contained HTML file of a finished run (tables and plots), to share"),
 }
 
 

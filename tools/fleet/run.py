@@ -13,6 +13,7 @@ examples:
   pqsu run                                   # the default: cnn, 10 devices, 10 rounds
   pqsu run --scheme paper --rounds 5 --clients 4 --out runs/paper-small
   pqsu run --broker mqtt://127.0.0.1:1883    # use a broker that is already running
+  pqsu run --dashboard                       # and watch it live in a browser (prints the URL)
 """
 from __future__ import annotations
 
@@ -53,6 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads per agent process (default: 1)")
     g.add_argument("--force", action="store_true", help="start --clients agents even when this machine's free "
                    f"memory cannot hold them (about {AGENT_MB} MB each)")
+    g = p.add_argument_group("dashboard")
+    g.add_argument("--dashboard", action="store_true", help="serve the live dashboard of this fleet on 127.0.0.1 "
+                   "while it runs (pqsu dashboard) and print its URL")
+    g.add_argument("--dashboard-port", type=int, default=0, metavar="PORT",
+                   help="the dashboard's port on 127.0.0.1 (default: 0, any free one)")
 
 
 RUNS_DIR = "runs"
@@ -91,6 +97,8 @@ def check_fleet_args(args: argparse.Namespace) -> None:
     from pqsu.edge.settings import MIN_CHUNK_LIMIT
 
     check_chunk_limit(args.chunk_limit)
+    if not 0 <= args.dashboard_port <= 65535:
+        raise PqsuError(f"--dashboard-port {args.dashboard_port}: expected 0..65535")
     if args.chunk_limit < MIN_CHUNK_LIMIT:  # the agents' own bound, or they would all exit at start
         raise PqsuError(f"--chunk-limit {args.chunk_limit} is below the agents' minimum of {MIN_CHUNK_LIMIT} bytes")
     if not args.broker:
@@ -134,9 +142,15 @@ def run(args: argparse.Namespace) -> int:
     broker = None if args.broker else embedded_broker(args.broker_kind, out / "broker")
     url = args.broker or broker.url
     procs: list[Process] = []
+    dashboard = None
     start = time.time()
     stop_on_sigterm = signal.signal(signal.SIGTERM, _terminated)  # `kill`, systemd, a CI timeout: as Ctrl-C
     try:
+        if args.dashboard:  # before the coordinator: the page sees the fleet from its first status on
+            from pqsu.tools.dashboard.command import Dashboard
+
+            dashboard = Dashboard(url, args.fleet, port=args.dashboard_port)
+            print(f"pqsu run: dashboard on {dashboard.url}", flush=True)
         cli = [sys.executable, "-m", "pqsu.tools.cli"]
         procs.append(_spawn(cli + ["cloud", "--config", str(settings), "--broker", url, "--fleet", args.fleet,
                                    "--min-devices", str(cfg.clients), "--join-timeout", str(args.join_timeout), "--round-timeout", str(args.round_timeout),
@@ -161,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         reap(procs, grace_s=5, signal_first=True)
+        if dashboard is not None:
+            dashboard.close()
         if broker is not None:
             broker.close()
         signal.signal(signal.SIGTERM, stop_on_sigterm)
