@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pr.add_argument("--state-dir", metavar="DIR",
                     help=f"an agent's state folder holding model.onnx (default: {DEFAULTS['state_dir']})")
     pr.add_argument("--config", metavar="FILE", help="the agent's settings file, for its state_dir")
+    pr.add_argument("--raw", action="store_true", help="the inputs are readings as a sensor measured them: a model "
+                    "of sensor readings normalizes them with its own mean and std (without it, floats must be "
+                    "normalized already)")
     pr.add_argument("--json", action="store_true", help="print the /predict JSON answer instead of one line per sample")
     pr.add_argument("--providers", metavar="LIST",
                     help="onnxruntime execution providers by preference, comma separated; CPU is the fallback")
@@ -119,7 +122,7 @@ def predict(args: argparse.Namespace) -> int:
             raise PqsuError(f"no model at {path}: give --model FILE, or the --state-dir of an agent that received one")
     model = InferenceModel.from_file(path, providers=list(providers) or None)
     x = inputs.load_file(args.file, channels=model.info.in_shape[0], in_shape=model.info.in_shape)
-    pred = model.classify(x)
+    pred = model.classify(x, raw=args.raw)
     if args.json:
         print(json.dumps(pred.to_dict()))
         return 0

@@ -13,6 +13,7 @@ pytest.importorskip("torch")
 
 from pqsu.edge.inference import InferenceModel  # noqa: E402
 from pqsu.edge.service import InferenceService  # noqa: E402
+from pqsu.protocol.errors import PqsuError  # noqa: E402
 from pqsu.tools import cli  # noqa: E402
 
 WINDOW = (1, 24)
@@ -80,8 +81,8 @@ def test_an_image_file_is_refused_for_a_sensor_model(sensor_model, tmp_path, cap
                         "give a .npy array or JSON inputs")
 
 
-def _post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
-    request = urllib.request.Request(url + "/predict", body, {"Content-Type": content_type}, method="POST")
+def _post(url: str, body: bytes, content_type: str, query: str = "") -> tuple[int, dict]:
+    request = urllib.request.Request(url + "/predict" + query, body, {"Content-Type": content_type}, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())
@@ -102,3 +103,45 @@ def test_the_local_api_serves_windows_alone_and_in_batches(sensor_model, windows
         assert code == 200 and one["labels"] == batch["labels"][:1]
         code, bad = _post(service.url, json.dumps({"inputs": [[0.0] * 25] * 2}).encode(), "application/json")
         assert code == 400 and bad["error"] == f"input of shape (2, 25) {WRONG}"
+
+
+# -- raw readings: a sensor's values as measured, normalized with the model's own statistics ----------
+def test_raw_readings_are_normalized_with_the_models_statistics(sensor_model, windows, tmp_path, capsys):
+    model = InferenceModel.from_file(sensor_model)
+    assert model.info.extra == {"input": "readings"}
+    measured = windows * np.float32(model.info.std[0]) + np.float32(model.info.mean[0])  # as the sensor read them
+    np.save(tmp_path / "normalized.npy", windows)
+    np.save(tmp_path / "measured.npy", measured)
+    (tmp_path / "one.json").write_text(json.dumps({"inputs": measured[2].tolist()}))
+    _, expected, _ = _predict(capsys, str(tmp_path / "normalized.npy"), "--model", str(sensor_model))
+    code, got, _ = _predict(capsys, str(tmp_path / "measured.npy"), "--model", str(sensor_model), "--raw")
+    assert code == 0 and got == expected
+    code, one, _ = _predict(capsys, str(tmp_path / "one.json"), "--model", str(sensor_model), "--raw")
+    assert code == 0 and one[0].split("\t")[1:] == expected[2].split("\t")[1:]
+    _, unscaled, _ = _predict(capsys, str(tmp_path / "measured.npy"), "--model", str(sensor_model))
+    assert unscaled != expected  # without --raw, measured values are taken as normalized: other probabilities
+
+
+def test_raw_readings_over_the_local_api_and_the_flag_checked(sensor_model, windows):
+    import io
+
+    model = InferenceModel.from_file(sensor_model)
+    measured = windows * np.float32(model.info.std[0]) + np.float32(model.info.mean[0])
+    body = io.BytesIO()
+    np.save(body, measured)
+    with InferenceService(lambda: model, port=0) as service:
+        code, raw = _post(service.url, body.getvalue(), "application/x-npy", "?raw=1")
+        assert code == 200
+        np.testing.assert_allclose(raw["probabilities"], model.classify(windows).probabilities, atol=1e-6)
+        code, bad = _post(service.url, body.getvalue(), "application/x-npy", "?raw=maybe")
+        assert code == 400 and bad["error"] == "raw must be 1 or 0 (true/false, yes/no)"
+
+
+def test_raw_inputs_are_refused_for_a_pixel_model(sensor_model):
+    import dataclasses
+
+    model = InferenceModel.from_file(sensor_model)
+    model.info = dataclasses.replace(model.info, extra={})  # what a pixel model's metadata says
+    with pytest.raises(PqsuError, match="raw inputs are for models of sensor readings"):
+        model.classify(np.zeros((2, *WINDOW), np.float32), raw=True)
+
