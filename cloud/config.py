@@ -83,6 +83,22 @@ class FederatedConfig:
             raise PqsuError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
         return cls(**{**SCHEMES[scheme], **overrides})
 
+    def check_model_and_data(self) -> None:
+        """A one-line PqsuError unless the data set loads, splits among the cloud and the clients, and
+        `model` builds for its samples and classes: what `pqsu simulate`, `pqsu cloud` and `pqsu run`
+        check before any work (shards, agents, round 0)."""
+        from pqsu.export.datasets import load_dataset  # numpy: not needed to build a parser
+        from pqsu.export.model_check import check_model  # torch: only when a run really starts
+        from pqsu.export.partition import federated_split
+
+        train = load_dataset(self.dataset, "train", self.data_root)
+        if self.proxy_samples + self.clients > len(train):
+            raise PqsuError(f"{self.dataset} has {len(train)} training samples: the cloud's {self.proxy_samples} "
+                            f"(--proxy-samples) leave {max(len(train) - self.proxy_samples, 0)} for {self.clients} "
+                            "clients; keep fewer for the cloud")
+        federated_split(train.y, self.proxy_samples, self.clients, self.partition, self.seed, self.samples_per_client)
+        check_model(self.model, train.input_shape, train.num_classes, self.dataset)
+
     def server_config(self) -> ServerConfig:
         from pqsu.cloud.server import ServerConfig  # torch and onnx: only when a run really starts
 
@@ -174,8 +190,9 @@ def _shown(value: object) -> str:
 
 # (metavar, what the flag does) per FederatedConfig field. No "%" here: argparse formats help with it.
 FIELD_HELP: dict[str, tuple[str, str]] = {
-    "model": ("NAME", "model architecture from the zoo: cnn, alexnet, vgg16, resnet18 (images) or cnn1d "
-                      "(sensor windows)"),
+    "model": ("NAME", "model architecture: from the zoo (cnn, alexnet, vgg16, resnet18 for images, cnn1d for "
+                      "sensor windows), or your own nn.Module as package.module:factory (importable here; pqsu run "
+                      "lets its agents rebuild it)"),
     "dataset": ("NAME", "data set: fashion-mnist, mnist, cifar10, italy-power, basic-motions, or a labelled-array "
                         ".npz file (x, y)"),
     "data_root": ("DIR", "folder with the data set files (default: the data set's standard place)"),

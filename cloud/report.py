@@ -7,15 +7,24 @@ from pathlib import Path
 
 from pqsu.cloud.run_plots import write_run_plots
 from pqsu.export.zoo import build_model, default_spec
+from pqsu.protocol.errors import PqsuError
 
 log = logging.getLogger(__name__)
 
 
 def dense_fp32_upload_bytes(arch: str, in_shape: tuple[int, ...], num_classes: int) -> int:
     """What one dense fp32 FedAvg upload of the unpruned model weighs (4 bytes a parameter)."""
-    if ":" in arch:  # a user's architecture: no zoo default to count from
-        return 0
-    model = build_model(default_spec(arch, tuple(in_shape), num_classes, batchnorm=False))
+    if ":" in arch:  # the run's own custom architecture (trusted: it is this cloud's configuration), unpruned
+        from pqsu.export.custom import custom_model
+        from pqsu.export.pruning import fold_batchnorm
+
+        model = custom_model(arch, tuple(in_shape), num_classes)
+        try:
+            model = fold_batchnorm(model)  # the master is folded: FedAvg would send these parameters
+        except PqsuError as exc:  # the summary is written at the end of a run: count unfolded, never fail it
+            log.warning("counting the dense upload of %s unfolded: %s", arch, exc)
+    else:
+        model = build_model(default_spec(arch, tuple(in_shape), num_classes, batchnorm=False))
     return 4 * sum(p.numel() for p in model.parameters())
 
 

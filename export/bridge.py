@@ -14,6 +14,7 @@ the file as a board would, accounts for every initializer and fails above the ha
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -176,17 +177,19 @@ def _initializer_roles(data: bytes, params: set[str]) -> dict:
     return {"quantization": len(quant), "constants": constants}
 
 
-def torch_model_from_int8(source: Source, *, allow_custom: bool = False) -> tuple[nn.Module, ModelInfo]:
+def torch_model_from_int8(source: Source, *,
+                          allow_custom: bool | Collection[str] = False) -> tuple[nn.Module, ModelInfo]:
     """Rebuild the torch model an int8 ONNX file was exported from, with its dequantized weights."""
     return _rebuild(read_int8_weights(source), allow_custom)
 
 
-def torch_model_from_onnx(source: Source, *, allow_custom: bool = False) -> tuple[nn.Module, ModelInfo]:
+def torch_model_from_onnx(source: Source, *,
+                          allow_custom: bool | Collection[str] = False) -> tuple[nn.Module, ModelInfo]:
     """Like `torch_model_from_int8`, but fp32 fl-pqsu files are accepted too (the FedAvg baseline)."""
     return _rebuild(read_weights(source), allow_custom)
 
 
-def _rebuild(weights: Int8Weights, allow_custom: bool) -> tuple[nn.Module, ModelInfo]:
+def _rebuild(weights: Int8Weights, allow_custom: bool | Collection[str]) -> tuple[nn.Module, ModelInfo]:
     try:
         spec = dataclasses.replace(ModelSpec.from_dict(weights.info.spec), batchnorm=False)
         model = build_any(spec, allow_custom=allow_custom)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -21,6 +22,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from pqsu.export.folding import FoldError, check_foldable, fold_batchnorm
 from pqsu.export.pruning import layer_widths, shrink_to_widths
 from pqsu.export.zoo import ARCHS, ModelSpec, ZooError, build_model
+
+
+class CustomModelRefused(ZooError):
+    """A custom architecture this receiver was not allowed to import."""
 
 
 def is_custom(arch: str) -> bool:
@@ -81,13 +86,15 @@ def _shape_arguments(factory, in_shape: tuple[int, ...], num_classes: int) -> di
             and params[k].kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
 
 
-def build_any(spec: ModelSpec, *, allow_custom: bool = False) -> nn.Module:
-    """A fresh model for `spec`: a zoo architecture, or (when allowed) a user's own."""
+def build_any(spec: ModelSpec, *, allow_custom: bool | Collection[str] = False) -> nn.Module:
+    """A fresh model for `spec`: a zoo architecture, or a user's own when `allow_custom` is True or
+    names it (the architectures a device was told it may import)."""
     if not is_custom(spec.arch):
         return build_model(spec)
-    if not allow_custom:
-        raise ZooError(f"model uses custom architecture {spec.arch!r}; allow custom architectures "
-                       "to import and run that code")
+    if not (allow_custom is True or (not isinstance(allow_custom, bool) and spec.arch in allow_custom)):
+        # Short, the flag early: an agent's status message carries the first 200 characters.
+        raise CustomModelRefused(f"custom architecture {spec.arch}: imported (its code run) only with "
+                                 f"--allow-model-code {spec.arch}")
     model = custom_model(spec.arch, spec.in_shape, spec.num_classes)
     shrink_to_widths(model.eval(), spec.widths, torch.zeros(1, *spec.in_shape))
     if not spec.batchnorm:

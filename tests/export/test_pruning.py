@@ -212,7 +212,7 @@ def test_user_model_rebuilds_from_its_folded_spec(user_models):
 
 def test_custom_arch_is_refused_unless_allowed(user_models):
     folded = fold_batchnorm(prune_model(user_model_with_stats(), 0.5, torch.zeros(1, *IN)).model)
-    with pytest.raises(ZooError, match="custom architecture 'user_models:residual_net'") as exc:
+    with pytest.raises(ZooError, match="custom architecture user_models:residual_net: imported") as exc:
         build_any(spec_of(folded), allow_custom=False)
     assert isinstance(exc.value, PqsuError)
 
