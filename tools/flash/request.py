@@ -11,10 +11,14 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pqsu.edge.settings import AgentSettings
 from pqsu.protocol.errors import PqsuError
 from pqsu.tools.flash.boards import BoardProfile
+
+if TYPE_CHECKING:
+    from pqsu.tools.flash.model import FlashedModel
 
 # Paths on the board (absolute, as the agent sees them once installed).
 OPT = "/opt/pqsu"
@@ -26,6 +30,10 @@ CREDENTIALS_DIR = f"{ETC_LINK}/credentials"
 STATE_DIR = "/var/lib/pqsu/state"
 DATA_DIR = "/var/lib/pqsu/data"
 UNIT_NAME = "pqsu-agent.service"
+# The model the agent loads at start, inside its state dir (edge/agent.py MODEL_FILE; not imported from
+# there, which would load onnxruntime to build a parser), and the flashed copy in the bundle.
+STATE_MODEL_FILE = "model.onnx"
+BUNDLE_MODEL_FILE = "model.onnx"
 
 
 class FlashError(PqsuError):
@@ -83,6 +91,7 @@ class FlashRequest:
     ssh_timeout: float = 10.0
     ssh_identity: str | None = None
     install: bool = True
+    model: "FlashedModel | None" = None        # the fleet's current model, installed as the agent's first
     flash_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def __post_init__(self) -> None:
