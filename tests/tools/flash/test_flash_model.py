@@ -45,10 +45,12 @@ def models():
     return int8_models()
 
 
-def flash(capsys, root: Path, wheel: Path, broker_url: str, fleet: str, *extra: str) -> tuple[int, str, str]:
+def flash(capsys, root: Path, wheel: Path, broker_url: str, fleet: str, *extra: str,
+          inference_only: bool = True) -> tuple[int, str, str]:
     root.mkdir(exist_ok=True)
     code = main(["flash", "--board", "rpi4", "--device-id", "pi-flashed", "--broker", broker_url, "--fleet", fleet,
-                 "--inference-only", "--target", str(root), "--project-wheel", str(wheel), *extra])
+                 *(["--inference-only"] if inference_only else []), "--target", str(root), "--project-wheel",
+                 str(wheel), *extra])
     cap = capsys.readouterr()
     return code, cap.out, cap.err
 
@@ -208,3 +210,61 @@ def test_the_bundle_puts_the_model_where_the_agent_loads_it():
     from pqsu.edge.agent import MODEL_FILE
 
     assert STATE_MODEL_FILE == MODEL_FILE
+
+
+@pytest.mark.slow
+@pytest.mark.long
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist is missing")
+def test_a_board_flashed_from_a_running_fleet_never_downloads_the_whole_model(capsys, tmp_path, wheel, broker):
+    """A fleet runs (one board that got its first model over the radio); a new board is flashed with the model
+    retained on the broker, joins, and trains: from then on no device downloads a full file, only patches."""
+    import numpy as np
+
+    from pqsu.export.datasets import load_dataset
+
+    fleet, root, out = "flash-e2e", tmp_path / "root", tmp_path / "cloud"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    shard = tmp_path / "shard.npz"
+    ds = load_dataset("fashion-mnist").head(1500)  # rounds of a few seconds: the new board joins within a few
+    np.savez(shard, x=ds.x, y=ds.y)
+    metrics_file = out / "metrics.jsonl"
+
+    def metrics() -> list[dict]:
+        text = metrics_file.read_text() if metrics_file.exists() else ""
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    procs: list[Process] = []
+    try:
+        # patches from the last 8 versions: the flashed board is a few rounds behind when it joins
+        procs.append(Process([*CLI, "cloud", "--broker", broker.url, "--fleet", fleet, "--rounds", "8",
+                              "--patch-bases", "8", "--epochs", "1",
+                              "--min-devices", "1", "--clients", "2", "--samples-per-client", "200",
+                              "--proxy-samples", "300", "--eval-samples", "300", "--pretrain-epochs", "0.3",
+                              "--join-timeout", "240", "--round-timeout", "120", "--out", str(out)],
+                             tmp_path / "cloud.log", env=env))
+        procs.append(Process([*CLI, "edge", "run", "--broker", broker.url, "--fleet", fleet, "--device-id", "box-a",
+                              "--state-dir", str(tmp_path / "box-a"), "--data", str(shard)], tmp_path / "a.log", env=env))
+        cloud = procs[0]
+        deadline = time.monotonic() + 300                   # pre-training, round 1 with box-a
+        while not metrics():
+            assert cloud.popen.poll() is None and time.monotonic() < deadline, cloud.tail()
+            time.sleep(0.5)
+        code, _, err = flash(capsys, root, wheel, broker.url, fleet, "--model-from-broker", inference_only=False)
+        assert code == 0, err
+        assert install_model(root).returncode == 0
+        procs.append(Process([*CLI, "edge", "run", "--config", str(root / BUNDLE / "etc/agent.toml"), "--state-dir",
+                              str(root / STATE), "--data", str(shard)], tmp_path / "b.log", env=env))
+        deadline = time.monotonic() + 400
+        while cloud.popen.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert cloud.popen.poll() == 0, f"{cloud.tail()}\n{procs[2].tail()}"
+        rounds = metrics()
+        joined = next((m["round"] for m in rounds if m["selected"] == 2), None)
+        assert joined is not None and rounds[joined - 1]["uploads"] == 2, rounds   # the flashed board trained
+        assert rounds[0]["downloads"] == {"patch": 0, "full": 1}                    # box-a's first model: the radio
+        after = rounds[1:]
+        assert sum(m["downloads"]["full"] for m in after) == 0, [m["downloads"] for m in rounds]
+        assert sum(m["downloads"]["patch"] for m in after) >= len(after), [m["downloads"] for m in rounds]
+        assert rounds[joined - 1]["downloads"]["patch"] >= 1 or rounds[joined - 1]["bytes_down"] < 10_000
+    finally:
+        reap(procs, grace_s=15, signal_first=True)
