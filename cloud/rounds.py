@@ -119,6 +119,7 @@ class RoundRunner:
 
         downlink = self._downlink_bytes(transport.downloads())  # before close_round makes the next version
         closed = server.close_round(skipped=sum(v == "skipped" for v in answered.values()))
+        closed.bytes_down = downlink["bytes_down"]  # what the devices downloaded, not file x devices
         transport.close_round(task)
         rep = closed.to_dict()
         rep.update(downlink)

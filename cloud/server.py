@@ -69,7 +69,7 @@ class RoundReport:
     skipped: int
     rejected: dict[str, int]
     bytes_up: int             # accepted update payloads
-    bytes_down: int           # the model file, once per selected device
+    bytes_down: int           # the model file once per selected device; the round runner counts real downloads
     model_bytes: int
     seconds: float
     train_loss: float = float("nan")

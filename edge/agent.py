@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pqsu.edge.inference import InferenceModel
-from pqsu.protocol import chunking, model_id
-from pqsu.protocol.model_follow import INCOMPLETE, ModelFollower
+from pqsu.protocol import model_id
+from pqsu.edge.model_fetch import ModelFetch
 from pqsu.protocol.atomic import atomic_write
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.messages import MessageError, RoundTask, Status, message_job, message_type
@@ -76,27 +76,31 @@ class EdgeAgent:
         self.topics = Topics(cfg.fleet)
         self.state_dir = Path(cfg.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.fetch = ModelFetch(self.topics, cfg.device_id, cfg.patch_timeout_s, self._enqueue, self._serve)
+        self._bad_messages = 0
         will = (self.topics.status(cfg.device_id), self._status("offline").to_json(), 1, True)
         self.client = client or MqttClient(cfg.broker, cfg.device_id, will=will, protocol=cfg.protocol,
                                            persistent_session=True, tls_ca=cfg.tls_ca, tls_cert=cfg.tls_cert,
                                            tls_key=cfg.tls_key, username=cfg.username, password=cfg.password)
+        self.fetch.client = self.client
         self.events: queue.Queue[tuple[str, bytes, float]] = queue.Queue(maxsize=1000)
         # remember=1: late copies of the model just completed are dropped, but a model seen before may come
         # back (A, B, then A again: two jobs that start from the same seed)
-        self.models = chunking.Reassembler(max_messages=4, max_bytes=1 << 30, remember=1)
-        self.patches = chunking.Reassembler(max_messages=4, max_bytes=1 << 28, remember=4)
-        self.follower = ModelFollower(name=cfg.device_id)
-        self._want: tuple[str, tuple] | None = None  # (model id, patch offers) last announced
-        self._fetching: tuple[str, str, float] | None = None  # ("patch", base, since) or ("full", "", since)
-        self._wasted = 0  # bytes of a refused patch, counted with the full model that replaces it
         self.model: InferenceModel | None = None  # holds the verified file too (`model.file`), for training
         self.rounds_joined = 0
         self._joined_job: str | None = None  # the job this process trained in (its `done` ends the process)
-        self.bad_messages = 0
         self.models_received = 0   # new model versions swapped in by this process
         self.model_bytes_down = 0  # their bytes (the downlink of an inference-only device)
         self.service = None        # the local inference API while run() runs (pqsu.edge.service)
         self._load_saved_model()
+
+    @property
+    def bad_messages(self) -> int:  # the agent's own and the model fetch's
+        return self._bad_messages + self.fetch.bad_messages
+
+    @bad_messages.setter
+    def bad_messages(self, value: int) -> None:
+        self._bad_messages = value - self.fetch.bad_messages
 
     @property
     def model_path(self) -> Path:
@@ -108,7 +112,7 @@ class EdgeAgent:
             return
         try:
             self.model = self._build_model(model_id.verified(self.model_path.read_bytes()))
-            self.follower.held = self.model.file
+            self.fetch.follower.held = self.model.file
         except (OSError, PqsuError) as exc:
             log.warning("%s: saved model %s not used (%s); waiting for the broker's", self.cfg.device_id,
                         self.model_path, exc)
@@ -122,31 +126,6 @@ class EdgeAgent:
     # -- network thread --------------------------------------------------------------
     def _on_round(self, topic: str, payload: bytes, retained: bool) -> None:
         self._enqueue(("round", payload))
-
-    def _on_model_chunk(self, topic: str, payload: bytes, retained: bool) -> None:
-        if not payload:  # a cleared stale chunk
-            return
-        try:
-            data = self.models.add(payload, source="model")
-        except chunking.ChunkError as exc:
-            self.bad_messages += 1
-            log.info("bad model chunk on %s: %s", topic, exc)
-            return
-        if data is not None:
-            self._enqueue(("model", data), _wire(data, payload))
-
-    def _on_patch_chunk(self, topic: str, payload: bytes, retained: bool) -> None:
-        if not payload:
-            return
-        try:
-            base = self.topics.parse(topic)[1][0]
-            data = self.patches.add(payload, source=base)
-        except (chunking.ChunkError, PqsuError) as exc:
-            self.bad_messages += 1
-            log.info("bad patch chunk on %s: %s", topic, exc)
-            return
-        if data is not None:
-            self._enqueue(("patch", data), _wire(data, payload), base)
 
     def _enqueue(self, item: tuple[str, bytes], nbytes: int = 0, base: str = "") -> None:
         try:
@@ -184,7 +163,7 @@ class EdgeAgent:
         try:
             self.client.subscribe(self.topics.round, self._on_round)
             if self.model is None:  # nothing to patch from: the full model, whichever is retained
-                self._subscribe_full()
+                self.fetch.subscribe_full()
             self._publish_status("online")
             self._flush_outbox()
             pending: RoundTask | None = None
@@ -193,13 +172,13 @@ class EdgeAgent:
                 try:
                     kind, payload, received, nbytes, base = self.events.get(timeout=0.2)
                 except queue.Empty:
-                    self._check_patch_timeout()
+                    self.fetch.check_timeout()
                     continue
                 if kind == "model":
-                    if self._take_full(payload, nbytes):
+                    if self.fetch.take_full(payload, nbytes, self.model):
                         model_at = received
                 elif kind == "patch":
-                    if self._take_patch(payload, nbytes, base):
+                    if self.fetch.take_patch(payload, nbytes, base):
                         model_at = received
                 else:
                     task = self._parse_round(payload, received)
@@ -245,7 +224,7 @@ class EdgeAgent:
             self.bad_messages += 1
             log.info("bad round message: %s", exc)
             return None
-        self._follow(task.model_id, task.patches)  # every device follows the model, asked or not
+        self.fetch.follow(task.model_id, task.patches)  # every device follows the model, asked or not
         if self.learner is None or not task.asks(self.cfg.device_id):
             return None
         if self._is_over(task, received):
@@ -272,7 +251,7 @@ class EdgeAgent:
         rebooted after its job ended): it waits for the next job instead. A job-less `done` (an older
         coordinator) ends it as before."""
         job = message_job(payload)
-        self._follow_done(payload)
+        self.fetch.follow_done(payload)
         if job and job != self._joined_job:
             log.info("%s: job %s is over; waiting for the next one", self.cfg.device_id, job)
             return None
@@ -285,99 +264,12 @@ class EdgeAgent:
         # An older coordinator sends only its wall-clock deadline: compare with ours, as before.
         return task.deadline is not None and time.time() > task.deadline
 
-    # -- following the model ----------------------------------------------------------
-    def _follow(self, target: str, offers: tuple) -> None:
-        """Fetch model `target`: the announced patch from the held model, else the full file."""
-        self._want = (target, tuple(offers))
-        if self.follower.held_id == target:
-            self._stop_fetching()
-            return
-        offer = self.follower.offer_for(target, offers)
-        if offer is not None:
-            if self._fetching is None or self._fetching[:2] != ("patch", offer["base"]):
-                self._stop_fetching()
-                self._fetching = ("patch", offer["base"], time.perf_counter())
-                self.client.subscribe(self.topics.patch_filter(offer["base"]), self._on_patch_chunk)
-        else:
-            self._subscribe_full()
-
-    def _follow_done(self, payload: bytes) -> None:
-        import json
-
-        from pqsu.protocol.messages import check_patch_offers
-        body = json.loads(payload)
-        if isinstance(body.get("model_id"), str):
-            try:
-                self._follow(body["model_id"], check_patch_offers(body.get("patches", []), "done message"))
-            except MessageError as exc:
-                self.bad_messages += 1
-                log.info("bad done message: %s", exc)
-
-    def _subscribe_full(self) -> None:
-        if self._fetching is not None and self._fetching[0] == "full":
-            return
-        self._stop_fetching()
-        self._fetching = ("full", "", time.perf_counter())
-        self.client.subscribe(self.topics.model_filter, self._on_model_chunk)
-
-    def _stop_fetching(self) -> None:
-        if self._fetching is None:
-            return
-        kind, base, _ = self._fetching
-        self.client.unsubscribe(self.topics.patch_filter(base) if kind == "patch" else self.topics.model_filter)
-        self._fetching = None
-
-    def _check_patch_timeout(self) -> None:
-        if (self._fetching is not None and self._fetching[0] == "patch"
-                and time.perf_counter() - self._fetching[2] > self.cfg.patch_timeout_s):
-            self.follower.refuse(INCOMPLETE, f"its frames did not all arrive within {self.cfg.patch_timeout_s:g}s")
-            self._subscribe_full()
-
-    def _take_patch(self, data: bytes, nbytes: int, base: str) -> bool:
-        """True when the patch made the announced model (now held and served)."""
-        if self._want is None or self._fetching is None or self._fetching[:2] != ("patch", base):
-            return False  # a late copy, or for a base we no longer hold
-        target, offers = self._want
-        offer = next((o for o in offers if o["base"] == base), None)
-        previous = self.follower.held
-        file = self.follower.take_patch(data, offer, target, nbytes) if offer else None
-        if file is None or not self._serve(file, previous):
-            self._wasted += nbytes
-            self._subscribe_full()
-            return False
-        self._stop_fetching()
-        return True
-
-    def _take_full(self, data: bytes, nbytes: int) -> bool:
-        """True when a new verified model is now held and served."""
-        try:
-            file = model_id.verified(data)  # the one hash of this file on the board
-        except PqsuError as exc:
-            self.bad_messages += 1
-            log.warning("received a model that does not verify: %s", exc)
-            return False
-        if self._want is not None and file.model_id != self._want[0]:
-            if self.model is not None:
-                return False  # an older retained version: the announced one follows
-        if self.model is not None and file.model_id == self.model.model_id:
-            self._stop_fetching()
-            return False  # the retained chunks of the model we have (after a reconnect or restart)
-        previous = self.follower.held
-        self.follower.take_full(file, nbytes + self._wasted)
-        if not self._serve(file, previous):
-            return False
-        self._wasted = 0
-        if self._want is None or file.model_id == self._want[0]:
-            self._stop_fetching()
-        return True
-
-    def _serve(self, file: model_id.VerifiedModel, previous: model_id.VerifiedModel | None) -> bool:
+    def _serve(self, file: model_id.VerifiedModel) -> bool:
         """Swap `file` in (saved first); False, and the previous model kept, if onnxruntime cannot serve it."""
         try:
             model = self._build_model(file)
         except PqsuError as exc:
             self.bad_messages += 1
-            self.follower.held = previous
             log.warning("received a model that onnxruntime cannot serve: %s", exc)
             return False
         try:  # on disk first, so a reboot right after the swap serves this version
@@ -386,7 +278,7 @@ class EdgeAgent:
             log.warning("%s: cannot save the model to %s: %s", self.cfg.device_id, self.model_path, exc)
         self.model = model  # one reference swap: in-flight requests keep theirs
         self.models_received += 1
-        how = self.follower.download_of(file.model_id)
+        how = self.fetch.follower.download_of(file.model_id)
         self.model_bytes_down += how.nbytes
         log.info("%s: model %s (%s, %d bytes)", self.cfg.device_id, model.model_id[:12], how.kind, how.nbytes)
         return True
@@ -395,7 +287,7 @@ class EdgeAgent:
         """Train, keep the update safe, send it. `started` (perf_counter) is when the device had
         everything for this round: the status reports the device's compute from then on
         (verifying and loading the model, training, encoding), for the fleet benchmark."""
-        how = self.follower.downloads.pop(task.model_id, None)  # reported once: a later round on it held it
+        how = self.fetch.follower.downloads.pop(task.model_id, None)  # reported once: a later round on it held it
         self._publish_status("training", task.round, download=how)
         self._joined_job = task.job
         try:  # verified on arrival: not hashed again
@@ -448,7 +340,7 @@ class EdgeAgent:
         return Status(self.cfg.device_id, state, round_, detail, trains=self.learner is not None, seconds=seconds,
                       job=self.learner.state.job if self.learner else "",
                       download=download.kind if download else "", download_bytes=download.nbytes if download else 0,
-                      first_download=download.first if download else False, refusals=dict(self.follower.refusals))
+                      first_download=download.first if download else False, refusals=dict(self.fetch.follower.refusals))
 
     def _publish_status(self, state: str, round_: int = -1, detail: str = "", seconds: float = 0.0,
                         download=None) -> None:
@@ -468,14 +360,6 @@ class EdgeAgent:
                 "bytes_up": state.bytes_up if state else 0,
                 "bytes_down": state.bytes_down if state else self.model_bytes_down,
                 "models_received": self.models_received, "connected": self.client.connected,
-                "patch_refusals": dict(self.follower.refusals),
+                "patch_refusals": dict(self.fetch.follower.refusals),
                 "trains": self.learner is not None}
 
-
-def _wire(data: bytes, last_frame: bytes) -> int:
-    """Bytes on the wire of a reassembled message: its data and one header per frame."""
-    try:
-        count = chunking.parse_header(last_frame).count
-    except chunking.ChunkError:
-        count = 1
-    return len(data) + count * chunking.HEADER_SIZE

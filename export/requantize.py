@@ -32,6 +32,7 @@ from pqsu.protocol.onnx_wire import WireError, spans
 QUANTIZED_SUFFIX = "_quantized"
 WEIGHT_RANGE = (-127, 127)
 _I32 = np.iinfo(np.int32)
+CAP_SEARCH_STEPS = 5  # interpolation steps of capped_requantize: within a few changes of the most that fit
 
 
 class RequantizeError(PqsuError):
@@ -210,14 +211,23 @@ def capped_requantize(base: bytes, master: Mapping[str, np.ndarray], max_patch_b
             at += m.size
         return requantize(base, master, layout=layout, keep=keep)
 
-    lo, hi, best = 0, total, attempt(0)  # binary search on how many changes fit
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
+    # Patch size grows nearly linearly with the changes sent: interpolate between a k that fits and one
+    # that does not (a few make_patch calls, not a bisection's dozen; the coordinator runs this each round).
+    best = attempt(0)
+    lo, size_lo = 0, len(make_patch(base, best.data))
+    hi, size_hi = total, len(make_patch(base, full.data))
+    for _ in range(CAP_SEARCH_STEPS):
+        if hi - lo <= 1 or size_lo > max_patch_bytes:
+            break
+        target = max_patch_bytes - (max_patch_bytes - size_lo) // 64  # aim a little low: fewer misses
+        mid = lo + (target - size_lo) * (hi - lo) // max(1, size_hi - size_lo)
+        mid = min(max(mid, lo + 1), hi - 1)
         candidate = attempt(mid)
-        if len(make_patch(base, candidate.data)) <= max_patch_bytes:
-            lo, best = mid, candidate
+        size = len(make_patch(base, candidate.data))
+        if size <= max_patch_bytes:
+            lo, size_lo, best = mid, size, candidate
         else:
-            hi = mid - 1
+            hi, size_hi = mid, size
     return best, total - lo
 
 
