@@ -42,6 +42,7 @@ from pqsu.protocol.identity_args import add_identity_arguments, read_password_fi
 from pqsu.protocol.mqtt import BrokerURL
 from pqsu.protocol.topics import check_device, check_fleet
 from pqsu.tools.flash.boards import BOARDS, format_boards, get_board
+from pqsu.tools.flash.model import model_from_broker, model_from_file
 from pqsu.tools.flash.request import DATA_DIR, STATE_DIR, FlashError, FlashRequest, SshTarget
 from pqsu.tools.flash.install import dry_run, flash
 
@@ -175,20 +176,19 @@ def request_from_args(args: argparse.Namespace) -> FlashRequest:
         target = Path(args.target).absolute()
         if not target.is_dir():
             raise FlashError(f"target {target} is not a folder (mount the board's root there, or create it)")
-    model = _model(args, url, fleet, credentials)  # last: the only check that may take a while (the broker)
-    return FlashRequest(
+    request = FlashRequest(
         board=board, device_id=device_id, broker=args.broker, fleet=fleet, data=args.data,
         state_dir=args.state_dir.rstrip("/") or "/", inference_only=bool(args.inference_only),
         http_port=args.http_port, extra_settings=_parse_settings(args.settings), credentials=credentials,
         username=args.username, target=target, wheelhouse=bool(args.wheelhouse), python=python,
         torch_index=torch_index, project_wheel=project_wheel, user=args.user, dry_run=bool(args.dry_run),
-        ssh_timeout=args.ssh_timeout, ssh_identity=args.ssh_identity, install=not args.no_install, model=model)
+        ssh_timeout=args.ssh_timeout, ssh_identity=args.ssh_identity, install=not args.no_install)
+    request.model = _model(args, url, fleet, credentials)  # last: the one check that may take a while (the broker)
+    return request
 
 
 def _model(args: argparse.Namespace, device_url: BrokerURL, fleet: str, credentials: dict[str, tuple[str, Path]]):
     """The model for the bundle (`FlashedModel`), verified; None without --model-file/--model-from-broker."""
-    from pqsu.tools.flash.model import model_from_broker, model_from_file  # paho: only when asked
-
     if args.model_file:
         return model_from_file(_readable(args.model_file, "--model-file"))
     if args.model_from_broker is None:
