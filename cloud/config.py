@@ -71,7 +71,7 @@ class FederatedConfig:
     downlink: str = "soft"           # keyframe policy: full (no patches), hard or soft
     keyframe_every: int | None = None
     keyframe_clip: float | None = 0.01
-    patch_cap: int | None = 4096
+    patch_cap: int | None = None
     patch_bases: int = 4
     keyframe_headroom: float = 1.5
 

@@ -73,7 +73,7 @@ class ModelFollower:
         if self.held is None:
             return self.refuse("wrong-base", "no model held")
         if len(patch) != offer["bytes"] or hashlib.sha256(patch).hexdigest() != offer["sha256"]:
-            return self.refuse(NOT_ANNOUNCED, f"{len(patch)} bytes that are not the announced {offer['bytes']}")
+            return self.refuse(NOT_ANNOUNCED, f"{len(patch)} bytes whose length or SHA-256 is not the announced one")
         try:
             if read_header(patch).target_id != target_id:
                 raise PatchError("target-mismatch", f"the patch leads to another model than {target_id}")
