@@ -45,6 +45,8 @@ def summarize(rounds: list[dict], *, arch: str, in_shape: tuple[int, ...], num_c
         "rounds": len(rounds),
         "bytes_up_total": up,
         "bytes_down_total": sum(r["bytes_down"] for r in rounds),
+        "bytes_down_flashed_total": sum(r.get("bytes_down_flashed", r["bytes_down"]) for r in rounds),
+        "downloads": {k: sum(r.get("downloads", {}).get(k, 0) for r in rounds) for k in ("patch", "full")},
         "bytes_up_dense_fp32": dense,
         "uplink_reduction": dense / up if up and dense is not None else None,
         "uploads": sum(r["uploads"] for r in rounds),

@@ -89,9 +89,10 @@ class EdgeLearner:
         if self.state_path:
             self.state.save(self.state_path)
 
-    def run_round(self, task: RoundTask, model_file: VerifiedModel | bytes) -> RoundOutcome:
+    def run_round(self, task: RoundTask, model_file: VerifiedModel | bytes, downloaded: int | None = None) -> RoundOutcome:
         """One round on the model file: the agent hands over the one it verified on arrival (not hashed
-        again); bytes (the in-process simulator's) are verified here, once."""
+        again); bytes are verified here, once. `downloaded`: what getting this model cost on the wire
+        (a patch, the file, or 0 when held already; None: the file's length)."""
         model_file = as_verified(model_file)
         if model_file.model_id != task.model_id:
             raise PqsuError(f"round {task.round} announced model {task.model_id} but the file is {model_file.model_id}")
@@ -133,7 +134,7 @@ class EdgeLearner:
         self.state.residual = prepared.residual
         self.state.previous = received if self.policy.needs_previous else {}
         self.state.last_round, self.state.rounds_joined = task.round, self.state.rounds_joined + 1
-        self.state.bytes_down += len(model_file)
+        self.state.bytes_down += len(model_file) if downloaded is None else downloaded
         return RoundOutcome(task.round, payload, prepared.decision.reason, stats.loss, stats.samples,
                             stats.seconds, nnz)
 

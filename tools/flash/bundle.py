@@ -14,8 +14,9 @@ from pathlib import Path
 
 from pqsu.protocol.mqtt import BrokerURL
 from pqsu.tools.flash.model_code import copy_model_code
-from pqsu.tools.flash.scripts import install_script, systemd_unit
-from pqsu.tools.flash.request import BUNDLE_DIR, CONFIG_PATH, CREDENTIALS_DIR, UNIT_NAME, VENV_DIR, FlashRequest
+from pqsu.tools.flash.scripts import install_model_script, install_script, systemd_unit
+from pqsu.tools.flash.request import (BUNDLE_DIR, BUNDLE_MODEL_FILE, CONFIG_PATH, CREDENTIALS_DIR, STATE_MODEL_FILE,
+                                      UNIT_NAME, VENV_DIR, FlashRequest)
 from pqsu.tools.flash.wheels import (PROJECT_NAME, build_project_wheel, download_wheelhouse, resolve_wheelhouse,
                                source_tree, verify_wheelhouse)
 
@@ -125,6 +126,9 @@ def build_bundle(req: FlashRequest, folder: Path, *, dry_run: bool = False) -> S
             _write(folder / "etc" / "credentials" / name, source.read_bytes(), 0o600)
     if req.model_code is not None:
         copy_model_code(req.model_code, folder)
+    if req.model:  # verified when the request was made: these are the bytes that verified
+        _write(folder / BUNDLE_MODEL_FILE, req.model.file.data, 0o644)
+        _write(folder / "install-model.sh", install_model_script(req, created).encode(), 0o755)
     _write(folder / UNIT_NAME, systemd_unit(req).encode(), 0o644)
     _write(folder / "install.sh", install_script(req, created, project_wheel.name).encode(), 0o755)
     files = _inventory(folder)
@@ -142,6 +146,9 @@ def build_bundle(req: FlashRequest, folder: Path, *, dry_run: bool = False) -> S
         "files": {rel: {"mode": f"{mode:04o}", "size": size, "sha256": _sha256(folder / rel)}
                   for rel, mode, size in files if rel and not rel.endswith("/")},
     }
+    if req.model:
+        manifest["model"] = {"model_id": req.model.model_id, "bytes": len(req.model.file), "source": req.model.source,
+                             "file": BUNDLE_MODEL_FILE, "installed_to": f"{req.state_dir}/{STATE_MODEL_FILE}"}
     if unresolved:
         manifest["wheelhouse_files"] = [name for name, _ in unresolved]
     _write(folder / "bundle.json", (json.dumps(manifest, indent=2) + "\n").encode(), 0o644)

@@ -19,6 +19,7 @@ from pqsu.tools.flash.boards import BoardProfile
 
 if TYPE_CHECKING:
     from pqsu.tools.flash.model_code import ModelCode
+    from pqsu.tools.flash.model import FlashedModel
 
 # Paths on the board (absolute, as the agent sees them once installed).
 OPT = "/opt/pqsu"
@@ -32,6 +33,10 @@ DATA_DIR = "/var/lib/pqsu/data"
 UNIT_NAME = "pqsu-agent.service"
 MODEL_CODE = "model-code"                     # the user's model code, inside the bundle (tools/flash/model_code.py)
 MODEL_CODE_DIR = f"{BUNDLE_DIR}/{MODEL_CODE}"
+# The model the agent loads at start, inside its state dir (edge/agent.py MODEL_FILE; not imported from
+# there, which would load onnxruntime to build a parser), and the flashed copy in the bundle.
+STATE_MODEL_FILE = "model.onnx"
+BUNDLE_MODEL_FILE = "model.onnx"
 
 
 class FlashError(PqsuError):
@@ -91,6 +96,7 @@ class FlashRequest:
     install: bool = True
     model_code: "ModelCode | None" = None      # the user's architecture, shipped for the agent to import
     allow_model_code: tuple[str, ...] = ()     # the factories the agent may import (from model_code or installed)
+    model: "FlashedModel | None" = None        # the fleet's current model, installed as the agent's first
     flash_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def __post_init__(self) -> None:

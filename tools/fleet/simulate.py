@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             report.append_metrics(out, r.to_dict())
     result = simulate(cfg, show)
     print(json.dumps(result.summary, indent=2))
-    if out:
+    if out:  # the runner's records: what `show` appended plus the downlink and transport keys
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.rounds))
         report.write_outputs(out, config=result.config, rounds=result.rounds, summary=result.summary, model=None)
     return 0
