@@ -68,7 +68,7 @@ class FederatedConfig:
     eval_samples: int | None = None  # the whole test split
     seed: int = 0
     # The downlink (cloud/downlink.py; defaults measured, docs/design.md "Downlink").
-    downlink: str = "soft"           # keyframe policy: full (no patches), hard or soft
+    downlink: str = "hard"           # keyframe policy: full (no patches), hard or soft
     keyframe_every: int | None = None
     keyframe_clip: float | None = 0.01
     patch_cap: int | None = None
