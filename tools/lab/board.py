@@ -7,13 +7,19 @@ scripts run through qemu-user's binfmt handler) and cached, by default in
 
 A command runs in the board as
 
-  unshare --mount [--net] sh -c 'mount proc and sysfs under <root>; exec chroot [--userspec=U:U] <root> env -i ... cmd'
+  unshare --mount [--net] sh -c '<mounts under root>; exec chroot [--userspec=U:U] <root> env -i QEMU_CPU=... cmd'
 
-a private mount namespace with the board's own /proc and a read-only /sys (onnxruntime's cpuinfo
-reads it, as on a Pi; both are gone when the command ends: nothing is left mounted on the host),
-chroot into the root, where the kernel hands every aarch64 binary to qemu-aarch64-static
-(registered with the F flag, so the root needs no copy of qemu). A user's command gets the
-HOME its passwd entry names, as systemd's User= gives the agent's unit.
+a private mount namespace (whatever it mounts is gone when the command ends: nothing is left
+mounted on the host) with the board's own /proc, then chroot into the root, where the kernel
+hands every aarch64 binary to qemu-aarch64-static (registered with the F flag, so the root needs
+no copy of qemu). A user's command gets the HOME its passwd entry names, as systemd's User= does.
+
+The board's CPU (`Cpu`): QEMU_CPU makes qemu emulate the profile's core (a Pi 4's Cortex-A72 has
+no dot-product instructions; qemu's default "max" has them and SVE too, which would send
+onnxruntime down kernels a Pi 4 never runs). The kernel's /sys and /proc/cpuinfo describe the
+x86-64 host, and onnxruntime's cpuinfo library, which reads both on ARM Linux, crashes the
+emulated process on them (SIGSEGV); so the board gets a /proc/cpuinfo of its own cores (bound
+over the kernel's) and a read-only /sys holding only devices/system/cpu/{possible,present}.
 A chroot shares the host's network, as a board on the same LAN would reach the broker;
 `offline=True` adds a network namespace with nothing in it, so "installed offline" is proven,
 not assumed. All of this needs root on the host (chroot, unshare, mount).
@@ -26,6 +32,7 @@ import os
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pqsu.protocol.errors import PqsuError
@@ -40,8 +47,41 @@ PACKAGES = ("python3", "python3-venv")
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
 READY = ".pqsu-board-ready"                     # written last: a root without it is half-built
 BOARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# Run by the host's sh inside the new mount namespace: $1 is the root, the rest the chroot command.
-_ENTER = 'r=$1; shift; mount -t proc proc "$r/proc" && mount -t sysfs -o ro sysfs "$r/sys" && exec "$@"'
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """The board's processor as its programs see it: qemu's CPU model and the kernel's description."""
+    qemu: str                                  # qemu-aarch64 -cpu model (QEMU_CPU)
+    part: int                                  # MIDR part number (/proc/cpuinfo "CPU part")
+    cores: int
+    features: str                              # /proc/cpuinfo "Features", as the real board's kernel lists them
+    model: str = ""
+
+    def proc_cpuinfo(self) -> str:
+        core = ("processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: {f}\nCPU implementer\t: 0x41\n"
+                "CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0x{p:03x}\nCPU revision\t: 3\n\n")
+        text = "".join(core.format(i=i, f=self.features, p=self.part) for i in range(self.cores))
+        return text + (f"Model\t\t: {self.model}\n" if self.model else "")
+
+
+CPUS = {  # by board profile (tools/flash/boards.py)
+    "rpi4": Cpu("cortex-a72", 0xd08, 4, "fp asimd evtstrm crc32 cpuid", "Raspberry Pi 4 Model B"),
+    "rpi5": Cpu("cortex-a76", 0xd0b, 4, "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid "
+                "asimdrdm lrcpc dcpop asimddp", "Raspberry Pi 5 Model B"),
+    "generic-aarch64": Cpu("cortex-a53", 0xd03, 4, "fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid"),
+}
+
+
+def _enter_script(cpu: Cpu | None) -> str:
+    """Run by the host's sh in the new mount namespace: $1 the root, $2 the cpuinfo file, then the chroot command."""
+    steps = ['mount -t proc proc "$r/proc"']
+    if cpu is not None:
+        d, last = '"$r/sys/devices/system/cpu"', cpu.cores - 1
+        steps += ['mount --bind "$c" "$r/proc/cpuinfo"', 'mount -t tmpfs -o size=64k,mode=0755 board-sys "$r/sys"',
+                  f"mkdir -p {d}", f"echo 0-{last} > {d}/possible", f"echo 0-{last} > {d}/present",
+                  f"for i in $(seq 0 {last}); do mkdir {d}/cpu$i; done", 'mount -o remount,ro "$r/sys"']
+    return 'r=$1; c=$2; shift 2; ' + " && ".join(steps) + ' && exec "$@"'
 
 
 class BoardError(PqsuError):
@@ -136,11 +176,14 @@ def build_root(cache: Path | None = None, *, say=print, timeout_s: float = 3600)
 class Board:
     """A board root on this machine, and how to run a command inside it."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    def __init__(self, root: Path, cpu: Cpu | None = None):
+        self.root, self.cpu = Path(root), cpu
+        self.cpuinfo = self.root.with_name(self.root.name + ".cpuinfo")  # outside the root: the board cannot change it
+        if cpu is not None:
+            self.cpuinfo.write_text(cpu.proc_cpuinfo())
 
     @classmethod
-    def clone(cls, base: Path, dest: Path) -> "Board":
+    def clone(cls, base: Path, dest: Path, cpu: Cpu | None = None) -> "Board":
         """A fresh copy of `base` at `dest` (owners, modes, device nodes and links kept)."""
         if dest.exists():
             raise BoardError(f"{dest} exists: a board is cloned into a new folder")
@@ -150,7 +193,7 @@ class Board:
             shutil.rmtree(dest, ignore_errors=True)
             raise BoardError(f"cannot copy the board root {base} to {dest}: {proc.stderr.strip()}")
         (dest / READY).unlink(missing_ok=True)          # a clone is a board in use, never a cache
-        return cls(dest)
+        return cls(dest, cpu)
 
     def argv(self, cmd: list[str], *, user: str | None = None, offline: bool = False,
              env: dict[str, str] | None = None) -> list[str]:
@@ -158,9 +201,11 @@ class Board:
         base = {"PATH": BOARD_PATH, "HOME": self.home(user), "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
         if user is not None:
             base.update(USER=user, LOGNAME=user)
+        if self.cpu is not None:
+            base["QEMU_CPU"] = self.cpu.qemu     # read by qemu at every exec; env passes it to every child
         base.update(env or {})
         out = ["unshare", "--mount", "--propagation", "private", *(["--net"] if offline else []),
-               "sh", "-c", _ENTER, "board", str(self.root), "chroot"]
+               "sh", "-c", _enter_script(self.cpu), "board", str(self.root), str(self.cpuinfo), "chroot"]
         if user is not None:
             out.append(f"--userspec={user}:{user}")
         out += [str(self.root), "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in base.items()), *cmd]

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from pqsu.protocol.errors import PqsuError
-from pqsu.tools.lab.board import MACHINE, Board, BoardError, build_root, check_host, default_cache
+from pqsu.tools.lab.board import CPUS, MACHINE, Board, BoardError, build_root, check_host, default_cache
 from pqsu.tools.lab.broker import Mosquitto, free_port
 from pqsu.tools.lab.process import CLI, Process, reap
 
@@ -66,6 +66,7 @@ class Report:
     final_model: str = ""
     followed: list[str] = field(default_factory=list)         # model ids the board's agent took, in order
     served_model: str = ""
+    agent_output: str = ""
     board_predictions: list[int] = field(default_factory=list)
     host_predictions: list[int] = field(default_factory=list)
     max_probability_diff: float = float("nan")
@@ -79,12 +80,13 @@ def run_check(workdir: Path, *, board_name: str = "rpi4", cache: Path | None = N
     report = Report(board_name)
     t = time.monotonic()
     base = build_root(cache, say=say)
-    board = Board.clone(base, workdir / "board")
+    board = Board.clone(base, workdir / "board", CPUS[board_name])
     report.seconds["root"] = time.monotonic() - t
     report.uname = _ok(board.run(["uname", "-m"], timeout_s=60), "uname -m").strip()
     report.board_python = _ok(board.run(["python3", "-c", "import platform; print(platform.python_version())"],
                                         timeout_s=120), "python3").strip()
-    say(f"board: {board.root} (clone of {base}): uname -m {report.uname}, python3 {report.board_python}")
+    say(f"board: {board.root} (clone of {base}): uname -m {report.uname}, python3 {report.board_python}, "
+        f"qemu CPU {board.cpu.qemu} x{board.cpu.cores} ({board.cpu.model or board_name})")
     if report.uname != MACHINE:
         raise BoardError(f"the board says uname -m {report.uname!r}, not {MACHINE}: is qemu's binfmt handler in use?")
 
@@ -194,6 +196,7 @@ def run_check(workdir: Path, *, board_name: str = "rpi4", cache: Path | None = N
                 f"{report.max_probability_diff:.2e}")
         finally:
             reap(procs, grace_s=20, signal_first=True)
+            report.agent_output = next((p.output for p in procs if p.name == "board-agent"), "")
     return report
 
 

@@ -17,7 +17,7 @@ import pytest
 from pqsu.tools.flash.boards import BOARDS
 from pqsu.tools.lab import board as board_mod
 from pqsu.tools.lab import board_check
-from pqsu.tools.lab.board import Board
+from pqsu.tools.lab.board import CPUS, Board
 from pqsu.tools.lab.broker import mosquitto_path
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -37,13 +37,14 @@ def test_a_board_command_is_a_chroot_in_its_own_mount_namespace(tmp_path):
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\npqsu:x:999:999::/var/lib/pqsu:/usr/sbin/nologin\n")
-    b = Board(root)
+    b = Board(root, CPUS["rpi4"])
     argv = b.argv(["sh", "/opt/pqsu/bundle/install.sh"])
     assert argv[:4] == ["unshare", "--mount", "--propagation", "private"] and "--net" not in argv
     chroot = argv.index("chroot")
-    assert argv[chroot - 1] == str(root) and argv[chroot + 1] == str(root)
+    assert argv[chroot - 2:chroot] == [str(root), str(b.cpuinfo)] and argv[chroot + 1] == str(root)
     assert argv[chroot + 2:chroot + 4] == ["/usr/bin/env", "-i"]              # nothing of the host's environment
-    assert "HOME=/root" in argv and argv[-2:] == ["sh", "/opt/pqsu/bundle/install.sh"]
+    assert {"HOME=/root", "QEMU_CPU=cortex-a72"} <= set(argv) and argv[-2:] == ["sh", "/opt/pqsu/bundle/install.sh"]
+    assert not b.cpuinfo.is_relative_to(root) and b.cpuinfo.read_text().count("CPU part\t: 0xd08") == 4
     offline = b.argv(["true"], offline=True, user="pqsu", env={"X": "1"})
     assert "--net" in offline[:offline.index("sh")]                           # a network namespace with nothing in it
     assert offline[offline.index("chroot") + 1] == "--userspec=pqsu:pqsu"
@@ -52,16 +53,22 @@ def test_a_board_command_is_a_chroot_in_its_own_mount_namespace(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
-def test_the_board_gets_its_own_proc_and_sys_and_leaves_no_mount(tmp_path):
-    """The namespace wrapper on a host-architecture root: /proc and /sys are there, and gone after."""
+def test_the_board_sees_its_own_cpu_in_proc_and_sys_and_no_mount_is_left(tmp_path):
+    """The namespace wrapper on a host-architecture root: the board's cores, gone after the command."""
     root = tmp_path / "root"
     for d in ("proc", "sys"):
         (root / d).mkdir(parents=True)
-    probe = ["unshare", "--mount", "--propagation", "private", "sh", "-c", board_mod._ENTER, "board", str(root),
-             "sh", "-c", f'test -r "{root}/proc/self/status" && test -d "{root}/sys/kernel" && echo mounted']
+    b = Board(root, CPUS["rpi4"])
+    show = f'cat "{root}/proc/cpuinfo" "{root}/sys/devices/system/cpu/possible"; ls "{root}/sys/devices/system/cpu"; ' \
+           f'touch "{root}/sys/x" 2>/dev/null || echo read-only'
+    probe = ["unshare", "--mount", "--propagation", "private", "sh", "-c", board_mod._enter_script(b.cpu), "board",
+             str(root), str(b.cpuinfo), "sh", "-c", show]
     seen = subprocess.run(probe, capture_output=True, text=True, timeout=30)
-    assert seen.stdout.strip() == "mounted", seen.stderr
-    assert not (root / "proc/self").exists() and not (root / "sys/kernel").exists()
+    assert seen.returncode == 0, seen.stderr
+    assert seen.stdout.count("CPU part\t: 0xd08") == 4 and "Model\t\t: Raspberry Pi 4 Model B" in seen.stdout
+    assert seen.stdout.split("\n").count("0-3") == 1 and "cpu3" in seen.stdout and "cpu4" not in seen.stdout
+    assert seen.stdout.strip().endswith("read-only")
+    assert not (root / "proc/cpuinfo").exists() and not (root / "sys/devices").exists()
     with open("/proc/self/mounts") as f:
         assert str(root) not in f.read()
 
@@ -118,6 +125,7 @@ def test_rpi4_bundle_installs_offline_follows_the_fleet_and_predicts_on_aarch64(
     assert len(set(versions)) == 3 and report.followed == versions, (report.followed, versions)
     assert report.served_model == report.final_model
 
+    assert "Error in cpuinfo" not in report.agent_output           # onnxruntime saw the board's Cortex-A72 cores
     assert len(report.board_predictions) == board_check.SAMPLES
     assert report.board_predictions == report.host_predictions
     assert report.max_probability_diff < 1e-4, report.max_probability_diff
