@@ -26,6 +26,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -138,13 +139,14 @@ def run_check(workdir: Path, *, board_name: str = "rpi4", cache: Path | None = N
                 raise BoardError(f"pqsu edge doctor failed on the board (exit {doctor.returncode}):\n"
                                  + report.doctor_output[-3000:])
 
-            # 5. the agent on the board, then the fleet on the host
-            agent = board.spawn([VENV_PQSU, "edge", "run", "--config", CONFIG], logs / "board-agent.log",
-                                user=USER, name="board-agent")
+            # 5. the agent on the board, started as its systemd unit says, then the fleet on the host
+            user, command, unit_env = unit_service(board.path("/opt/pqsu/bundle/pqsu-agent.service"))
+            say(f"agent: ExecStart={' '.join(command)} as User={user} with {' '.join(f'{k}={v}' for k, v in unit_env.items())}")
+            agent = board.spawn(command, logs / "board-agent.log", user=user, env=unit_env, name="board-agent")
             procs.append(agent)
             url = f"http://127.0.0.1:{http_port}"
             _wait(lambda: _http(url + "/healthz")[0] == 503, 300, "the board's agent to serve /healthz", agent)
-            say(f"agent: running on the board as {USER}, {url}/healthz answers 503 (no model yet)")
+            say(f"agent: running on the board, {url}/healthz answers 503 (no model yet)")
             t = time.monotonic()
             fleet = Process([*CLI, "run", "--broker", broker.url, "--fleet", FLEET, "--clients", "1",
                              "--rounds", str(rounds), "--samples-per-client", "300", "--proxy-samples", "300",
@@ -198,6 +200,25 @@ def run_check(workdir: Path, *, board_name: str = "rpi4", cache: Path | None = N
             reap(procs, grace_s=20, signal_first=True)
             report.agent_output = next((p.output for p in procs if p.name == "board-agent"), "")
     return report
+
+
+def unit_service(unit: Path) -> tuple[str, list[str], dict[str, str]]:
+    """User=, ExecStart= (split) and the Environment= pairs of the bundle's systemd unit."""
+    user, command, env = "root", [], {}
+    for line in unit.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        if key == "User":
+            user = value
+        elif key == "ExecStart":
+            command = shlex.split(value)
+        elif key == "Environment":
+            name, _, val = value.partition("=")
+            env[name] = val
+    if not command:
+        raise BoardError(f"{unit} has no ExecStart=")
+    return user, command, env
 
 
 def _host_env() -> dict:

@@ -94,6 +94,16 @@ def test_followed_models_are_read_from_the_agent_log(tmp_path):
     assert board_check._followed(FakeAgent()) == ["0123456789ab", "ba9876543210"]
 
 
+def test_the_agent_starts_as_the_bundles_unit_says(tmp_path):
+    unit = tmp_path / "pqsu-agent.service"
+    unit.write_text("[Service]\nType=simple\nUser=pqsu\nGroup=pqsu\n"
+                    "ExecStart=/opt/pqsu/venv/bin/pqsu edge run --config /etc/pqsu/agent.toml\n"
+                    "Environment=PYTHONUNBUFFERED=1\nEnvironment=OMP_NUM_THREADS=3\nEnvironment=ORT_DISABLE_TELEMETRY=1\n")
+    user, command, env = board_check.unit_service(unit)
+    assert user == "pqsu" and command == ["/opt/pqsu/venv/bin/pqsu", "edge", "run", "--config", "/etc/pqsu/agent.toml"]
+    assert env == {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "3", "ORT_DISABLE_TELEMETRY": "1"}
+
+
 @pytest.mark.slow
 @pytest.mark.board
 @pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto is not installed")
@@ -126,6 +136,7 @@ def test_rpi4_bundle_installs_offline_follows_the_fleet_and_predicts_on_aarch64(
     assert report.served_model == report.final_model
 
     assert "Error in cpuinfo" not in report.agent_output           # onnxruntime saw the board's Cortex-A72 cores
+    assert "telemetry" not in report.agent_output                  # the unit's ORT_DISABLE_TELEMETRY=1 holds
     assert len(report.board_predictions) == board_check.SAMPLES
     assert report.board_predictions == report.host_predictions
     assert report.max_probability_diff < 1e-4, report.max_probability_diff
