@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pqsu.edge.inference import InferenceModel
+from pqsu.export.datasets import load_dataset
 from pqsu.protocol.errors import PqsuError
 from pqsu.tools.lab.board import CPUS, MACHINE, Board, BoardError, build_root, check_host, default_cache
 from pqsu.tools.lab.broker import Mosquitto, free_port
@@ -66,7 +68,8 @@ class Report:
     round_models: list[str] = field(default_factory=list)    # model ids the coordinator's rounds produced
     final_model: str = ""
     followed: list[str] = field(default_factory=list)         # model ids the board's agent took, in order
-    served_model: str = ""
+    served_model: str = ""                                    # the model /predict answered with
+    host_model: str = ""                                      # the board's saved model.onnx, read on the host
     agent_output: str = ""
     board_predictions: list[int] = field(default_factory=list)
     host_predictions: list[int] = field(default_factory=list)
@@ -160,8 +163,6 @@ def run_check(workdir: Path, *, board_name: str = "rpi4", cache: Path | None = N
             report.seconds["rounds"] = time.monotonic() - t
             metrics = [json.loads(ln) for ln in (workdir / "fleet/metrics.jsonl").read_text().splitlines() if ln]
             report.round_models = [m["model_id"] for m in metrics]
-            from pqsu.edge.inference import InferenceModel
-
             report.final_model = InferenceModel.from_file(workdir / "fleet/model.int8.onnx").model_id
             report.sent = _sent_models(workdir / "fleet/logs/cloud.log")
             for r, model in enumerate(report.sent, 1):
@@ -179,8 +180,6 @@ def run_check(workdir: Path, *, board_name: str = "rpi4", cache: Path | None = N
             say(f"agent: took {len(report.followed)} model versions, in order: {', '.join(report.followed)}")
 
             # 6. /predict on the board against the host's onnxruntime on the same file
-            from pqsu.export.datasets import load_dataset
-
             x = load_dataset("fashion-mnist", "test").head(SAMPLES).x      # (N, 1, 28, 28) uint8
             buf = io.BytesIO()
             np.save(buf, x)
@@ -188,7 +187,7 @@ def run_check(workdir: Path, *, board_name: str = "rpi4", cache: Path | None = N
             if code != 200:
                 raise BoardError(f"POST /predict on the board answered {code}: {answer}")
             host = InferenceModel.from_file(saved).classify(x)
-            report.served_model = answer["model_id"]
+            report.served_model, report.host_model = answer["model_id"], host.model_id
             report.board_predictions, report.host_predictions = answer["predictions"], host.predictions
             report.max_probability_diff = float(np.abs(np.asarray(answer["probabilities"])
                                                        - np.asarray(host.probabilities)).max())

@@ -133,7 +133,7 @@ def test_rpi4_bundle_installs_offline_follows_the_fleet_and_predicts_on_aarch64(
     assert len(report.sent) == 2 and [m[:12] for m in report.round_models][:-1] == report.sent[1:], report
     versions = report.sent + [report.final_model[:12]]
     assert len(set(versions)) == 3 and report.followed == versions, (report.followed, versions)
-    assert report.served_model == report.final_model
+    assert report.served_model == report.host_model == report.final_model
 
     assert "Error in cpuinfo" not in report.agent_output           # onnxruntime saw the board's Cortex-A72 cores
     assert "telemetry" not in report.agent_output                  # the unit's ORT_DISABLE_TELEMETRY=1 holds
