@@ -93,13 +93,13 @@ def default_cache() -> Path:
     return Path(base).expanduser() / f"board-{DEBIAN_ARCH}"
 
 
-def host_problems() -> list[str]:
-    """What this machine lacks to build or run the board, each with the fix; empty when ready."""
+def host_problems(*, build: bool = True) -> list[str]:
+    """What this machine lacks to run the board (and to build its root), each with the fix; empty when ready."""
     problems = []
     if os.geteuid() != 0:
         problems.append("root is needed (chroot, unshare, mount): run as root")
-    for tool, package in (("mmdebstrap", "mmdebstrap"), ("qemu-aarch64-static", "qemu-user-static"),
-                          ("unshare", "util-linux"), ("chroot", "coreutils")):
+    tools = [("qemu-aarch64-static", "qemu-user-static"), ("unshare", "util-linux"), ("chroot", "coreutils")]
+    for tool, package in tools + ([("mmdebstrap", "mmdebstrap")] if build else []):
         if shutil.which(tool) is None:
             problems.append(f"{tool} is missing: apt-get install {package}")
     if not problems:
@@ -130,8 +130,8 @@ def _binfmt_problem() -> str | None:
     return None
 
 
-def check_host() -> None:
-    problems = host_problems()
+def check_host(*, build: bool = True) -> None:
+    problems = host_problems(build=build)
     if problems:
         raise BoardError("cannot emulate an aarch64 board here: " + "; ".join(problems))
 

@@ -42,7 +42,7 @@ import numpy as np
 from pqsu.edge.inference import InferenceModel
 from pqsu.export.datasets import load_dataset
 from pqsu.protocol.errors import PqsuError
-from pqsu.tools.lab.board import CPUS, MACHINE, Board, BoardError, build_root, check_host, default_cache
+from pqsu.tools.lab.board import CPUS, MACHINE, READY, Board, BoardError, build_root, check_host, default_cache
 from pqsu.tools.lab.broker import Mosquitto, free_port
 from pqsu.tools.lab.process import CLI, Process, reap
 
@@ -80,7 +80,7 @@ class Report:
 def run_check(workdir: Path, *, board_name: str = "rpi4", cache: Path | None = None, rounds: int = 2,
               say=print) -> Report:
     """The whole path; raises BoardError at the first step that fails, with what it saw."""
-    check_host()
+    check_host(build=not (cache or default_cache()).joinpath(READY).is_file())
     report = Report(board_name)
     t = time.monotonic()
     base = build_root(cache, say=say)
@@ -291,13 +291,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the work folder (the clone is about 500 MB)")
     p.add_argument("--cache", type=Path, help=f"the cached board root (default: {default_cache()})")
     args = p.parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pqsu-board-"))
-    if args.workdir and args.workdir.exists() and any(args.workdir.iterdir()):
-        print(f"board_aarch64: error: --workdir {args.workdir} is not empty", file=sys.stderr)
+    if args.workdir and args.workdir.exists() and (not args.workdir.is_dir() or any(args.workdir.iterdir())):
+        print(f"board_aarch64: error: --workdir {args.workdir} is not an empty folder", file=sys.stderr)
         return 2
+    cache = args.cache or default_cache()
+    try:  # before anything is written: not root, no qemu, no binfmt handler
+        check_host(build=not (cache / READY).is_file())
+    except BoardError as exc:
+        print(f"board_aarch64: error: {exc}", file=sys.stderr)
+        return 2
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pqsu-board-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        report = run_check(workdir, board_name=args.board, cache=args.cache,
+        report = run_check(workdir, board_name=args.board, cache=cache,
                            say=lambda line: print(line, flush=True))
     except PqsuError as exc:
         print(f"board_aarch64: error: {exc}", file=sys.stderr)
