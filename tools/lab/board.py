@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pqsu.protocol.errors import PqsuError
-from pqsu.tools.lab.process import Process
+from pqsu.tools.lab.process import Process, popen
 
 DEBIAN_ARCH, MACHINE = "arm64", "aarch64"
 SUITE = "bookworm"                              # Raspberry Pi OS 64-bit is bookworm: Python 3.11, glibc 2.36
@@ -151,15 +153,24 @@ def build_root(cache: Path | None = None, *, say=print, timeout_s: float = 3600)
            SUITE, str(partial), MIRROR]
     say(f"board root: building {cache} from Debian {SUITE} {DEBIAN_ARCH} packages: {' '.join(cmd)}")
     start = time.monotonic()
+    # its own process group (apt, dpkg and qemu under it), killed whole on a timeout
+    proc = popen(["nice", "-n", "10", *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    timer = threading.Timer(timeout_s, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    timer.start()
+    last = "(no output)"
     try:
-        proc = subprocess.run(["nice", "-n", "10", *cmd], capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
+        for line in proc.stdout:                   # mmdebstrap's I:/W:/E: lines: where a long build is
+            last = line.rstrip() or last
+            if last[:2] in ("I:", "W:", "E:"):
+                say(f"  {last}")
+        code = proc.wait()
+    finally:
+        timer.cancel()
+    if code != 0:
         shutil.rmtree(partial, ignore_errors=True)
-        raise BoardError(f"mmdebstrap did not finish within {timeout_s:.0f} s") from None
-    if proc.returncode != 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise BoardError(f"mmdebstrap failed (exit {proc.returncode}): {last}")
+        if code == -signal.SIGKILL:
+            raise BoardError(f"mmdebstrap did not finish within {timeout_s:.0f} s")
+        raise BoardError(f"mmdebstrap failed (exit {code}): {last}")
     board = Board(partial)
     python = board.run(["python3", "-c", "import platform, sys, venv, ensurepip; "
                         "print(platform.machine(), '%d.%d.%d' % sys.version_info[:3])"], timeout_s=300)

@@ -85,6 +85,21 @@ def test_binfmt_handler_without_the_fix_binary_flag_is_named(tmp_path, monkeypat
     assert board_mod._binfmt_problem() is None
 
 
+def test_a_failed_root_build_names_mmdebstraps_last_line_and_leaves_no_cache(tmp_path, monkeypatch):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "mmdebstrap").write_text("#!/bin/sh\necho 'I: automatically chosen mode: root'\n"
+                                     "echo 'E: apt-get update failed: cannot reach the mirror'\nexit 25\n")
+    (fake / "mmdebstrap").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setattr(board_mod, "check_host", lambda **kw: None)
+    lines: list[str] = []
+    with pytest.raises(board_mod.BoardError, match=r"mmdebstrap failed \(exit 25\): E: apt-get update failed"):
+        board_mod.build_root(tmp_path / "cache" / "board-arm64", say=lines.append)
+    assert "  I: automatically chosen mode: root" in lines                  # the build's progress is shown
+    assert list((tmp_path / "cache").iterdir()) == []                       # no half-built root is left as a cache
+
+
 def test_followed_models_are_read_from_the_agent_log(tmp_path):
     class FakeAgent:
         output = ("02:01:00 INFO pqsu.edge.agent: pi-emu-01: model 0123456789ab (61234 bytes)\n"
