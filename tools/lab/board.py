@@ -180,7 +180,7 @@ def build_root(cache: Path | None = None, *, say=print, timeout_s: float = 3600)
     (partial / READY).write_text(f"Debian {SUITE} {DEBIAN_ARCH}, {' '.join(PACKAGES)}; python3 {python.stdout.split()[1]}; "
                                  f"built {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     partial.rename(cache)
-    say(f"board root: built in {time.monotonic() - start:.0f} s (emulated)")
+    say(f"board root: built in {time.monotonic() - start:.0f} s (wall time, maintainer scripts under qemu)")
     return cache
 
 
