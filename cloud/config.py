@@ -83,6 +83,22 @@ class FederatedConfig:
             raise PqsuError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
         return cls(**{**SCHEMES[scheme], **overrides})
 
+    def check_model_and_data(self) -> None:
+        """A one-line PqsuError unless the data set loads, splits among the cloud and the clients, and
+        `model` builds for its samples and classes: what `pqsu simulate`, `pqsu cloud` and `pqsu run`
+        check before any work (shards, agents, round 0)."""
+        from pqsu.export.datasets import load_dataset  # numpy: not needed to build a parser
+        from pqsu.export.model_check import check_model  # torch: only when a run really starts
+        from pqsu.export.partition import federated_split
+
+        train = load_dataset(self.dataset, "train", self.data_root)
+        if self.proxy_samples + self.clients > len(train):
+            raise PqsuError(f"{self.dataset} has {len(train)} training samples: the cloud's {self.proxy_samples} "
+                            f"(--proxy-samples) leave {max(len(train) - self.proxy_samples, 0)} for {self.clients} "
+                            "clients; keep fewer for the cloud")
+        federated_split(train.y, self.proxy_samples, self.clients, self.partition, self.seed, self.samples_per_client)
+        check_model(self.model, train.input_shape, train.num_classes, self.dataset)
+
     def server_config(self) -> ServerConfig:
         from pqsu.cloud.server import ServerConfig  # torch and onnx: only when a run really starts
 
@@ -98,6 +114,17 @@ class FederatedConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def scheme_of(config: dict) -> str:
+    """The scheme whose preset a config's values (a run's config.json) follow; "custom" for none."""
+    for name, preset in SCHEMES.items():
+        if all(config.get(k, FIELD_DEFAULTS.get(k)) == v for k, v in preset.items()):
+            return name
+    return "custom"
+
+
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FederatedConfig)}
 
 
 # -- type checks (a settings file's values and programmatic configs alike) -------------------
@@ -163,8 +190,11 @@ def _shown(value: object) -> str:
 
 # (metavar, what the flag does) per FederatedConfig field. No "%" here: argparse formats help with it.
 FIELD_HELP: dict[str, tuple[str, str]] = {
-    "model": ("NAME", "model architecture from the zoo: cnn, alexnet, vgg16 or resnet18"),
-    "dataset": ("NAME", "data set: fashion-mnist, mnist or cifar10"),
+    "model": ("NAME", "model architecture: from the zoo (cnn, alexnet, vgg16, resnet18 for images, cnn1d for "
+                      "sensor windows), or your own nn.Module as package.module:factory (importable here; pqsu run "
+                      "lets its agents rebuild it)"),
+    "dataset": ("NAME", "data set: fashion-mnist, mnist, cifar10, italy-power, basic-motions, or a labelled-array "
+                        ".npz file (x, y)"),
     "data_root": ("DIR", "folder with the data set files (default: the data set's standard place)"),
     "clients": ("N", "number of devices the training data is split among"),
     "partition": ("SPEC", "how the devices' data is split: iid, dirichlet[:ALPHA] (label skew, stronger as ALPHA "
@@ -221,7 +251,55 @@ def config_from_args(args: argparse.Namespace) -> FederatedConfig:
         except PqsuError as exc:
             raise PqsuError(f"settings file {path}: {exc}") from None
     values.update({n: getattr(args, n) for n in hints if getattr(args, n, None) is not None})
+    others = {k: v for k, v in settings.items() if k not in hints}
+    if others:
+        apply_command_settings(others, args, path)
     return FederatedConfig.for_scheme(scheme, **values)
+
+
+def apply_command_settings(settings: dict, args: argparse.Namespace, path) -> None:
+    """The file's keys that are the command's own options (`broker = ...` for `pqsu cloud`) set them where the
+    command line left the default; a key the command does not have, or a value of the wrong type, is one line.
+
+    A flag given with its default value counts as not given: argparse keeps no record of which flags were typed."""
+    parser = getattr(args, "_parser", None)
+    actions = {a.dest: a for a in parser._actions} if parser is not None else {}  # noqa: SLF001 (argparse has no public list)
+    for key, value in settings.items():
+        action = actions.get(key)
+        if action is None or key in ("help", "config") or key.startswith("_"):
+            known = sorted(d for d in actions if d not in ("help", "config") and not d.startswith("_"))
+            raise PqsuError(f"settings file {path}: unknown key {key!r}" + (f"; known keys: {', '.join(known)}" if known else ""))
+        value = _command_value(action, value, f"settings file {path}: {key} = {json.dumps(value, default=str)}")
+        if getattr(args, key, None) == action.default:
+            setattr(args, key, value)
+
+
+def _command_value(action: argparse.Action, value: object, where: str) -> object:
+    if action.nargs == 0:  # store_true / store_false
+        if not isinstance(value, bool):
+            raise PqsuError(f"{where}: expected true or false")
+        return value
+    if isinstance(value, bool) or isinstance(value, (list, dict)):
+        raise PqsuError(f"{where}: expected {'an integer' if action.type is int else 'a number' if action.type is float else 'a string'}")
+    if action.type is int and not isinstance(value, int):
+        raise PqsuError(f"{where}: expected an integer")
+    if action.type is float:
+        if not isinstance(value, (int, float)):
+            raise PqsuError(f"{where}: expected a number")
+        value = float(value)
+    elif action.type is not int:
+        if isinstance(value, (int, float)) and action.choices is not None:
+            value = str(value)  # protocol = 5 in TOML means "5"
+        if not isinstance(value, str):
+            raise PqsuError(f"{where}: expected a string")
+        if action.type is not None:
+            try:
+                value = action.type(value)
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+                raise PqsuError(f"{where}: {exc}") from None
+    if action.choices is not None and value not in action.choices:
+        raise PqsuError(f"{where}: expected one of {', '.join(map(str, action.choices))}")
+    return value
 
 
 def _boolean(text: str) -> bool:

@@ -5,16 +5,26 @@ import json
 import logging
 from pathlib import Path
 
+from pqsu.cloud.run_plots import write_run_plots
 from pqsu.export.zoo import build_model, default_spec
+from pqsu.protocol.errors import PqsuError
 
 log = logging.getLogger(__name__)
 
 
 def dense_fp32_upload_bytes(arch: str, in_shape: tuple[int, ...], num_classes: int) -> int:
     """What one dense fp32 FedAvg upload of the unpruned model weighs (4 bytes a parameter)."""
-    if ":" in arch:  # a user's architecture: no zoo default to count from
-        return 0
-    model = build_model(default_spec(arch, tuple(in_shape), num_classes, batchnorm=False))
+    if ":" in arch:  # the run's own custom architecture (trusted: it is this cloud's configuration), unpruned
+        from pqsu.export.custom import custom_model
+        from pqsu.export.pruning import fold_batchnorm
+
+        model = custom_model(arch, tuple(in_shape), num_classes)
+        try:
+            model = fold_batchnorm(model)  # the master is folded: FedAvg would send these parameters
+        except PqsuError as exc:  # the summary is written at the end of a run: count unfolded, never fail it
+            log.warning("counting the dense upload of %s unfolded: %s", arch, exc)
+    else:
+        model = build_model(default_spec(arch, tuple(in_shape), num_classes, batchnorm=False))
     return 4 * sum(p.numel() for p in model.parameters())
 
 
@@ -53,36 +63,4 @@ def write_outputs(out: Path, *, config: dict, rounds: list[dict], summary: dict,
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if model is not None:
         (out / f"model.{config.get('precision', 'int8')}.onnx").write_bytes(model)
-    plot(out, rounds)
-
-
-def plot(out: Path, rounds: list[dict]) -> list[Path]:
-    """accuracy.png (per round) and accuracy_vs_uplink.png (against cumulative uplink bytes)."""
-    if not rounds:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and boards
-    import matplotlib.pyplot as plt
-
-    xs = [r["round"] for r in rounds]
-    acc = [100 * r["accuracy"] for r in rounds]
-    cum, total = [], 0
-    for r in rounds:
-        total += r["bytes_up"]
-        cum.append(total)
-    paths = []
-    for name, x, xlabel, xlog in (("accuracy.png", xs, "round", False),
-                                  ("accuracy_vs_uplink.png", cum, "cumulative uplink bytes (all devices)", True)):
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        ax.plot(x, acc, marker="o", markersize=3)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%)")
-        if xlog and min(x) > 0:
-            ax.set_xscale("log")
-        ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / name)
-        plt.close(fig)
-        paths.append(out / name)
-    return paths
+    write_run_plots(out, rounds, config, summary)

@@ -18,6 +18,7 @@ a keyframe policy acts on.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.onnx_wire import WireError, spans
 
 QUANTIZED_SUFFIX = "_quantized"
+EXPORTER_CONSTANT = re.compile(r"val_\d+")  # the exporter's anonymous constants; parameters keep torch names
 WEIGHT_RANGE = (-127, 127)
 _I32 = np.iinfo(np.int32)
 
@@ -56,6 +58,9 @@ class QdqTensor:
     def quantize(self, values: np.ndarray) -> tuple[np.ndarray, int]:
         """(quantized values, how many entries the held scale clipped)."""
         values = np.asarray(values)
+        if values.shape != self.shape and values.size == int(np.prod(self.shape)) and \
+                [d for d in values.shape if d != 1] == [d for d in self.shape if d != 1]:
+            values = values.reshape(self.shape)  # a parameter the graph holds reshaped (GroupNorm's (C, 1, 1))
         if values.shape != self.shape:
             raise RequantizeError(f"{self.name}: master has shape {values.shape}, the model {self.shape}")
         if self.kind == "weight":  # as onnxruntime's quantize_nparray: float32 division, np.round
@@ -149,12 +154,14 @@ def requantize(base: bytes, master: Mapping[str, np.ndarray], *, layout: QdqLayo
     layout = layout or QdqLayout.of(base)
     if layout.length != len(base):
         raise RequantizeError("the layout is of another file (lengths differ): rebuild it from the keyframe")
-    missing = sorted(set(layout.tensors) - set(master))
+    missing = sorted(n for n in set(layout.tensors) - set(master) if not EXPORTER_CONSTANT.fullmatch(n))
     if missing:
         raise RequantizeError(f"master lacks {missing[:5]}: not the model this file was exported from")
     out = bytearray(base)
     result = Requantized(b"", "")
     for name, t in layout.tensors.items():
+        if name not in master:  # a constant of the graph itself (InstanceNorm's ones): no parameter moves it
+            continue
         q, clipped = t.quantize(master[name])
         old = t.read(base)
         if keep is not None and name in keep:
@@ -173,7 +180,7 @@ def step_changes(base: bytes, master: Mapping[str, np.ndarray], layout: QdqLayou
     """Per weight, |change| of each int8 entry in fp32 units (0 where it does not change)."""
     out = {}
     for name, t in layout.tensors.items():
-        if t.kind == "weight":
+        if t.kind == "weight" and name in master:
             q, _ = t.quantize(master[name])
             dq = q.astype(np.int32) - t.read(base).astype(np.int32)
             out[name] = np.abs(dq * np.broadcast_to(t.scale, t.shape))

@@ -176,6 +176,7 @@ def to_markdown(results: dict, images: dict[str, str] | None = None) -> str:
         lines += [bench_report.paper_markdown(results["paper"])]
         for name in results["paper"]["tables"]:
             slug = name.replace("/", "-")
+            lines += image(f"accuracy-per-round-{slug}.png", f"accuracy per round from round 0, FedAvg as reference, {name}")
             lines += image(f"accuracy-vs-nbiot-{slug}.png", f"accuracy vs simulated NB-IoT time, {name}")
             lines += image(f"bytes-{slug}.png", f"bytes per client per round, {name}")
     if "export" in results:

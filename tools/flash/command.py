@@ -17,6 +17,7 @@ mounted SD card, any folder, or ssh://[user@]host[:port][/root] on a running boa
   wheels/                  the fl-pqsu wheel (+ with --wheelhouse every pinned wheel: offline install)
   etc/agent.toml           settings for `pqsu edge run --config` (paths as installed on the board)
   etc/credentials/         TLS files, password, device key: 0600 in a 0700 folder
+  model-code/              with --model-code: the user's model module or package, on the agent's path
 
 install.sh makes /opt/pqsu/venv, links /etc/pqsu -> /opt/pqsu/bundle/etc and, as root on a
 systemd board, installs and restarts pqsu-agent.service. Device state (error-feedback residual,
@@ -39,6 +40,7 @@ from pqsu.protocol.topics import check_device, check_fleet
 from pqsu.tools.flash.boards import BOARDS, format_boards, get_board
 from pqsu.tools.flash.request import DATA_DIR, STATE_DIR, FlashError, FlashRequest, SshTarget
 from pqsu.tools.flash.install import dry_run, flash
+from pqsu.tools.flash.model_code import check_model_code
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,7 +50,8 @@ else:  # pragma: no cover - Python 3.10
 # Settings with their own flash flag; --set may add any other agent setting or override a profile
 # value (providers, inference_threads, torch_threads, stay).
 MANAGED_KEYS = {"broker", "device_id", "fleet", "data", "state_dir", "key_file", "tls_ca", "tls_cert", "tls_key",
-                "username", "password_file", "http_port", "inference_only", "board"}
+                "username", "password_file", "http_port", "inference_only", "board", "allow_model_code",
+                "model_code_dir"}
 _KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
@@ -80,6 +83,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--project-wheel", metavar="FILE", help="use this fl-pqsu wheel instead of building one")
     b.add_argument("--user", default="pqsu", help="system user the agent runs as (default: %(default)s)")
     b.add_argument("--dry-run", action="store_true", help="list every file that would be written; write nothing")
+    m = p.add_argument_group("a custom architecture (the board imports its code to train on it)")
+    m.add_argument("--model-code", metavar="PATH", help="a .py file or a package folder with the model's code, "
+                   "copied into the bundle and put on the agent's import path")
+    m.add_argument("--allow-model-code", metavar="PKG.MODULE:FACTORY", action="append", default=[],
+                   help="a factory the agent may import to rebuild a model it is sent (in --model-code, or "
+                        "installed on the board); repeatable")
     s = p.add_argument_group("ssh targets")
     s.add_argument("--ssh-timeout", type=float, default=10.0, help="ssh connect timeout in seconds (default: 10)")
     s.add_argument("--ssh-identity", metavar="FILE", help="ssh private key to log in with")
@@ -150,6 +159,8 @@ def request_from_args(args: argparse.Namespace) -> FlashRequest:
     project_wheel = _readable(args.project_wheel, "--project-wheel") if args.project_wheel else None
     if project_wheel and not project_wheel.name.endswith(".whl"):
         raise FlashError(f"--project-wheel {project_wheel} is not a wheel (.whl)")
+    model_code = check_model_code(args.model_code, args.allow_model_code,
+                                  board.trains and not args.inference_only)
     target: Path | SshTarget
     if args.target.startswith("ssh://"):
         target = SshTarget.parse(args.target)
@@ -165,7 +176,8 @@ def request_from_args(args: argparse.Namespace) -> FlashRequest:
         http_port=args.http_port, extra_settings=_parse_settings(args.settings), credentials=credentials,
         username=args.username, target=target, wheelhouse=bool(args.wheelhouse), python=python,
         torch_index=torch_index, project_wheel=project_wheel, user=args.user, dry_run=bool(args.dry_run),
-        ssh_timeout=args.ssh_timeout, ssh_identity=args.ssh_identity, install=not args.no_install)
+        ssh_timeout=args.ssh_timeout, ssh_identity=args.ssh_identity, install=not args.no_install,
+        model_code=model_code, allow_model_code=tuple(args.allow_model_code))
 
 
 def _readable(path: str, flag: str) -> Path:
