@@ -36,21 +36,29 @@ def _metadata(data: bytes) -> ModelInfo:
     return ModelInfo.from_props(onnx.load_from_string(data).metadata_props)
 
 
-def test_simulate_federates_a_custom_architecture_for_two_rounds(one_torch_thread):
+# The issue's four kinds of user model; the 1-D one on the built-in sensor data (822 training days).
+KINDS = [(ARCH, {}),
+         ("tests.support.user_models:groupnorm_resnet", {}),
+         ("tests.support.user_models:attribute_bn_net", {}),
+         ("tests.support.user_models:conv1d_net", dict(dataset="italy-power", proxy_samples=200, eval_samples=274))]
+
+
+@pytest.mark.parametrize("arch, data", KINDS, ids=[k[0].rsplit(":", 1)[1] for k in KINDS])
+def test_simulate_federates_a_custom_architecture_for_two_rounds(one_torch_thread, arch, data):
     from pqsu.tools.fleet.simulate import simulate
 
-    result = simulate(FederatedConfig.for_scheme("ours", model=ARCH, **SMALL))
+    result = simulate(FederatedConfig.for_scheme("ours", model=arch, **{**SMALL, **data}))
     assert [r["round"] for r in result.rounds] == [1, 2]
     for r in result.rounds:
         assert r["selected"] == 2 and r["uploads"] == 2 and r["rejected"] == {}, r
     assert result.rounds[0]["model_id"] != result.rounds[1]["model_id"]  # round 1's updates moved the model
     s = result.summary
     assert 0 < s["bytes_up_total"] < s["bytes_up_dense_fp32"]  # FedAvg's dense fp32 of the user's own model
-    assert _metadata(result.model).spec["arch"] == ARCH
-    with pytest.raises(BridgeError, match=f"--allow-model-code {ARCH}"):
+    assert _metadata(result.model).spec["arch"] == arch
+    with pytest.raises(BridgeError, match=f"--allow-model-code {arch}"):
         torch_model_from_int8(result.model)
-    rebuilt, info = torch_model_from_int8(result.model, allow_custom=[ARCH])
-    assert info.spec["arch"] == ARCH and sum(p.numel() for p in rebuilt.parameters()) > 0
+    rebuilt, info = torch_model_from_int8(result.model, allow_custom=[arch])
+    assert info.spec["arch"] == arch and sum(p.numel() for p in rebuilt.parameters()) > 0
 
 
 @pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto is not installed")
