@@ -280,7 +280,9 @@ def test_garbage_and_foreign_messages_on_every_topic_never_break_a_run(tmp_path)
     assert "bad update chunk" in cloud_log  # raw garbage on update topics: dropped by the reassembler
     for device in ("dev-000", "dev-001"):
         log = (out / "logs" / f"{device}.log").read_text(errors="replace")
-        assert "bad round message" in log and "bad model chunk" in log, log[-2000:]
+        # Model chunks are only listened to while a device fetches a model (docs/protocol.md, "Following the
+        # model"), so garbage there while a round trains is never seen: the rounds above are the check.
+        assert "bad round message" in log, log[-2000:]
 
 
 # -- 5a (collected last: see unreachable_broker_coordinator) ------------------------------------------
