@@ -15,7 +15,7 @@ from pqsu.export import measure
 from pqsu.export.bridge import read_int8_weights, worst_error_in_steps
 from pqsu.export.custom import spec_of
 from pqsu.export.datasets import load_dataset
-from pqsu.export.pipeline import PrepareConfig, check_arch, export_model, export_pair, finish, model_info, pretrain
+from pqsu.export.pipeline import PrepareConfig, check_arch, export_model, export_pair, finish_with_report, model_info, pretrain
 from pqsu.export.runtime import OrtModel
 from pqsu.export.training import evaluate, evaluate_logits
 from pqsu.protocol.atomic import atomic_write
@@ -29,8 +29,12 @@ class ExportConfig:
     weights: str | None = None
     dataset: str = "fashion-mnist"
     data_root: str | None = None
-    prune: float | None = 0.5          # None: export without pruning
+    prune: float | str | None = 0.5    # a ratio, "auto:PT", or None: export without pruning
     round_to: int | None = None
+    importance: str = "l1"
+    ranking: str = "uniform"
+    distill: float = 0.0
+    prune_steps: int = 1
     pretrain_epochs: float | None = None  # None: 1 epoch when no weights are given, else 0
     finetune_epochs: float = 0.5
     train_samples: int | None = None
@@ -51,7 +55,9 @@ class ExportConfig:
         pretrain = self.pretrain_epochs if self.pretrain_epochs is not None else (0.0 if self.weights else 1.0)
         return PrepareConfig(arch=self.model, prune=self.prune, pretrain_epochs=pretrain,
                              finetune_epochs=self.finetune_epochs, batch_size=self.batch_size, lr=self.lr,
-                             seed=self.seed, round_to=self.round_to, weights=self.weights)
+                             seed=self.seed, round_to=self.round_to, weights=self.weights,
+                             importance=self.importance, ranking=self.ranking, distill=self.distill,
+                             prune_steps=self.prune_steps)
 
 
 @dataclass
@@ -77,6 +83,7 @@ class ExportReport:
     eval_samples: int
     latency_ms: dict = field(default_factory=dict)
     ratios: dict = field(default_factory=dict)
+    round0: dict = field(default_factory=dict)   # the pruning levers used; for auto:PT the ratio chosen and probes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,8 +114,8 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     bytes_fp32 = len(export_model(model, model_info(model, train_data)).data)
 
     if cfg.prune is not None:
-        log.info("[3/6] pruning %.0f%% of channels (L1 group importance)", cfg.prune * 100)
-    model = finish(model, prep, train_data, progress=cfg.progress)
+        log.info("[3/6] pruning %s of channels (%s importance, %s ranking)", cfg.prune, cfg.importance, cfg.ranking)
+    model, round0 = finish_with_report(model, prep, train_data, progress=cfg.progress)
 
     log.info("[4/6] exporting ONNX and quantizing to int8 (%d calibration samples)", len(calib))
     fp32, int8 = export_pair(model, model_info(model, train_data), calib, method=cfg.calib_method)
@@ -130,7 +137,7 @@ def run_export(cfg: ExportConfig) -> ExportReport:
 
     bytes_int8, macs_pruned = len(int8.data), measure.count_macs(model, in_shape)
     return ExportReport(
-        model=cfg.model, dataset=cfg.dataset, prune_ratio=cfg.prune or 0.0, model_id=int8.info.model_id,
+        model=cfg.model, dataset=cfg.dataset, prune_ratio=round0.ratio or 0.0, model_id=int8.info.model_id,
         widths_fp32=list(widths_fp32), widths_pruned=list(spec_of(model).widths),
         params_fp32=params_fp32, params_pruned=measure.count_params(model),
         macs_fp32=macs_fp32, macs_pruned=macs_pruned,
@@ -143,6 +150,7 @@ def run_export(cfg: ExportConfig) -> ExportReport:
                 "macs_fp32_over_pruned": macs_fp32 / max(1, macs_pruned),
                 "speedup_b1_int8_ort_vs_torch_fp32": lat["torch_fp32_unpruned_b1"] / lat["ort_int8_pruned_b1"],
                 "speedup_b64_int8_ort_vs_torch_fp32": lat["torch_fp32_unpruned_b64"] / lat["ort_int8_pruned_b64"]},
+        round0=round0.to_dict(),
     )
 
 

@@ -9,6 +9,8 @@ suites:
              coordinator memory with 100 / 1,000 / 10,000 devices' updates through FederatedServer.submit
   paper      the FL-PQSU paper's table (alexnet, vgg16; FedAvg, pruning, int8, the paper's scheme, ours) with
              simulated time to target accuracy over NB-IoT, LTE-M and Wi-Fi, and the Targets verdicts
+  recovery   round 0's pruning levers (importance, global ranking, distillation, iterative steps) at one
+             fine-tune budget, over --seeds seeds
   federated  (earlier table) FedAvg vs the paper's scheme vs ours on Fashion-MNIST (cnn 20 rounds, alexnet)
   fleet      real MQTT rounds through Mosquitto: round latency and coordination overhead with 100 agents
 
@@ -24,6 +26,7 @@ import os
 import shutil
 from pathlib import Path
 
+from pqsu.protocol.errors import PqsuError
 from pqsu.tools.bench import plots as bench_plots
 from pqsu.tools.bench import report as bench_report
 from pqsu.tools.lab import results as results_runner
@@ -41,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--docs", action="store_true", help="also regenerate docs/results.md from the merged results")
     p.add_argument("--render", action="store_true", help="run nothing: re-render results.md (and --docs) from "
                    "the results.json in --out")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="paper suite: run every table over N seeds and report the mean and spread (default: 1)")
     p.add_argument("--mnist", metavar="DIR", default=os.environ.get("PQSU_DATA_MNIST"),
                    help="paper suite: also run alexnet on MNIST from these IDX files (default: $PQSU_DATA_MNIST)")
     p.add_argument("--cifar10", metavar="DIR", default=os.environ.get("PQSU_DATA_CIFAR10"),
@@ -50,7 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     suites = {"export": _export_suite, "codec": _codec_suite, "federated": _federated_suite, "fleet": _fleet_suite,
-              "paper": lambda quick, out: _paper_suite(quick, out, args.mnist, args.cifar10)}
+              "paper": lambda quick, out: _paper_suite(quick, out, args.mnist, args.cifar10, args.seeds),
+              "recovery": lambda quick, out: _recovery_suite(quick, out, args.seeds)}
+    if args.seeds < 1:
+        raise PqsuError("--seeds must be at least 1")
     names = results_runner.choose(args.suites, suites, "suite")
     out = results_runner.out_folder(args.out, "bench")
     merged = out / "results.json"
@@ -126,10 +134,16 @@ def _federated_suite(quick: bool, out: Path) -> dict:
     return tables
 
 
-def _paper_suite(quick: bool, out: Path, mnist: str | None, cifar10: str | None) -> dict:
+def _paper_suite(quick: bool, out: Path, mnist: str | None, cifar10: str | None, seeds: int = 1) -> dict:
     from pqsu.tools.bench import paper as bench_paper
 
-    return bench_paper.run(quick, mnist, cifar10, out=out)
+    return bench_paper.run(quick, mnist, cifar10, out=out, seeds=seeds)
+
+
+def _recovery_suite(quick: bool, out: Path, seeds: int = 1) -> dict:
+    from pqsu.tools.bench import recovery
+
+    return recovery.run(quick, seeds=seeds)
 
 
 def _fleet_suite(quick: bool, out: Path) -> dict:
@@ -178,6 +192,10 @@ def to_markdown(results: dict, images: dict[str, str] | None = None) -> str:
             slug = name.replace("/", "-")
             lines += image(f"accuracy-vs-nbiot-{slug}.png", f"accuracy vs simulated NB-IoT time, {name}")
             lines += image(f"bytes-{slug}.png", f"bytes per client per round, {name}")
+    if "recovery" in results:
+        from pqsu.tools.bench.recovery import to_markdown as recovery_markdown
+
+        lines += [recovery_markdown(results["recovery"])]
     if "export" in results:
         lines += ["## Export: pruned 50% + int8 ONNX vs unpruned fp32", "",
                   "| model | trained on | acc unpruned fp32 | acc pruned fp32 | acc pruned int8 | int8 vs fp32 | "
