@@ -73,6 +73,21 @@ ROWS: dict[str, tuple[str, dict]] = {  # label -> (scheme or ablation preset, ov
 }
 TARGET_FRACTION = 0.95
 
+# `pqsu bench strategies`: ours with one lever changed at a time, beside dense FedAvg, on the same split.
+# The adaptive server optimizers step about `server_lr` per coordinate whatever the update's size, so
+# their lr is FedAvg's 1 divided by the size of a typical weight (Reddi et al. tune it in 1e-3 .. 1e-1).
+STRATEGY_ROWS: dict[str, tuple[str, dict]] = {
+    "fedavg": ("fedavg", {}),
+    "ours": ("ours", {}),
+    "ours@m0": ("ours", {"server_momentum": 0.0}),
+    "ours@fedadam": ("ours", {"server_opt": "fedadam", "server_lr": 0.01, "server_momentum": 0.0}),
+    "ours@fedyogi": ("ours", {"server_opt": "fedyogi", "server_lr": 0.01, "server_momentum": 0.0}),
+    "ours@global": ("ours", {"ranking": "global"}),
+    "ours@ft3": ("ours", {"finetune_epochs": 3.0}),
+}
+STRATEGY_PLANS = {"cnn": dict(rounds=12, pretrain_epochs=1.0, finetune_epochs=1.0),
+                  "alexnet": dict(rounds=8, pretrain_epochs=3.0, finetune_epochs=1.0, lr=0.02)}
+
 # CPU-sized for a 2-core machine (about an hour for both tables). Unpruned fp32 AlexNet trains at 25-45
 # samples/s here and every device parses the 118 MB fp32 model each FedAvg round, so a device trains on 200
 # samples a round: a tenth of an epoch over its 2,000. Devices must hold far more data than the cloud's proxy
@@ -119,8 +134,9 @@ def run_table(overrides: dict, rows: dict[str, tuple[str, dict]] = ROWS, latency
              "rows": {}}
     for label, (scheme, extra) in rows.items():
         cfg = row_config(scheme, **{**overrides, **extra})
+        ft = extra.get("finetune_epochs", base.finetune_epochs)  # a row may buy round 0 more epochs, on purpose
         log.info("paper %s / %s: %d rounds, %d clients", cfg.model, label, cfg.rounds, cfg.clients)
-        server, round0 = _server(cfg, pretrained, data, base.finetune_epochs)
+        server, round0 = _server(cfg, pretrained, data, ft)
         result = simulate(cfg, lambda r: log.info("  round %d acc %.4f up %d", r.round, r.accuracy, r.bytes_up),
                           server=server)
         ort_ms = measure.ort_latency_ms(measure.ort_session(result.model), x1, latency_repeats)
@@ -256,6 +272,26 @@ def run(quick: bool = False, mnist: str | None = None, cifar10: str | None = Non
         tables[name]["measured_at"] = dt.datetime.now().isoformat(timespec="minutes")
         if saved:
             saved.write_text(json.dumps(tables[name], indent=2) + "\n")
+    return {"tables": tables, "target_fraction": TARGET_FRACTION,
+            "profiles": {k: vars(v) for k, v in radio.PROFILES.items()}}
+
+
+def run_strategies(quick: bool = False, models: tuple[str, ...] = ("cnn", "alexnet"), out: Path | None = None,
+                   seeds: int = 1) -> dict:
+    """STRATEGY_ROWS per model (FULL's devices and split, STRATEGY_PLANS' rounds), kept in `out` per model."""
+    tables = {}
+    for model in (("cnn",) if quick else models):
+        overrides = dict(model=model, dataset="fashion-mnist", **(QUICK if quick else {**FULL, **STRATEGY_PLANS[model]}))
+        tag = ("-quick" if quick else "") + (f"-{seeds}seeds" if seeds > 1 else "")
+        saved = out / f"strategies-{model}{tag}.json" if out else None
+        if saved and saved.exists():
+            tables[model] = json.loads(saved.read_text())
+            analyze(tables[model])
+            continue
+        tables[model] = run_table(overrides, STRATEGY_ROWS, latency_repeats=5, seeds=seeds)
+        tables[model]["measured_at"] = dt.datetime.now().isoformat(timespec="minutes")
+        if saved:
+            saved.write_text(json.dumps(tables[model], indent=2) + "\n")
     return {"tables": tables, "target_fraction": TARGET_FRACTION,
             "profiles": {k: vars(v) for k, v in radio.PROFILES.items()}}
 
