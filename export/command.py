@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight in [0, 1) of the unpruned model's soft targets in the fine-tune loss (default: 0)")
     p.add_argument("--prune-steps", type=int, default=1, metavar="K",
                    help="prune in K steps, the fine-tune epochs split between them (default: 1)")
+    p.add_argument("--same-budget", action="store_true",
+                   help="also fine-tune the unpruned model for --finetune-epochs and report its accuracy: the "
+                   "reference that gives pruning's cost at the same training budget")
     p.add_argument("--round-to", type=int, help="keep pruned widths multiples of this (e.g. 8 for int8 kernels)")
     p.add_argument("--pretrain-epochs", type=float, help="epochs of pre-training (default: 1 without --weights, else 0)")
     p.add_argument("--finetune-epochs", type=float, default=0.5, help="epochs of fine-tuning after pruning (default: 0.5)")
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = ExportConfig(model=args.model, weights=args.weights, dataset=args.dataset, data_root=args.data_root,
                        prune=None if args.no_prune else args.prune, round_to=args.round_to,
                        importance=args.importance, ranking=args.ranking, distill=args.distill,
-                       prune_steps=args.prune_steps,
+                       prune_steps=args.prune_steps, same_budget=args.same_budget,
                        pretrain_epochs=args.pretrain_epochs, finetune_epochs=args.finetune_epochs,
                        train_samples=args.train_samples, batch_size=args.batch_size, lr=args.lr,
                        calib_samples=args.calib_samples, calib_method=args.calib_method,
@@ -129,6 +132,9 @@ def format_report(r: dict) -> str:
     lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
               for row in rows]
     ratios = r["ratios"]
+    if r.get("acc_unpruned_same_budget") is not None:
+        lines.append(f"unpruned fp32 after the same fine-tune epochs: {r['acc_unpruned_same_budget']:.2%} "
+                     f"(pruned int8 {100 * (r['acc_int8'] - r['acc_unpruned_same_budget']):+.2f} pt at the same budget)")
     search = r.get("round0") or {}
     if search.get("tolerance_pt") is not None:
         probes = ", ".join(f"{p['ratio']:.0%}: {p['val_accuracy']:.2%}" for p in search["probes"])

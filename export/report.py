@@ -5,8 +5,9 @@ ONNX bytes, accuracy (fp32 and int8 through the session boards serve with) and l
 """
 from __future__ import annotations
 
+import copy
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from pqsu.export import measure
 from pqsu.export.bridge import read_int8_weights, worst_error_in_steps
 from pqsu.export.custom import spec_of
 from pqsu.export.datasets import load_dataset
-from pqsu.export.pipeline import PrepareConfig, check_arch, export_model, export_pair, finish_with_report, model_info, pretrain
+from pqsu.export.pipeline import PrepareConfig, check_arch, export_model, export_pair, finish, finish_with_report, model_info, pretrain
 from pqsu.export.runtime import OrtModel
 from pqsu.export.training import evaluate, evaluate_logits
 from pqsu.protocol.atomic import atomic_write
@@ -45,6 +46,7 @@ class ExportConfig:
     eval_samples: int | None = None
     latency_repeats: int = 30
     seed: int = 0
+    same_budget: bool = False          # also fine-tune a copy of the unpruned model as long, for a fair reference
     out: str = "model.int8.onnx"
     fp32_out: str | None = None
     progress: bool = True
@@ -84,6 +86,8 @@ class ExportReport:
     latency_ms: dict = field(default_factory=dict)
     ratios: dict = field(default_factory=dict)
     round0: dict = field(default_factory=dict)   # the pruning levers used; for auto:PT the ratio chosen and probes
+    # the unpruned model trained as many epochs as the pruned one (pre-train + fine-tune), with --same-budget
+    acc_unpruned_same_budget: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,6 +117,13 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     params_fp32, macs_fp32, widths_fp32 = measure.count_params(model), measure.count_macs(model, in_shape), spec_of(model).widths
     bytes_fp32 = len(export_model(model, model_info(model, train_data)).data)
 
+    same_budget = None
+    if cfg.same_budget and cfg.prune is not None:
+        # Pruning's cost is only what the pruned model lacks against the unpruned one trained as long.
+        log.info("[3/6] fine-tuning the unpruned model %g epoch(s) too, for the same-budget reference",
+                 prep.finetune_epochs)
+        reference = finish(copy.deepcopy(model), replace(prep, prune=None), train_data, prep.finetune_epochs)
+        same_budget = evaluate(reference, x_test, test_data.y).accuracy
     if cfg.prune is not None:
         log.info("[3/6] pruning %s of channels (%s importance, %s ranking)", cfg.prune, cfg.importance, cfg.ranking)
     model, round0 = finish_with_report(model, prep, train_data, progress=cfg.progress)
@@ -150,7 +161,7 @@ def run_export(cfg: ExportConfig) -> ExportReport:
                 "macs_fp32_over_pruned": macs_fp32 / max(1, macs_pruned),
                 "speedup_b1_int8_ort_vs_torch_fp32": lat["torch_fp32_unpruned_b1"] / lat["ort_int8_pruned_b1"],
                 "speedup_b64_int8_ort_vs_torch_fp32": lat["torch_fp32_unpruned_b64"] / lat["ort_int8_pruned_b64"]},
-        round0=round0.to_dict(),
+        round0=round0.to_dict(), acc_unpruned_same_budget=same_budget,
     )
 
 
