@@ -83,7 +83,9 @@ STRATEGY_ROWS: dict[str, tuple[str, dict]] = {
     "ours@fedadam": ("ours", {"server_opt": "fedadam", "server_lr": 0.01, "server_momentum": 0.0}),
     "ours@fedyogi": ("ours", {"server_opt": "fedyogi", "server_lr": 0.01, "server_momentum": 0.0}),
     "ours@global": ("ours", {"ranking": "global"}),
+    # A longer round-0 fine-tune is more cloud training, so FedAvg gets it too: the fair reference.
     "ours@ft3": ("ours", {"finetune_epochs": 3.0}),
+    "fedavg@ft3": ("fedavg", {"finetune_epochs": 3.0}),
 }
 STRATEGY_PLANS = {"cnn": dict(rounds=12, pretrain_epochs=1.0, finetune_epochs=1.0),
                   "alexnet": dict(rounds=8, pretrain_epochs=3.0, finetune_epochs=1.0, lr=0.02)}
@@ -277,18 +279,20 @@ def run(quick: bool = False, mnist: str | None = None, cifar10: str | None = Non
 
 
 def run_strategies(quick: bool = False, models: tuple[str, ...] = ("cnn", "alexnet"), out: Path | None = None,
-                   seeds: int = 1) -> dict:
-    """STRATEGY_ROWS per model (FULL's devices and split, STRATEGY_PLANS' rounds), kept in `out` per model."""
+                   seeds: int = 1, rows: tuple[str, ...] | None = None) -> dict:
+    """STRATEGY_ROWS (or the `rows` named, fedavg always first) per model (FULL's devices and split,
+    STRATEGY_PLANS' rounds), kept in `out` per model and row set."""
+    chosen = {k: STRATEGY_ROWS[k] for k in ("fedavg", *(r for r in rows if r != "fedavg"))} if rows else STRATEGY_ROWS
     tables = {}
     for model in (("cnn",) if quick else models):
         overrides = dict(model=model, dataset="fashion-mnist", **(QUICK if quick else {**FULL, **STRATEGY_PLANS[model]}))
-        tag = ("-quick" if quick else "") + (f"-{seeds}seeds" if seeds > 1 else "")
+        tag = ("-quick" if quick else "") + (f"-{seeds}seeds" if seeds > 1 else "") + ("-" + "+".join(chosen) if rows else "")
         saved = out / f"strategies-{model}{tag}.json" if out else None
         if saved and saved.exists():
             tables[model] = json.loads(saved.read_text())
             analyze(tables[model])
             continue
-        tables[model] = run_table(overrides, STRATEGY_ROWS, latency_repeats=5, seeds=seeds)
+        tables[model] = run_table(overrides, chosen, latency_repeats=5, seeds=seeds)
         tables[model]["measured_at"] = dt.datetime.now().isoformat(timespec="minutes")
         if saved:
             saved.write_text(json.dumps(tables[model], indent=2) + "\n")

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import logging
 import statistics
 import time
+from pathlib import Path
 
 from pqsu.export.datasets import load_dataset
 from pqsu.export.measure import count_macs, count_params
@@ -70,6 +72,12 @@ def run_model(model: str, plan: dict, ratios: tuple[float, ...], seeds: tuple[in
                 row["chosen_ratio"] = report.ratio
                 log.info("recovery %s seed %d %s: %.2f%% (%d params, %.0fs)", model, seed, key, 100 * acc,
                          row["params"], row["seconds"][-1])
+    out["measured_at"] = dt.datetime.now().isoformat(timespec="minutes")
+    return summarize(out)
+
+
+def summarize(out: dict) -> dict:
+    """Means, spreads and gaps to the unpruned row (paired by seed) from the per-seed accuracies."""
     ref = out["rows"].get("unpruned", {}).get("accuracy")
     for row in out["rows"].values():
         row["mean"] = statistics.mean(row["accuracy"])
@@ -78,17 +86,26 @@ def run_model(model: str, plan: dict, ratios: tuple[float, ...], seeds: tuple[in
         gaps = [100 * (a - b) for a, b in zip(row["accuracy"], ref)] if ref else []
         row["delta_pt_vs_unpruned"] = statistics.mean(gaps) if gaps else None
         row["delta_pt_spread"] = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
-    out["measured_at"] = dt.datetime.now().isoformat(timespec="minutes")
     return out
 
 
 def run(quick: bool = False, seeds: int = 1, models: tuple[str, ...] | None = None,
-        ratios: tuple[float, ...] = (0.5, 0.7)) -> dict:
+        ratios: tuple[float, ...] = (0.5, 0.7), out: Path | None = None) -> dict:
+    """Every model's table; each is kept in `out` as soon as it is measured and reused from there (with its
+    summary statistics recomputed) by a later run (delete the file to measure again)."""
     plans = QUICK if quick else {m: p for m, p in PLANS.items() if models is None or m in models}
     rows = {k: ROWS[k] for k in ("unpruned", "l1 uniform", "l1 global")} if quick else ROWS
-    return {name: run_model(name, plan, (0.5,) if quick else ratios, tuple(range(seeds)), rows,
-                            eval_samples=300 if quick else 2000)
-            for name, plan in plans.items()}
+    tables = {}
+    for name, plan in plans.items():
+        saved = out / f"recovery-{name}{'-quick' if quick else ''}-{seeds}seeds.json" if out else None
+        if saved and saved.exists():
+            tables[name] = summarize(json.loads(saved.read_text()))
+            continue
+        tables[name] = run_model(name, plan, (0.5,) if quick else ratios, tuple(range(seeds)), rows,
+                                 eval_samples=300 if quick else 2000)
+        if saved:
+            saved.write_text(json.dumps(tables[name], indent=2) + "\n")
+    return tables
 
 
 def to_markdown(results: dict) -> str:
@@ -115,7 +132,6 @@ def to_markdown(results: dict) -> str:
 
 
 if __name__ == "__main__":  # python -m pqsu.tools.bench.recovery MODEL [SEEDS]
-    import json
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

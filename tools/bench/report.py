@@ -132,8 +132,8 @@ def _pruned(row: dict) -> str:
     return what + (f" ({', '.join(levers)})" if levers else "")
 
 
-def paper_markdown(paper: dict) -> str:
-    lines = ["## The paper's table (pqsu bench paper)", "",
+def paper_markdown(paper: dict, heading: str = "The paper's table (pqsu bench paper)") -> str:
+    lines = [f"## {heading}", "",
              "Rows add one technique at a time; every row of a table has the same devices, data split, rounds, seed "
              "and round-0 pre-training. Uplink/downlink: bytes per selected client per round, as really encoded "
              "(skipped uploads count 0). Edge round: median wall time of one device's `run_round` on this machine "
