@@ -48,3 +48,20 @@ def test_merged_rows_are_means_over_seeds_with_paired_spread():
     assert "seeds 0, 1" in text and f"{statistics.mean(gaps):+.2f} ± {statistics.stdev(gaps):.2f} pt" in text
     assert any(v.where == "t ours" and f"{statistics.mean(gaps):+.2f} pt" in v.measured
                for v in verdicts({"paper": {"tables": {"t": merged}}}))
+
+
+@pytest.mark.parametrize("option, message", [(dict(seeds=0), "--seeds must be at least 1"),
+                                             (dict(rows="ours,adam"), "--rows: unknown adam"),
+                                             (dict(models="vgg"), "--models: vgg not in")])
+def test_bad_bench_options_fail_before_any_work(tmp_path, option, message):
+    import argparse
+
+    from pqsu.protocol.errors import PqsuError
+    from pqsu.tools.bench import command
+
+    args = argparse.Namespace(**{**dict(suites=["strategies"], quick=True, out=str(tmp_path / "b"), docs=False,
+                                        render=False, mnist=None, cifar10=None, seeds=1, rows=None, models=None),
+                                 **option})
+    with pytest.raises(PqsuError, match=message):
+        command.run(args)
+    assert not (tmp_path / "b").exists()  # nothing measured, nothing written
