@@ -142,7 +142,7 @@ def run_table(overrides: dict, rows: dict[str, tuple[str, dict]] = ROWS, latency
         result = simulate(cfg, lambda r: log.info("  round %d acc %.4f up %d", r.round, r.accuracy, r.bytes_up),
                           server=server)
         ort_ms = measure.ort_latency_ms(measure.ort_session(result.model), x1, latency_repeats)
-        table["rows"][label] = {**_row(scheme, cfg, result, ort_ms), "prune_chosen": round0.ratio}
+        table["rows"][label] = {**_row(scheme, cfg, result, ort_ms, ft), "prune_chosen": round0.ratio}
     analyze(table)
     return table
 
@@ -171,14 +171,14 @@ def merge_seeds(tables: list[dict]) -> dict:
     return merged
 
 
-def _row(scheme: str, cfg: FederatedConfig, result, ort_ms: float) -> dict:
+def _row(scheme: str, cfg: FederatedConfig, result, ort_ms: float, ft: float) -> dict:
     rounds = result.rounds
     seconds = [d["seconds"] for r in rounds for d in r["devices"].values()]
     return {
         "scheme": scheme, "prune": cfg.prune, "precision": cfg.precision, "upload": cfg.upload, "select": cfg.select,
         "error_feedback": cfg.error_feedback, "server_momentum": cfg.server_momentum, "server_opt": cfg.server_opt,
         "server_lr": cfg.server_lr, "importance": cfg.importance, "ranking": cfg.ranking, "distill": cfg.distill,
-        "prune_steps": cfg.prune_steps,
+        "prune_steps": cfg.prune_steps, "finetune_epochs": ft,
         "initial_accuracy": result.summary["initial_accuracy"],
         "accuracy_per_round": [r["accuracy"] for r in rounds],
         "final_accuracy": rounds[-1]["accuracy"],

@@ -107,6 +107,8 @@ def _pt(delta: float | None) -> str:
 
 def _describe(row: dict) -> str:
     parts = [_pruned(row), f"{row['precision']} model"]
+    if row.get("finetune_epochs") is not None:
+        parts.append(f"round-0 fine-tune {row['finetune_epochs']:g} epochs")
     if row["scheme"] == "paper":
         parts.append("dense int8 upload when the loss improved")
     elif row["select"].startswith("topk"):
