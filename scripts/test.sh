@@ -4,7 +4,9 @@ set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh" || exit 1
 set +e  # setup.sh runs with -e; here pytest's exit code must reach the checks below
 cd "$ROOT"
-python -m pytest -q -p no:cacheprovider "$@"
+# Two workers, one test file each at a time (a file's module fixtures, e.g. one fleet run, stay in one
+# worker). PQSU_TEST_WORKERS=0 runs in this process, as plain pytest does.
+python -m pytest -q -p no:cacheprovider -n "${PQSU_TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 if [ $rc -eq 5 ]; then
   echo "test: pytest collected no tests: that is a failure" >&2

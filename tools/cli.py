@@ -8,9 +8,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from pqsu.protocol.errors import PqsuError
+
+# onnxruntime (1.32) otherwise writes a device id and an event store under $HOME/.cache at import: boards
+# are offline and often have a read-only home. Set before any subcommand imports it; a user's value wins.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 # name -> (module exposing add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -22,6 +27,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pqsu.tools.bench.command", "run the measured benchmarks and print the ratios"),
     "reliability": ("pqsu.tools.reliability.command", "measure security and fault tolerance against real processes"),
     "flash": ("pqsu.tools.flash.command", "build an agent bundle for a board (rpi4, rpi5, jetson-orin...) and install it"),
+    "dashboard": ("pqsu.tools.dashboard.command", "a live, read-only web page of a fleet, fed from its MQTT messages"),
+    "report": ("pqsu.tools.report.command", "one self-contained HTML file of a finished run (tables and plots), to share"),
 }
 
 
@@ -57,7 +64,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sp)
-        sp.set_defaults(_module=module)
+        sp.set_defaults(_module=module, _parser=sp)  # settings files are checked against the parser's options
     return parser
 
 

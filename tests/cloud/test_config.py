@@ -99,3 +99,31 @@ def test_the_schemes_are_what_a_user_chooses_between():
     assert list(SCHEMES) == ["fedavg", "paper", "ours"]
     with pytest.raises(PqsuError, match="unknown scheme 'prune30'; choose one of fedavg, paper, ours"):
         FederatedConfig.for_scheme("prune30")
+
+
+def _cli(*argv):
+    proc = subprocess.run([sys.executable, "-m", "pqsu.tools.cli", *map(str, argv)], capture_output=True, text=True,
+                          timeout=120)
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("brokr = 'mqtt://x:1'", "unknown key 'brokr'; known keys: "),
+    ("min_devices = 'two'", 'min_devices = "two": expected an integer'),
+    ("take_over = 1", "take_over = 1: expected true or false"),
+    ("protocol = 4", "protocol = 4: expected one of auto, 5, 3.1.1"),
+])
+def test_a_coordinator_option_in_the_settings_file_is_checked_before_any_work(tmp_path, line, problem):
+    path = _toml(tmp_path, line)
+    code, err = _cli("cloud", "--config", path, "--out", tmp_path / "out")
+    assert code == 2 and err.startswith(f"pqsu cloud: error: settings file {path}: {problem}"), err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_coordinator_option_in_the_settings_file_is_used_and_a_flag_wins(tmp_path):
+    # Port 1 on loopback: nothing listens, so the broker check names the file's URL, or the flag's.
+    path = _toml(tmp_path, "broker = 'mqtt://127.0.0.1:1'\nrounds = 2")
+    code, err = _cli("cloud", "--config", path, "--out", tmp_path / "out")
+    assert code == 2 and "broker mqtt://127.0.0.1:1 is unreachable" in err, err
+    code, err = _cli("cloud", "--config", path, "--broker", "mqtt://127.0.0.1:2", "--out", tmp_path / "out")
+    assert code == 2 and "broker mqtt://127.0.0.1:2 is unreachable" in err, err

@@ -49,7 +49,8 @@ def _subparser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 # The edge subcommands' flags are described by the edge agent's own settings (edge/command.py).
-@pytest.mark.parametrize("command", ["run", "cloud", "simulate", "export", "bench", "reliability", "flash"])
+@pytest.mark.parametrize("command", ["run", "cloud", "simulate", "export", "bench", "reliability", "flash", "dashboard",
+                                     "report"])
 def test_every_flag_says_what_it_does(command):
     parser = _subparser([command])
     formatter = parser._get_formatter()

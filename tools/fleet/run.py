@@ -13,6 +13,7 @@ examples:
   pqsu run                                   # the default: cnn, 10 devices, 10 rounds
   pqsu run --scheme paper --rounds 5 --clients 4 --out runs/paper-small
   pqsu run --broker mqtt://127.0.0.1:1883    # use a broker that is already running
+  pqsu run --dashboard                       # and watch it live in a browser (prints the URL)
 """
 from __future__ import annotations
 
@@ -53,6 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads per agent process (default: 1)")
     g.add_argument("--force", action="store_true", help="start --clients agents even when this machine's free "
                    f"memory cannot hold them (about {AGENT_MB} MB each)")
+    g = p.add_argument_group("dashboard")
+    g.add_argument("--dashboard", action="store_true", help="serve the live dashboard of this fleet on 127.0.0.1 "
+                   "while it runs (pqsu dashboard) and print its URL")
+    g.add_argument("--dashboard-port", type=int, default=0, metavar="PORT",
+                   help="the dashboard's port on 127.0.0.1 (default: 0, any free one)")
 
 
 RUNS_DIR = "runs"
@@ -91,6 +97,8 @@ def check_fleet_args(args: argparse.Namespace) -> None:
     from pqsu.edge.settings import MIN_CHUNK_LIMIT
 
     check_chunk_limit(args.chunk_limit)
+    if not 0 <= args.dashboard_port <= 65535:
+        raise PqsuError(f"--dashboard-port {args.dashboard_port}: expected 0..65535")
     if args.chunk_limit < MIN_CHUNK_LIMIT:  # the agents' own bound, or they would all exit at start
         raise PqsuError(f"--chunk-limit {args.chunk_limit} is below the agents' minimum of {MIN_CHUNK_LIMIT} bytes")
     if not args.broker:
@@ -121,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     note = check_capacity(cfg.clients, args.force)
     if (out / "summary.json").exists() and json.loads((out / "summary.json").read_text()).get("completed", True):
         raise PqsuError(f"{out} holds a finished run; choose another {'--out' if args.out else '--name'}")
+    cfg.check_model_and_data()  # before shards are written and processes started: seconds, not a failed run
     (out / "logs").mkdir(parents=True, exist_ok=True)
     settings = out / "settings.json"  # every field, None included: the coordinator must not fall back on a preset
     settings.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -133,9 +142,15 @@ def run(args: argparse.Namespace) -> int:
     broker = None if args.broker else embedded_broker(args.broker_kind, out / "broker")
     url = args.broker or broker.url
     procs: list[Process] = []
+    dashboard = None
     start = time.time()
     stop_on_sigterm = signal.signal(signal.SIGTERM, _terminated)  # `kill`, systemd, a CI timeout: as Ctrl-C
     try:
+        if args.dashboard:  # before the coordinator: the page sees the fleet from its first status on
+            from pqsu.tools.dashboard.command import Dashboard
+
+            dashboard = Dashboard(url, args.fleet, port=args.dashboard_port)
+            print(f"pqsu run: dashboard on {dashboard.url}", flush=True)
         cli = [sys.executable, "-m", "pqsu.tools.cli"]
         procs.append(_spawn(cli + ["cloud", "--config", str(settings), "--broker", url, "--fleet", args.fleet,
                                    "--min-devices", str(cfg.clients), "--join-timeout", str(args.join_timeout), "--round-timeout", str(args.round_timeout),
@@ -147,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
                                        "--state-dir", str(out / "devices" / device), "--upload", cfg.upload,
                                        "--select", cfg.select, "--chunk-limit", str(args.chunk_limit),
                                        "--torch-threads", str(args.agent_threads), "--no-http"]
-                                + ([] if cfg.error_feedback else ["--no-error-feedback"]),
+                                + ([] if cfg.error_feedback else ["--no-error-feedback"]) + _model_code_flags(cfg),
                                 out / "logs" / f"{device}.log", threads=args.agent_threads))
         code = _follow(procs[0], out, cfg.rounds)
         reap(procs[1:], grace_s=30)
@@ -160,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         reap(procs, grace_s=5, signal_first=True)
+        if dashboard is not None:
+            dashboard.close()
         if broker is not None:
             broker.close()
         signal.signal(signal.SIGTERM, stop_on_sigterm)
@@ -184,6 +201,12 @@ def write_device_shards(cfg, folder: Path) -> list[str]:
         (folder / device).mkdir(parents=True, exist_ok=True)
         np.savez(folder / device / "data.npz", x=shard.x, y=shard.y)
     return list(shards)
+
+
+def _model_code_flags(cfg) -> list[str]:
+    """The agents' permission to import the run's own custom architecture. They are started with -m in
+    this folder and this environment, so they find the module where the check above found it."""
+    return ["--allow-model-code", cfg.model] if ":" in cfg.model else []
 
 
 class Terminated(KeyboardInterrupt):
