@@ -13,8 +13,8 @@ entry not sent is no vote, not a vote for 0) and weight the result by the fracti
 sent it, as FedAvg does; counting unsent entries as zeros made the median of a round of
 top-2% updates nearly zero, and training stalled.
 
-The server step (`ServerOptimizer`) applies the aggregated delta to the fp32 master
-weights with a server learning rate and optional momentum (FedAvgM).
+The server step (a strategy of pqsu.cloud.strategies: FedAvgM, FedAdam, FedYogi) applies the
+aggregated delta to the fp32 master weights.
 """
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pqsu.cloud.strategies import AggregationError, FedAvgM
 from pqsu.protocol.codec import Update
-from pqsu.protocol.errors import PqsuError
 
 
-class AggregationError(PqsuError):
-    """A bad aggregator name or option."""
+# The server step lives in pqsu.cloud.strategies; plain FedAvg / FedAvgM keeps its old name here.
+ServerOptimizer = FedAvgM
 
 
 def update_norm(update: Update) -> float:
@@ -223,26 +223,3 @@ def _aggregator(spec: str, shapes: dict[str, tuple[int, ...]], clip_norm: float 
             raise AggregationError(f"trimmed mean needs a fraction in [0, 0.5), got {arg!r}")
         return TrimmedMean(shapes, clip_norm, trim=trim)
     raise AggregationError(f"unknown aggregator {spec!r}; use fedavg, median or trimmed:FRACTION")
-
-
-@dataclass
-class ServerOptimizer:
-    """master += lr * v, with v = momentum * v + delta (FedAvgM); plain FedAvg is lr=1, momentum=0."""
-
-    lr: float = 1.0
-    momentum: float = 0.0
-    velocity: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def step(self, master: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> None:
-        """Update `master` in place. Non-finite results are refused before anything is written."""
-        if self.momentum:
-            new_v = {k: self.momentum * self.velocity.get(k, 0.0) + d for k, d in delta.items()}
-        else:
-            new_v = delta
-        new_w = {k: master[k] + self.lr * v for k, v in new_v.items()}
-        if not all(np.isfinite(w).all() for w in new_w.values()):
-            raise AggregationError("aggregated update is not finite; the master model is left unchanged")
-        for k, w in new_w.items():
-            master[k][...] = w
-        if self.momentum:
-            self.velocity = {k: np.asarray(v, np.float32) for k, v in new_v.items()}

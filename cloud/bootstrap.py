@@ -10,7 +10,7 @@ import torch
 from pqsu.cloud import checkpoint
 from pqsu.cloud.config import FederatedConfig
 from pqsu.cloud.data import CloudData, cloud_data  # noqa: F401  (CloudData re-exported for callers)
-from pqsu.cloud.prepare import prepare_master
+from pqsu.cloud.prepare import prepare_master_with_report
 from pqsu.cloud.server import FederatedServer
 from pqsu.export.bridge import load_weights
 from pqsu.export.pipeline import model_info
@@ -36,11 +36,17 @@ def build_server(cfg: FederatedConfig, *, checkpoint_dir: str | Path | None = No
         log.info("resuming after round %d from %s", resumed.round, checkpoint_dir)
     else:
         torch.manual_seed(cfg.seed)
-        master = prepare_master(cfg.prepare_config(), proxy)
+        master, round0 = prepare_master_with_report(cfg.prepare_config(), proxy)
         info = model_info(master, proxy)
     server = FederatedServer(master, info, data.calibration, data.test_x, data.test_y, cfg.server_config(), keys=keys)
     meta = {"config": cfg.to_dict(), "model_info": info.to_metadata()}
-    if resumed is not None:
+    if resumed is None:
+        # What round 0 pruned: for prune = auto:PT the ratio it chose, in the run's config.json and checkpoints.
+        meta["config"]["prune_chosen"] = round0.ratio
+        meta["round0"] = round0.to_dict()
+    else:
+        meta["config"] = {**resumed.meta.get("config", {}), **meta["config"]}
+        meta["round0"] = resumed.meta.get("round0")
         server.rounds_done = resumed.round
         server.optimizer.velocity = {k: np.asarray(v) for k, v in resumed.velocity.items()}
         meta["reports"] = resumed.meta.get("reports", [])

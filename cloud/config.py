@@ -16,6 +16,7 @@ import numbers
 import typing
 from dataclasses import dataclass
 
+from pqsu.export import prune_spec
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.settings import read_settings
 
@@ -52,7 +53,11 @@ class FederatedConfig:
     samples_per_client: int | None = None
     pretrain_epochs: float = 1.0
     finetune_epochs: float = 0.5
-    prune: float | None = 0.5
+    prune: float | str | None = 0.5   # a ratio, or "auto:PT" (pqsu.export.prune_spec)
+    importance: str = "l1"
+    ranking: str = "uniform"
+    distill: float = 0.0
+    prune_steps: int = 1
     precision: str = "int8"
     upload: str = "norm:0.0001"
     select: str = "topk:0.02"
@@ -65,6 +70,7 @@ class FederatedConfig:
     clip_norm: float | str | None = None  # a bound, or "median[:F]": F x the round's median update norm
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    server_opt: str = "fedavgm"
     eval_samples: int | None = None  # the whole test split
     seed: int = 0
     # The downlink (cloud/downlink.py; defaults measured, docs/design.md "Downlink").
@@ -77,6 +83,7 @@ class FederatedConfig:
 
     def __post_init__(self) -> None:
         from pqsu.cloud.aggregate import make_aggregator  # numpy: not needed to build a parser
+        from pqsu.cloud.strategies import make_strategy
 
         for name, kind in field_types().items():
             check_type(name, getattr(self, name), kind)
@@ -91,9 +98,9 @@ class FederatedConfig:
                 or (self.keyframe_clip is not None and not 0 <= self.keyframe_clip < 1):
             raise PqsuError("keyframe_every and patch_bases must be >= 1, patch_cap >= 256 bytes, "
                             "keyframe_headroom >= 1 and keyframe_clip in [0, 1)")
-        if self.prune is not None and not 0 < self.prune < 1:
-            raise PqsuError(f"prune ratio must be in (0, 1), got {self.prune}")
+        prune_spec.check(self.prune, self.importance, self.ranking, self.distill, self.prune_steps)
         make_aggregator(self.aggregator, {}, self.clip_norm)  # a bad spec fails here, before any work
+        make_strategy(self.server_opt, self.server_lr, self.server_momentum)
 
     @classmethod
     def for_scheme(cls, scheme: str, **overrides) -> "FederatedConfig":
@@ -125,7 +132,8 @@ class FederatedConfig:
                                   keyframe_clip=self.keyframe_clip, patch_cap=self.patch_cap,
                                   patch_bases=self.patch_bases, headroom=self.keyframe_headroom)
         return ServerConfig(aggregator=self.aggregator, clip_norm=self.clip_norm, server_lr=self.server_lr,
-                            server_momentum=self.server_momentum, precision=self.precision, epochs=self.epochs,
+                            server_momentum=self.server_momentum, server_opt=self.server_opt,
+                            precision=self.precision, epochs=self.epochs,
                             batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, seed=self.seed,
                             downlink=downlink)
 
@@ -133,7 +141,8 @@ class FederatedConfig:
         from pqsu.cloud.prepare import PrepareConfig  # torch: only when a run really starts
 
         return PrepareConfig(self.model, self.prune, self.pretrain_epochs, self.finetune_epochs,
-                             self.batch_size, 0.01, self.seed)
+                             self.batch_size, 0.01, self.seed, importance=self.importance, ranking=self.ranking,
+                             distill=self.distill, prune_steps=self.prune_steps)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -229,8 +238,18 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
     "samples_per_client": ("N", "at most this many training samples per device (default: all of its share)"),
     "pretrain_epochs": ("EPOCHS", "round 0: epochs the cloud pre-trains the model on its proxy samples"),
     "finetune_epochs": ("EPOCHS", "round 0: epochs of fine-tuning on the proxy samples after pruning"),
-    "prune": ("RATIO", "round 0: fraction of channels removed from every prunable layer, in (0, 1); none "
-              "keeps the model unpruned"),
+    "prune": ("RATIO", "round 0: fraction of channels removed from every prunable layer, in (0, 1); auto:PT "
+              "for the largest ratio whose fine-tuned accuracy on held-out proxy data stays within PT points of "
+              "the unpruned model (the choice is in config.json as prune_chosen); none keeps the model unpruned"),
+    "importance": ("NAME", "round 0: which channels pruning removes: l1 (weight magnitude, the paper's), l2, "
+                   "taylor (loss change estimated from gradients on the proxy data), bn-scale (BatchNorm scale, "
+                   "l1 where a layer has none) or random"),
+    "ranking": ("NAME", "round 0: uniform (every layer loses the same fraction) or global (least important "
+                "channels model-wide, at uniform's parameter count)"),
+    "distill": ("W", "round 0: weight in [0, 1) of the unpruned model's soft targets in the fine-tune loss "
+                "(knowledge distillation); 0 trains on the labels alone"),
+    "prune_steps": ("K", "round 0: prune in K steps with a fine-tune after each, the fine-tune epochs split "
+                    "between them"),
     "precision": ("int8|fp32", "the model sent to the devices each round: int8 or fp32 ONNX"),
     "upload": ("RULES", "when a device uploads: always, loss (its loss improved since its last upload), norm:T "
                "(update norm relative to the weights above T) or relevance:T (sign agreement with the last "
@@ -253,6 +272,8 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
                   "median, which caps a scaled-up update at a typical one's size (default: no bound)"),
     "server_lr": ("LR", "server learning rate: the step the cloud takes along the combined update"),
     "server_momentum": ("M", "server momentum (FedAvgM) on the combined update; 0 is plain FedAvg"),
+    "server_opt": ("NAME", "server strategy: fedavgm (server lr and momentum above), fedadam[:TAU] or fedyogi[:TAU] "
+                   "(adaptive per-coordinate steps on the combined update; use a server lr near 0.01)"),
     "eval_samples": ("N", "test samples the cloud evaluates each round's model on (default: the whole test split)"),
     "seed": ("N", "random seed of the data split, the devices asked each round and the training"),
     "downlink": ("POLICY", "how the model reaches devices after the first round: full (the whole int8 file "
@@ -287,6 +308,11 @@ def config_from_args(args: argparse.Namespace) -> FederatedConfig:
             check_type(name, value, hints[name])
         except PqsuError as exc:
             raise PqsuError(f"settings file {path}: {exc}") from None
+    try:  # a value of the right type that means nothing (prune = "half") names the file too
+        prune_spec.check(values.get("prune"), values.get("importance", "l1"), values.get("ranking", "uniform"),
+                         values.get("distill", 0.0), values.get("prune_steps", 1))
+    except PqsuError as exc:
+        raise PqsuError(f"settings file {path}: {exc}") from None
     values.update({n: getattr(args, n) for n in hints if getattr(args, n, None) is not None})
     others = {k: v for k, v in settings.items() if k not in hints}
     if others:

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
-from pqsu.cloud.aggregate import AggregationError, ServerOptimizer, make_aggregator
+from pqsu.cloud.aggregate import AggregationError, make_aggregator
 from pqsu.cloud.downlink import Downlink, DownlinkConfig
+from pqsu.cloud.strategies import make_strategy
 from pqsu.export.pipeline import Exported, export_model
 from pqsu.export.runtime import OrtModel
 from pqsu.export.training import evaluate_logits
@@ -40,6 +41,7 @@ class ServerConfig:
     clip_norm: float | None = None
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    server_opt: str = "fedavgm"         # pqsu.cloud.strategies
     precision: str = "int8"             # downlink: int8 (ours, the paper's) or fp32 (FedAvg baseline)
     epochs: float = 1.0                 # what devices are asked to do each round
     batch_size: int = 32
@@ -121,7 +123,7 @@ class FederatedServer:
         self.master = {k: v.detach().numpy() for k, v in self.model.state_dict().items()}  # views: updates write through
         self.shapes = {k: v.shape for k, v in self.master.items()}
         self.limits = cfg.limits or limits_for(self.shapes)
-        self.optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
+        self.optimizer = make_strategy(cfg.server_opt, cfg.server_lr, cfg.server_momentum)
         self._aggregator = make_aggregator(cfg.aggregator, self.shapes, cfg.clip_norm)  # validates the spec early
         downlink = cfg.downlink if cfg.precision == "int8" else DownlinkConfig()  # patches need int8 QDQ
         self.downlink = Downlink(downlink, self._export, self.master)

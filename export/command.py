@@ -23,17 +23,26 @@ import argparse
 import json
 from pathlib import Path
 
+from pqsu.export.prune_spec import IMPORTANCE_NAMES, RANKINGS
 from pqsu.protocol.errors import PqsuError
 
 
-def _ratio(text: str) -> float:
+def _ratio(text: str) -> float | str:
+    from pqsu.export.prune_spec import parse_prune
+
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"prune ratio must be in (0, 1), got {value}")
-    return value
+        ratio, _ = parse_prune(text)
+    except PqsuError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip() if ratio is None else ratio
+
+
+def _choice(names: tuple[str, ...]):
+    def parse(text: str) -> str:
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose one of {', '.join(names)}")
+        return text
+    return parse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,8 +60,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "int8 on (default: samples of the training data)")
     prune = p.add_mutually_exclusive_group()
     prune.add_argument("--prune", type=_ratio, default=0.5, metavar="RATIO",
-                       help="fraction of channels to remove from every prunable layer (default: 0.5)")
+                       help="fraction of channels to remove from every prunable layer, or auto:PT for the largest "
+                       "ratio whose fine-tuned accuracy on held-out training data stays within PT points of the "
+                       "unpruned model (default: 0.5)")
     prune.add_argument("--no-prune", action="store_true", help="export without pruning")
+    p.add_argument("--importance", type=_choice(IMPORTANCE_NAMES), default="l1",
+                   help="which channels go: l1 (weight magnitude, the paper's), l2, taylor (gradient x weight on "
+                   "the training data), bn-scale (BatchNorm scale; l1 where a layer has none) or random "
+                   "(default: l1)")
+    p.add_argument("--ranking", type=_choice(RANKINGS), default="uniform",
+                   help="uniform: every layer loses the same fraction; global: least important channels "
+                   "model-wide, at uniform's parameter count (default: uniform)")
+    p.add_argument("--distill", type=float, default=0.0, metavar="W",
+                   help="weight in [0, 1) of the unpruned model's soft targets in the fine-tune loss (default: 0)")
+    p.add_argument("--prune-steps", type=int, default=1, metavar="K",
+                   help="prune in K steps, the fine-tune epochs split between them (default: 1)")
+    p.add_argument("--same-budget", action="store_true",
+                   help="also fine-tune the unpruned model for --finetune-epochs and report its accuracy: the "
+                   "reference that gives pruning's cost at the same training budget")
     p.add_argument("--round-to", type=int, help="keep pruned widths multiples of this (e.g. 8 for int8 kernels)")
     p.add_argument("--pretrain-epochs", type=float, help="epochs of pre-training (default: 1 without --weights, else 0)")
     p.add_argument("--finetune-epochs", type=float, default=0.5, help="epochs of fine-tuning after pruning (default: 0.5)")
@@ -81,11 +106,16 @@ def run(args: argparse.Namespace) -> int:
     for name in ("calib_samples", "latency_repeats", "batch_size"):
         if getattr(args, name) < 1:
             raise PqsuError(f"--{name.replace('_', '-')} must be at least 1")
+    from pqsu.export.prune_spec import check
+
+    check(None if args.no_prune else args.prune, args.importance, args.ranking, args.distill, args.prune_steps)
     out = Path(args.out)
     report_path = Path(args.report) if args.report else out.with_name("report.json")
     cfg = ExportConfig(model=args.model, weights=args.weights, dataset=args.data or args.dataset or "fashion-mnist",
                        data_root=args.data_root, eval_data=args.eval_data, calib_data=args.calib_data,
                        prune=None if args.no_prune else args.prune, round_to=args.round_to,
+                       importance=args.importance, ranking=args.ranking, distill=args.distill,
+                       prune_steps=args.prune_steps, same_budget=args.same_budget,
                        pretrain_epochs=args.pretrain_epochs, finetune_epochs=args.finetune_epochs,
                        train_samples=args.train_samples, batch_size=args.batch_size, lr=args.lr,
                        calib_samples=args.calib_samples, calib_method=args.calib_method,
@@ -118,8 +148,20 @@ def format_report(r: dict) -> str:
     lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
               for row in rows]
     ratios = r["ratios"]
+    if r.get("acc_unpruned_same_budget") is not None:
+        lines.append(f"unpruned fp32 after the same fine-tune epochs: {r['acc_unpruned_same_budget']:.2%} "
+                     f"(pruned int8 {100 * (r['acc_int8'] - r['acc_unpruned_same_budget']):+.2f} pt at the same budget)")
+    search = r.get("round0") or {}
+    if search.get("tolerance_pt") is not None:
+        probes = ", ".join(f"{p['ratio']:.0%}: {p['val_accuracy']:.2%}" for p in search["probes"])
+        lines.append(f"{search['prune']}: chose {_pct(search['ratio'])} (unpruned {search['unpruned_val_accuracy']:.2%} "
+                     f"on {search['val_samples']} held-out samples; probes {probes})")
     lines.append(f"size {ratios['size_fp32_over_int8']:.1f}x smaller, batch-1 {ratios['speedup_b1_int8_ort_vs_torch_fp32']:.1f}x "
                  f"faster than unpruned fp32 torch; int8/fp32 argmax agreement {r['argmax_agreement']:.2%}; "
                  f"bridge: all {r['bridge_parameters']} parameters rebuilt from the int8 file, worst error "
                  f"{r['bridge_worst_error_steps']:.3f} quantization steps")
     return "\n".join(lines)
+
+
+def _pct(ratio: float | None) -> str:
+    return "no pruning" if ratio is None else f"{ratio:.0%}"

@@ -11,6 +11,7 @@ files), fl-pqsu metadata added and the model id hashed and stamped once.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ from torch import nn
 from pqsu.export.custom import custom_model, is_custom, load_factory, load_state_dict_file, spec_of
 from pqsu.export.datasets import ArrayDataset
 from pqsu.export.onnx_export import stamp_with_info, to_onnx
-from pqsu.export.pruning import fold_batchnorm, prune_model
+from pqsu.export import prune_spec
+from pqsu.export.pruning import fold_batchnorm
+from pqsu.export.recovery import Round0Report, fixed_report, prune_and_recover, search_ratio
 from pqsu.export.quantize import ArrayCalibrationReader, quantize
 from pqsu.export.training import TrainConfig, train
 from pqsu.export.zoo import build_model, default_spec
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PrepareConfig:
     arch: str = "cnn"               # zoo name, or package.module:factory for a user's own model
-    prune: float | None = 0.5       # None: no pruning (the FedAvg baseline)
+    prune: float | str | None = 0.5  # a ratio, "auto:PT" (pqsu.export.recovery), or None: no pruning (FedAvg)
     pretrain_epochs: float = 1.0
     finetune_epochs: float = 0.5    # after pruning; `finish` can be told otherwise
     batch_size: int = 32
@@ -45,6 +48,10 @@ class PrepareConfig:
     momentum: float = 0.9
     round_to: int | None = None     # keep pruned widths multiples of this
     weights: str | None = None      # a trained state_dict to start from
+    importance: str = "l1"          # pqsu.export.importance: which channels go
+    ranking: str = "uniform"        # uniform (every layer the same ratio) or global (at uniform's parameter count)
+    distill: float = 0.0            # weight of the unpruned model's soft targets in the fine-tune loss
+    prune_steps: int = 1            # prune in this many steps, the fine-tune budget split between them
 
 
 def check_arch(arch: str) -> None:
@@ -82,15 +89,31 @@ def finish(model: nn.Module, cfg: PrepareConfig, data: ArrayDataset, finetune_ep
     """`model` pruned by `cfg.prune` if set, fine-tuned on `data`, BN folded (changed in place, and returned).
 
     `finetune_epochs` defaults to `cfg.finetune_epochs` when pruning and to none otherwise."""
+    return finish_with_report(model, cfg, data, finetune_epochs, progress=progress)[0]
+
+
+def finish_with_report(model: nn.Module, cfg: PrepareConfig, data: ArrayDataset,
+                       finetune_epochs: float | None = None, *, progress: bool = False) -> tuple[nn.Module, Round0Report]:
+    """`finish`, and what it did: the ratio pruned (the one `auto:PT` chose, with its probes)."""
+    prune_spec.check(cfg.prune, cfg.importance, cfg.ranking, cfg.distill, cfg.prune_steps)
+    ratio, tolerance = prune_spec.parse_prune(cfg.prune)
+    pruning = cfg.prune is not None
     if finetune_epochs is None:
-        finetune_epochs = cfg.finetune_epochs if cfg.prune is not None else 0.0
-    if cfg.prune is not None:
-        log.debug("pruning %.0f%% of channels (L1 group importance)", 100 * cfg.prune)
-        model = prune_model(model, cfg.prune, torch.zeros(1, *data.input_shape), round_to=cfg.round_to).model
-    if finetune_epochs > 0 and len(data):
-        train(model, data.normalized(), data.y, _train_config(cfg, finetune_epochs, cfg.seed + 1),
-              progress=progress, desc="fine-tune")
-    return fold_batchnorm(model.eval())
+        finetune_epochs = cfg.finetune_epochs if pruning else 0.0
+    # The teacher is the unpruned model itself, frozen before any channel goes.
+    teacher = copy.deepcopy(model).eval() if pruning and cfg.distill > 0 else None
+    if tolerance is not None:
+        model, report = search_ratio(model, cfg, data, finetune_epochs, tolerance, teacher, progress=progress)
+    elif ratio is not None:
+        log.debug("pruning %.0f%% of channels (%s importance, %s ranking)", 100 * ratio, cfg.importance, cfg.ranking)
+        model = prune_and_recover(model, cfg, data, finetune_epochs, ratio, teacher, progress=progress)
+        report = fixed_report(cfg, ratio, finetune_epochs)
+    else:
+        if finetune_epochs > 0 and len(data):
+            train(model, data.normalized(), data.y, _train_config(cfg, finetune_epochs, cfg.seed + 1),
+                  progress=progress, desc="fine-tune")
+        report = fixed_report(cfg, None, finetune_epochs)
+    return fold_batchnorm(model.eval()), report
 
 
 def prepare(cfg: PrepareConfig, data: ArrayDataset, *, progress: bool = False) -> nn.Module:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,8 @@ from pqsu.export.custom import spec_of
 from pqsu.export.datasets import ArrayDataset, load_dataset
 from pqsu.export.folding import fold_batchnorm
 from pqsu.export.labelled import LabelledDataError, checked_samples, is_labelled_file, read_labelled, read_npz
-from pqsu.export.pipeline import (PrepareConfig, check_arch, export_model, export_pair, finish, initial_model,
-                                  model_info, pretrain)
+from pqsu.export.pipeline import (PrepareConfig, check_arch, export_model, export_pair, finish, finish_with_report,
+                                  initial_model, model_info, pretrain)
 from pqsu.export.runtime import OrtModel
 from pqsu.export.training import evaluate, evaluate_logits
 from pqsu.protocol.atomic import atomic_write
@@ -35,8 +35,12 @@ class ExportConfig:
     data_root: str | None = None
     eval_data: str | None = None       # labelled-array .npz evaluated on instead of the test split
     calib_data: str | None = None      # .npz with x: the int8 calibration samples
-    prune: float | None = 0.5          # None: export without pruning
+    prune: float | str | None = 0.5    # a ratio, "auto:PT", or None: export without pruning
     round_to: int | None = None
+    importance: str = "l1"
+    ranking: str = "uniform"
+    distill: float = 0.0
+    prune_steps: int = 1
     pretrain_epochs: float | None = None  # None: 1 epoch when no weights are given, else 0
     finetune_epochs: float = 0.5
     train_samples: int | None = None
@@ -47,6 +51,7 @@ class ExportConfig:
     eval_samples: int | None = None
     latency_repeats: int = 30
     seed: int = 0
+    same_budget: bool = False          # also fine-tune a copy of the unpruned model as long, for a fair reference
     out: str = "model.int8.onnx"
     fp32_out: str | None = None
     progress: bool = True
@@ -57,7 +62,9 @@ class ExportConfig:
         pretrain = self.pretrain_epochs if self.pretrain_epochs is not None else (0.0 if self.weights else 1.0)
         return PrepareConfig(arch=self.model, prune=self.prune, pretrain_epochs=pretrain,
                              finetune_epochs=self.finetune_epochs, batch_size=self.batch_size, lr=self.lr,
-                             seed=self.seed, round_to=self.round_to, weights=self.weights)
+                             seed=self.seed, round_to=self.round_to, weights=self.weights,
+                             importance=self.importance, ranking=self.ranking, distill=self.distill,
+                             prune_steps=self.prune_steps)
 
 
 @dataclass
@@ -85,6 +92,9 @@ class ExportReport:
     eval_samples: int
     latency_ms: dict = field(default_factory=dict)
     ratios: dict = field(default_factory=dict)
+    round0: dict = field(default_factory=dict)   # the pruning levers used; for auto:PT the ratio chosen and probes
+    # the unpruned model trained as many epochs as the pruned one (pre-train + fine-tune), with --same-budget
+    acc_unpruned_same_budget: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,9 +163,16 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     bytes_fp32 = None if cfg.prune is None else \
         len(export_model(fold_batchnorm(copy.deepcopy(model)), model_info(model, train_data)).data)
 
+    same_budget = None
+    if cfg.same_budget and cfg.prune is not None:
+        # Pruning's cost is only what the pruned model lacks against the unpruned one trained as long.
+        log.info("[3/6] fine-tuning the unpruned model %g epoch(s) too, for the same-budget reference",
+                 prep.finetune_epochs)
+        reference = finish(copy.deepcopy(model), replace(prep, prune=None), train_data, prep.finetune_epochs)
+        same_budget = evaluate(reference, x_test, test_data.y).accuracy
     if cfg.prune is not None:
-        log.info("[3/6] pruning %.0f%% of channels (L1 group importance)", cfg.prune * 100)
-    model = finish(model, prep, train_data, progress=cfg.progress)
+        log.info("[3/6] pruning %s of channels (%s importance, %s ranking)", cfg.prune, cfg.importance, cfg.ranking)
+    model, round0 = finish_with_report(model, prep, train_data, progress=cfg.progress)
 
     log.info("[4/6] exporting ONNX and quantizing to int8 (%d calibration samples)", len(calib))
     fp32, int8 = export_pair(model, model_info(model, train_data), calib, method=cfg.calib_method)
@@ -178,7 +195,7 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     bytes_int8, macs_pruned = len(int8.data), measure.count_macs(model, in_shape)
     bytes_fp32 = len(fp32.data) if bytes_fp32 is None else bytes_fp32
     return ExportReport(
-        model=cfg.model, dataset=train_data.name, prune_ratio=cfg.prune or 0.0, model_id=int8.info.model_id,
+        model=cfg.model, dataset=train_data.name, prune_ratio=round0.ratio or 0.0, model_id=int8.info.model_id,
         widths_fp32=list(widths_fp32), widths_pruned=list(spec_of(model).widths),
         params_fp32=params_fp32, params_pruned=measure.count_params(model),
         macs_fp32=macs_fp32, macs_pruned=macs_pruned,
@@ -192,6 +209,7 @@ def run_export(cfg: ExportConfig) -> ExportReport:
                 "macs_fp32_over_pruned": macs_fp32 / max(1, macs_pruned),
                 "speedup_b1_int8_ort_vs_torch_fp32": lat["torch_fp32_unpruned_b1"] / lat["ort_int8_pruned_b1"],
                 "speedup_b64_int8_ort_vs_torch_fp32": lat["torch_fp32_unpruned_b64"] / lat["ort_int8_pruned_b64"]},
+        round0=round0.to_dict(), acc_unpruned_same_budget=same_budget,
     )
 
 

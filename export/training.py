@@ -25,6 +25,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     time_budget_s: float | None = None  # stop early when a board's budget runs out
     seed: int = 0
+    distill: float = 0.0         # weight of the teacher's soft targets in the loss (with `teacher`)
+    temperature: float = 4.0     # softens both distributions, so the teacher's ranking of wrong classes shows
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,13 @@ class Evaluation:
 
 
 def train(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig = TrainConfig(), *,
-          progress: bool = False, desc: str = "train") -> TrainStats:
-    """SGD with momentum over shuffled mini-batches; deterministic for `cfg.seed`."""
+          progress: bool = False, desc: str = "train", teacher: nn.Module | None = None) -> TrainStats:
+    """SGD with momentum over shuffled mini-batches; deterministic for `cfg.seed`.
+
+    With a `teacher` and `cfg.distill` > 0 the loss is knowledge distillation (Hinton et al.):
+    (1 - distill) x cross-entropy + distill x T^2 x KL(teacher || model) at temperature T. A pruned
+    model recovers from its unpruned self this way: the soft targets carry more than the labels of
+    a small proxy set."""
     if len(x) == 0:
         return TrainStats(float("nan"), 0, 0, 0.0)
     rng = np.random.default_rng(cfg.seed)
@@ -61,7 +68,10 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig = Tra
             break
         xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xb), yb)
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb)
+        if teacher is not None and cfg.distill > 0:
+            loss = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(logits, teacher, xb, cfg.temperature)
         loss.backward()
         opt.step()
         loss_sum, steps, seen = loss_sum + loss.item(), steps + 1, seen + len(idx)
@@ -72,6 +82,12 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig = Tra
     bar.close()
     model.eval()
     return TrainStats(loss_sum / max(steps, 1), seen, steps, time.perf_counter() - start)
+
+
+def distillation_loss(logits: torch.Tensor, teacher: nn.Module, xb: torch.Tensor, temperature: float) -> torch.Tensor:
+    with torch.no_grad():
+        soft = F.softmax(teacher.eval()(xb) / temperature, dim=1)
+    return F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean") * temperature ** 2
 
 
 @torch.no_grad()

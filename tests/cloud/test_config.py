@@ -26,7 +26,9 @@ def _toml(tmp_path, text: str) -> str:
 
 WRONG_TYPES = [
     ('rounds = "ten"', 'rounds = "ten": expected an integer'),
-    ('prune = "half"', 'prune = "half": expected a number'),
+    ('prune = "half"', "prune must be a ratio in (0, 1) or auto:PT, got 'half'"),
+    ("prune = [0.5]", "prune = [0.5]: expected a number or a string"),
+    ('importance = "size"', "unknown importance 'size'; choose one of: l1, l2, taylor, bn-scale, random"),
     ("clients = 2.5", "clients = 2.5: expected an integer"),
     ("rounds = true", "rounds = true: expected an integer"),
     ('error_feedback = "no"', 'error_feedback = "no": expected true or false'),

@@ -9,6 +9,10 @@ suites:
              coordinator memory with 100 / 1,000 / 10,000 devices' updates through FederatedServer.submit
   paper      the FL-PQSU paper's table (alexnet, vgg16; FedAvg, pruning, int8, the paper's scheme, ours) with
              simulated time to target accuracy over NB-IoT, LTE-M and Wi-Fi, and the Targets verdicts
+  strategies ours with one lever changed at a time (FedAvgM / FedAdam / FedYogi, global ranking, a longer
+             round-0 fine-tune) beside dense FedAvg on cnn and alexnet, over --seeds seeds
+  recovery   round 0's pruning levers (importance, global ranking, distillation, iterative steps) at one
+             fine-tune budget, over --seeds seeds
   federated  (earlier table) FedAvg vs the paper's scheme vs ours on Fashion-MNIST (cnn 20 rounds, alexnet)
   sensors    the same three schemes on a sensor time series: cnn1d on ItalyPowerDemand (smart-meter days)
   fleet      real MQTT rounds through Mosquitto: round latency and coordination overhead with 100 agents
@@ -25,6 +29,7 @@ import os
 import shutil
 from pathlib import Path
 
+from pqsu.protocol.errors import PqsuError
 from pqsu.tools.bench import plots as bench_plots
 from pqsu.tools.bench import report as bench_report
 from pqsu.tools.lab import results as results_runner
@@ -42,6 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--docs", action="store_true", help="also regenerate docs/results.md from the merged results")
     p.add_argument("--render", action="store_true", help="run nothing: re-render results.md (and --docs) from "
                    "the results.json in --out")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="paper suite: run every table over N seeds and report the mean and spread (default: 1)")
+    p.add_argument("--models", metavar="NAMES", help="recovery and strategies suites: only these models, comma "
+                   "separated (default: cnn,alexnet)")
+    p.add_argument("--rows", metavar="LABELS", help="strategies suite: only these rows (comma separated, of "
+                   "tools/bench/paper.py STRATEGY_ROWS; fedavg is always run, as the reference)")
     p.add_argument("--mnist", metavar="DIR", default=os.environ.get("PQSU_DATA_MNIST"),
                    help="paper suite: also run alexnet on MNIST from these IDX files (default: $PQSU_DATA_MNIST)")
     p.add_argument("--cifar10", metavar="DIR", default=os.environ.get("PQSU_DATA_CIFAR10"),
@@ -52,7 +63,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     suites = {"export": _export_suite, "codec": _codec_suite, "federated": _federated_suite, "fleet": _fleet_suite,
               "sensors": _sensors_suite,
-              "paper": lambda quick, out: _paper_suite(quick, out, args.mnist, args.cifar10)}
+              "paper": lambda quick, out: _paper_suite(quick, out, args.mnist, args.cifar10, args.seeds),
+              "recovery": lambda quick, out: _recovery_suite(quick, out, args.seeds, models),
+              "strategies": lambda quick, out: _strategies_suite(quick, out, args.seeds, models, rows)}
+    models = tuple(m.strip() for m in args.models.split(",")) if getattr(args, "models", None) else None
+    rows = tuple(r.strip() for r in args.rows.split(",")) if getattr(args, "rows", None) else None
+    _check_rows(rows)
+    unknown = [m for m in models or () if m not in ("cnn", "alexnet")]
+    if unknown:
+        raise PqsuError(f"--models: {', '.join(unknown)} not in the recovery and strategies plans (cnn, alexnet)")
+    if args.seeds < 1:
+        raise PqsuError("--seeds must be at least 1")
     names = results_runner.choose(args.suites, suites, "suite")
     out = results_runner.out_folder(args.out, "bench")
     merged = out / "results.json"
@@ -142,10 +163,33 @@ def _sensors_suite(quick: bool, out: Path) -> dict:
     return {"cnn1d/italy-power": table}
 
 
-def _paper_suite(quick: bool, out: Path, mnist: str | None, cifar10: str | None) -> dict:
+def _paper_suite(quick: bool, out: Path, mnist: str | None, cifar10: str | None, seeds: int = 1) -> dict:
     from pqsu.tools.bench import paper as bench_paper
 
-    return bench_paper.run(quick, mnist, cifar10, out=out)
+    return bench_paper.run(quick, mnist, cifar10, out=out, seeds=seeds)
+
+
+def _check_rows(rows: tuple[str, ...] | None) -> None:
+    if not rows:
+        return
+    from pqsu.tools.bench.paper import STRATEGY_ROWS
+
+    unknown = [r for r in rows if r not in STRATEGY_ROWS]
+    if unknown:
+        raise PqsuError(f"--rows: unknown {', '.join(unknown)}; choose among {', '.join(STRATEGY_ROWS)}")
+
+
+def _strategies_suite(quick: bool, out: Path, seeds: int = 1, models: tuple[str, ...] | None = None,
+                      rows: tuple[str, ...] | None = None) -> dict:
+    from pqsu.tools.bench import paper as bench_paper
+
+    return bench_paper.run_strategies(quick, models=models or ("cnn", "alexnet"), out=out, seeds=seeds, rows=rows)
+
+
+def _recovery_suite(quick: bool, out: Path, seeds: int = 1, models: tuple[str, ...] | None = None) -> dict:
+    from pqsu.tools.bench import recovery
+
+    return recovery.run(quick, seeds=seeds, models=models, out=out)
 
 
 def _fleet_suite(quick: bool, out: Path) -> dict:
@@ -195,6 +239,13 @@ def to_markdown(results: dict, images: dict[str, str] | None = None) -> str:
             lines += image(f"accuracy-per-round-{slug}.png", f"accuracy per round from round 0, FedAvg as reference, {name}")
             lines += image(f"accuracy-vs-nbiot-{slug}.png", f"accuracy vs simulated NB-IoT time, {name}")
             lines += image(f"bytes-{slug}.png", f"bytes per client per round, {name}")
+    if "strategies" in results:
+        lines += [bench_report.paper_markdown(results["strategies"], "Inside ours: server strategies and round-0 "
+                                              "levers, one at a time (pqsu bench strategies)")]
+    if "recovery" in results:
+        from pqsu.tools.bench.recovery import to_markdown as recovery_markdown
+
+        lines += [recovery_markdown(results["recovery"])]
     if "export" in results:
         lines += ["## Export: pruned 50% + int8 ONNX vs unpruned fp32", "",
                   "| model | trained on | acc unpruned fp32 | acc pruned fp32 | acc pruned int8 | int8 vs fp32 | "

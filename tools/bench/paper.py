@@ -33,7 +33,8 @@ from pqsu.cloud.bootstrap import CloudData, cloud_data
 from pqsu.cloud.config import FederatedConfig
 from pqsu.cloud.server import FederatedServer
 from pqsu.export import measure
-from pqsu.export.pipeline import finish, model_info, pretrain
+from pqsu.export.pipeline import finish_with_report, model_info, pretrain
+from pqsu.export.recovery import Round0Report
 from pqsu.tools.bench import radio
 from pqsu.tools.fleet.simulate import device_ids, simulate
 
@@ -76,6 +77,23 @@ TARGET_FRACTION = 0.95
 # round-0 model (its first download a patch from it, or nothing).
 RADIO_VIEWS = {"radio": "radio", "flashed": "radio_flashed"}
 
+# `pqsu bench strategies`: ours with one lever changed at a time, beside dense FedAvg, on the same split.
+# The adaptive server optimizers step about `server_lr` per coordinate whatever the update's size, so
+# their lr is FedAvg's 1 divided by the size of a typical weight (Reddi et al. tune it in 1e-3 .. 1e-1).
+STRATEGY_ROWS: dict[str, tuple[str, dict]] = {
+    "fedavg": ("fedavg", {}),
+    "ours": ("ours", {}),
+    "ours@m0": ("ours", {"server_momentum": 0.0}),
+    "ours@fedadam": ("ours", {"server_opt": "fedadam", "server_lr": 0.01, "server_momentum": 0.0}),
+    "ours@fedyogi": ("ours", {"server_opt": "fedyogi", "server_lr": 0.01, "server_momentum": 0.0}),
+    "ours@global": ("ours", {"ranking": "global"}),
+    # A longer round-0 fine-tune is more cloud training, so FedAvg gets it too: the fair reference.
+    "ours@ft3": ("ours", {"finetune_epochs": 3.0}),
+    "fedavg@ft3": ("fedavg", {"finetune_epochs": 3.0}),
+}
+STRATEGY_PLANS = {"cnn": dict(rounds=12, pretrain_epochs=1.0, finetune_epochs=1.0),
+                  "alexnet": dict(rounds=8, pretrain_epochs=3.0, finetune_epochs=1.0, lr=0.02)}
+
 # CPU-sized for a 2-core machine (about an hour for both tables). Unpruned fp32 AlexNet trains at 25-45
 # samples/s here and every device parses the 118 MB fp32 model each FedAvg round, so a device trains on 200
 # samples a round: a tenth of an epoch over its 2,000. Devices must hold far more data than the cloud's proxy
@@ -104,8 +122,15 @@ def plans(quick: bool, mnist: str | None = None, cifar10: str | None = None) -> 
     return out
 
 
-def run_table(overrides: dict, rows: dict[str, tuple[str, dict]] = ROWS, latency_repeats: int = 30) -> dict:
-    """Every row on the same split and seed; returns per-row measurements plus the radio analysis."""
+def run_table(overrides: dict, rows: dict[str, tuple[str, dict]] = ROWS, latency_repeats: int = 30,
+              seeds: int = 1) -> dict:
+    """Every row on the same split and seed; returns per-row measurements plus the radio analysis.
+
+    With `seeds` > 1 the whole table is run once per seed (seed, seed + 1, ...: each its own data split,
+    initial weights and training) and merged by `merge_seeds`."""
+    if seeds > 1:
+        first = overrides.get("seed", 0)
+        return merge_seeds([run_table({**overrides, "seed": first + i}, rows, latency_repeats) for i in range(seeds)])
     base = FederatedConfig.for_scheme("fedavg", **overrides)
     data = cloud_data(base)
     pretrained = pretrain(base.prepare_config(), data.proxy)  # round 0's pre-training, shared by every row
@@ -115,21 +140,49 @@ def run_table(overrides: dict, rows: dict[str, tuple[str, dict]] = ROWS, latency
              "rows": {}}
     for label, (scheme, extra) in rows.items():
         cfg = row_config(scheme, **{**overrides, **extra})
+        ft = extra.get("finetune_epochs", base.finetune_epochs)  # a row may buy round 0 more epochs, on purpose
         log.info("paper %s / %s: %d rounds, %d clients", cfg.model, label, cfg.rounds, cfg.clients)
+        server, round0 = _server(cfg, pretrained, data, ft)
         result = simulate(cfg, lambda r: log.info("  round %d acc %.4f up %d", r.round, r.accuracy, r.bytes_up),
-                          server=_server(cfg, pretrained, data, base.finetune_epochs))
+                          server=server)
         ort_ms = measure.ort_latency_ms(measure.ort_session(result.model), x1, latency_repeats)
-        table["rows"][label] = _row(scheme, cfg, result, ort_ms)
+        table["rows"][label] = {**_row(scheme, cfg, result, ort_ms, ft), "prune_chosen": round0.ratio}
     analyze(table)
     return table
 
 
-def _row(scheme: str, cfg: FederatedConfig, result, ort_ms: float) -> dict:
+def merge_seeds(tables: list[dict]) -> dict:
+    """One table from the same table run over several seeds. Accuracy figures become means over the
+    seeds (per round, so time to target reads the mean curve), with the spread beside them: the sample
+    stdev of each row's last-3 mean and of its paired gap to FedAvg on the same seed (the same split,
+    so split-to-split swings that hit every row alike cancel). Bytes, timings and the radio inputs are
+    the first seed's."""
+    merged = copy.deepcopy(tables[0])
+    merged["seeds"] = [t["config"].get("seed", 0) for t in tables]
+    for label, row in merged["rows"].items():
+        runs = [t["rows"][label] for t in tables]
+        last3 = [r["last3_accuracy"] for r in runs]
+        gaps = [100 * (r["last3_accuracy"] - t["rows"]["fedavg"]["last3_accuracy"]) for r, t in zip(runs, tables)]
+        row["per_seed_last3_accuracy"] = last3
+        row["per_seed_last3_delta_pt_vs_fedavg"] = gaps
+        row["last3_accuracy"] = statistics.mean(last3)
+        row["last3_accuracy_spread"] = statistics.stdev(last3)
+        row["last3_delta_pt_spread"] = statistics.stdev(gaps)
+        row["accuracy_per_round"] = [statistics.mean(acc) for acc in zip(*(r["accuracy_per_round"] for r in runs))]
+        row["final_accuracy"] = statistics.mean(r["final_accuracy"] for r in runs)
+        row["initial_accuracy"] = statistics.mean(r["initial_accuracy"] for r in runs)
+    analyze(merged)
+    return merged
+
+
+def _row(scheme: str, cfg: FederatedConfig, result, ort_ms: float, ft: float) -> dict:
     rounds = result.rounds
     seconds = [d["seconds"] for r in rounds for d in r["devices"].values()]
     return {
         "scheme": scheme, "prune": cfg.prune, "precision": cfg.precision, "upload": cfg.upload, "select": cfg.select,
-        "error_feedback": cfg.error_feedback, "server_momentum": cfg.server_momentum,
+        "error_feedback": cfg.error_feedback, "server_momentum": cfg.server_momentum, "server_opt": cfg.server_opt,
+        "server_lr": cfg.server_lr, "importance": cfg.importance, "ranking": cfg.ranking, "distill": cfg.distill,
+        "prune_steps": cfg.prune_steps, "finetune_epochs": ft,
         "initial_accuracy": result.summary["initial_accuracy"],
         "accuracy_per_round": [r["accuracy"] for r in rounds],
         "final_accuracy": rounds[-1]["accuracy"],
@@ -228,32 +281,57 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def _server(cfg: FederatedConfig, pretrained: torch.nn.Module, data: CloudData, finetune_epochs: float) -> FederatedServer:
+def _server(cfg: FederatedConfig, pretrained: torch.nn.Module, data: CloudData,
+            finetune_epochs: float) -> tuple[FederatedServer, Round0Report]:
     """A row's server: the shared pre-trained model pruned and fine-tuned as `prepare_master` does.
 
     Unpruned rows train the same `finetune_epochs` on the proxy without pruning: every row gets
     the same cloud training before round 1, so no row starts ahead on proxy epochs alone."""
-    master = finish(copy.deepcopy(pretrained), cfg.prepare_config(), data.proxy, finetune_epochs)
+    master, round0 = finish_with_report(copy.deepcopy(pretrained), cfg.prepare_config(), data.proxy, finetune_epochs)
     return FederatedServer(master, model_info(master, data.proxy), data.calibration, data.test_x, data.test_y,
-                           cfg.server_config())
+                           cfg.server_config()), round0
 
 
-def run(quick: bool = False, mnist: str | None = None, cifar10: str | None = None, out: Path | None = None) -> dict:
+def run(quick: bool = False, mnist: str | None = None, cifar10: str | None = None, out: Path | None = None,
+        seeds: int = 1) -> dict:
     """Every table; each is kept in `out` as soon as it is measured and reused (re-analyzed) from there
     by a later run, so a failure in one table does not cost the others (delete the file to measure again)."""
     tables = {}
     for name, overrides in plans(quick, mnist, cifar10):
-        saved = out / f"paper-{name.replace('/', '-')}{'-quick' if quick else ''}.json" if out else None
+        tag = ("-quick" if quick else "") + (f"-{seeds}seeds" if seeds > 1 else "")
+        saved = out / f"paper-{name.replace('/', '-')}{tag}.json" if out else None
         if saved and saved.exists():
             log.info("paper %s: reusing %s (delete it to measure again)", name, saved)
             tables[name] = json.loads(saved.read_text())
             tables[name].setdefault("measured_at", dt.datetime.fromtimestamp(saved.stat().st_mtime).isoformat("T", "minutes"))
             analyze(tables[name])
             continue
-        tables[name] = run_table(overrides, latency_repeats=5 if quick else 30)
+        tables[name] = run_table(overrides, latency_repeats=5 if quick else 30, seeds=seeds)
         tables[name]["measured_at"] = dt.datetime.now().isoformat(timespec="minutes")
         if saved:
             saved.write_text(json.dumps(tables[name], indent=2) + "\n")
+    return {"tables": tables, "target_fraction": TARGET_FRACTION,
+            "profiles": {k: vars(v) for k, v in radio.PROFILES.items()}}
+
+
+def run_strategies(quick: bool = False, models: tuple[str, ...] = ("cnn", "alexnet"), out: Path | None = None,
+                   seeds: int = 1, rows: tuple[str, ...] | None = None) -> dict:
+    """STRATEGY_ROWS (or the `rows` named, fedavg always first) per model (FULL's devices and split,
+    STRATEGY_PLANS' rounds), kept in `out` per model and row set."""
+    chosen = {k: STRATEGY_ROWS[k] for k in ("fedavg", *(r for r in rows if r != "fedavg"))} if rows else STRATEGY_ROWS
+    tables = {}
+    for model in (("cnn",) if quick else models):
+        overrides = dict(model=model, dataset="fashion-mnist", **(QUICK if quick else {**FULL, **STRATEGY_PLANS[model]}))
+        tag = ("-quick" if quick else "") + (f"-{seeds}seeds" if seeds > 1 else "") + ("-" + "+".join(chosen) if rows else "")
+        saved = out / f"strategies-{model}{tag}.json" if out else None
+        if saved and saved.exists():
+            tables[model] = json.loads(saved.read_text())
+            analyze(tables[model])
+            continue
+        tables[model] = run_table(overrides, chosen, latency_repeats=5, seeds=seeds)
+        tables[model]["measured_at"] = dt.datetime.now().isoformat(timespec="minutes")
+        if saved:
+            saved.write_text(json.dumps(tables[model], indent=2) + "\n")
     return {"tables": tables, "target_fraction": TARGET_FRACTION,
             "profiles": {k: vars(v) for k, v in radio.PROFILES.items()}}
 

@@ -121,18 +121,36 @@ def _pt(delta: float | None) -> str:
 
 
 def _describe(row: dict) -> str:
-    parts = [f"pruned {row['prune']:.0%}" if row["prune"] else "unpruned", f"{row['precision']} model"]
+    parts = [_pruned(row), f"{row['precision']} model"]
+    if row.get("finetune_epochs") is not None:
+        parts.append(f"round-0 fine-tune {row['finetune_epochs']:g} epochs")
     if row["scheme"] == "paper":
         parts.append("dense int8 upload when the loss improved")
     elif row["select"].startswith("topk"):
-        parts.append(f"{row['select']} int8 + error feedback, {row['upload']}, FedAvgM {row['server_momentum']}")
+        opt = row.get("server_opt", "fedavgm")
+        server = f"FedAvgM {row['server_momentum']}" if opt == "fedavgm" else f"{opt} lr {row.get('server_lr')}"
+        parts.append(f"{row['select']} int8 + error feedback, {row['upload']}, {server}")
     else:
         parts.append(f"dense {row['select'] if row['select'] != 'dense' else 'int8'} upload every round")
     return ", ".join(parts)
 
 
-def paper_markdown(paper: dict) -> str:
-    lines = ["## The paper's table (pqsu bench paper)", "",
+def _pruned(row: dict) -> str:
+    if not row["prune"]:
+        return "unpruned"
+    levers = [x for x in (row.get("importance", "l1") != "l1" and row.get("importance"),
+                          row.get("ranking", "uniform") != "uniform" and f"{row.get('ranking')} ranking",
+                          row.get("distill") and f"distill {row['distill']}",
+                          row.get("prune_steps", 1) > 1 and f"{row['prune_steps']} steps") if x]
+    ratio = row.get("prune_chosen") if isinstance(row["prune"], str) else row["prune"]
+    what = f"pruned {ratio:.0%}" if ratio else "unpruned"
+    if isinstance(row["prune"], str):
+        what += f" ({row['prune']})"
+    return what + (f" ({', '.join(levers)})" if levers else "")
+
+
+def paper_markdown(paper: dict, heading: str = "The paper's table (pqsu bench paper)") -> str:
+    lines = [f"## {heading}", "",
              "Rows add one technique at a time; every row of a table has the same devices, data split, rounds, seed "
              "and round-0 pre-training. Uplink/downlink: bytes per selected client per round, as really encoded "
              "(skipped uploads count 0). Edge round: median wall time of one device's `run_round` on this machine "
@@ -142,8 +160,9 @@ def paper_markdown(paper: dict) -> str:
              "fixed test sample.", ""]
     for name, t in paper["tables"].items():
         c = t["config"]
+        seeds = f"seeds {', '.join(map(str, t['seeds']))}" if t.get("seeds") else f"seed {c['seed']}"
         lines += [f"### {name}: {c['clients']} clients, {c['partition']}, {c['rounds']} rounds, "
-                  f"{c['samples_per_client']} samples per client, seed {c['seed']}", "",
+                  f"{c['samples_per_client']} samples per client, {seeds}", "",
                   f"Round 0: {c['pretrain_epochs']} epochs on {c['proxy_samples']} proxy samples, then pruning and "
                   f"{c['finetune_epochs']} epochs of fine-tuning. Local training: {c['epochs']} epoch, batch "
                   f"{c['batch_size']}, lr {c['lr']}. Test sample: {c['eval_samples']}. Target accuracy "
@@ -154,10 +173,16 @@ def paper_markdown(paper: dict) -> str:
                   "uplink ratio | downlink B | downlink ratio | edge round s | inference ms (ORT) | vs torch fp32 | "
                   "model bytes |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        if t.get("seeds"):
+            lines += [f"Over seeds {', '.join(map(str, t['seeds']))}: accuracies are means over the seeds, ± the "
+                      "sample stdev of the row's last-3 mean, and of its gap to FedAvg on the same seed; bytes and "
+                      "times are the first seed's.", ""]
         for label, r in t["rows"].items():
+            spread = f" ± {100 * r['last3_accuracy_spread']:.2f}" if "last3_accuracy_spread" in r else ""
+            gap_spread = f" ± {r['last3_delta_pt_spread']:.2f}" if "last3_delta_pt_spread" in r else ""
             lines.append(
-                f"| {label} | {_describe(r)} | {r['final_accuracy']:.2%} | {r['last3_accuracy']:.2%} | "
-                f"{r['last3_delta_pt_vs_fedavg']:+.2f} pt | "
+                f"| {label} | {_describe(r)} | {r['final_accuracy']:.2%} | {r['last3_accuracy']:.2%}{spread} | "
+                f"{r['last3_delta_pt_vs_fedavg']:+.2f}{gap_spread} pt | "
                 f"{_pt(r.get('last3_delta_pt_vs_dense_int8'))} | {r['rounds_to_target'] or 'not reached'} | "
                 f"{r['up_bytes_per_client_round']:,.0f} | {_x(r['uplink_ratio_vs_fedavg'])} | "
                 f"{r['down_bytes_per_client_round']:,.0f} | {_x(r['downlink_ratio_vs_fedavg'])} | "

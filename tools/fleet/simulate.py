@@ -53,8 +53,10 @@ def simulate(cfg: FederatedConfig, on_round: Callable[[RoundReport], None] | Non
 
     start = time.perf_counter()
     data = federated_data(cfg, cloud=server is None)
+    config = cfg.to_dict()
     if server is None:
-        server, _ = build_server(cfg, data=data.cloud)
+        server, meta = build_server(cfg, data=data.cloud)
+        config = meta["config"]  # with what round 0 chose (prune_chosen)
     policy = SelectivePolicy.from_spec(cfg.upload, cfg.select, cfg.error_feedback)
     # The devices rebuild the model this run was configured with, a custom architecture too: the same code.
     learners = {d: EdgeLearner(d, shard.x, shard.y, policy, allow_custom={cfg.model})
@@ -62,7 +64,7 @@ def simulate(cfg: FederatedConfig, on_round: Callable[[RoundReport], None] | Non
     runner = RoundRunner(RunnerConfig(rounds=cfg.rounds, round_timeout_s=None, fraction=cfg.fraction, seed=cfg.seed),
                          server, InProcessTransport(learners, tamper=tamper), on_round=on_round)
     summary = runner.run(started=start)
-    return SimResult(config=cfg.to_dict(), rounds=runner.rounds, summary=summary, model=runner.model)
+    return SimResult(config=config, rounds=runner.rounds, summary=summary, model=runner.model)
 
 
 # -- command line ----------------------------------------------------------------------

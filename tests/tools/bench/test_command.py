@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _args(out, *suites: str, docs: bool = False, render: bool = False) -> argparse.Namespace:
     return argparse.Namespace(suites=list(suites), quick=True, out=str(out), docs=docs, render=render, mnist=None,
-                              cifar10=None)
+                              cifar10=None, seeds=1)
 
 
 @pytest.fixture(scope="module")
