@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import bisect
 import collections
+import dataclasses
+import math
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from pqsu.cloud.aggregate import FedAvg, make_aggregator
@@ -82,6 +84,9 @@ class RoundIntake:
         self.layout = ModelLayout(shapes)
         self.fast = self.layout.fits(limits)  # else every payload takes codec.decode
         self.round: Round | None = None
+        # An aggregator worker asks the coordinator before counting (cloud/workers.py): device ids in, one
+        # refusal reason (or None: count it) per device out. None: this intake decides alone.
+        self.claim: Callable[[list[str]], list[str | None]] | None = None
 
     def open(self, rnd: Round) -> None:
         self.round = rnd
@@ -162,6 +167,8 @@ class RoundIntake:
         problem = self._mismatch(update.model_id, update.num_samples, update.blocks)
         if problem:
             return Verdict(False, *problem)
+        if self.claim is not None and (why := self.claim([update.device_id])[0]) is not None:
+            return Verdict(False, why, f"device {update.device_id!r}: not granted ({why})")
         self.aggregator.add(update)
         self.round.count(slot, len(payload), update.loss)
         return ACCEPTED
@@ -173,21 +180,29 @@ class RoundIntake:
                 (i, slot, s, key), = ready
                 return [(i, self._decode_and_add(s.buf, key, slot))]
             return [v for r in ready for v in self._add_batch([r])]
-        out, keep = [], []
+        out, keep = {}, []
         for j, (i, slot, s, _) in enumerate(ready):
             h = s.header
             problem = self._mismatch(h.model_id, h.num_samples, ())
             if problem:
-                out.append((i, Verdict(False, *problem)))
-                continue
-            keep.append(j)
-            self.round.count(slot, len(s.buf), h.loss)
-            out.append((i, ACCEPTED))
+                out[i] = Verdict(False, *problem)
+            else:
+                keep.append(j)
+        if keep and self.claim is not None:
+            refusals = self.claim([ready[j][2].header.device_id for j in keep])
+            for j, why in zip(list(keep), refusals):
+                if why is not None:
+                    out[ready[j][0]] = Verdict(False, why, f"device {ready[j][2].header.device_id!r}: not granted ({why})")
+                    keep.remove(j)
+        for j in keep:
+            i, slot, s, _ = ready[j]
+            self.round.count(slot, len(s.buf), s.header.loss)
+            out[i] = ACCEPTED
         if len(keep) < len(ready):
             batch = decode_batch([ready[j][2] for j in keep], self.layout) if keep else None
         if batch is not None:
             self.aggregator.add(batch)
-        return out
+        return list(out.items())
 
     def _mismatch(self, model_id: str, num_samples: int, blocks) -> tuple[str, str] | None:
         rnd = self.round
@@ -201,6 +216,15 @@ class RoundIntake:
             if tuple(b.shape) != tuple(self.shapes[b.name]):
                 return "shape-mismatch", f"tensor {b.name!r} has shape {b.shape}, model has {self.shapes[b.name]}"
         return None
+
+
+def limits_for(shapes: dict[str, tuple[int, ...]]) -> codec.Limits:
+    """Decode limits for updates to a model of these shapes: room for a dense fp32 update
+    (4 bytes an entry, plus headers) and no more, whatever the codec's generic defaults."""
+    numel = sum(math.prod(s) for s in shapes.values())
+    default = codec.Limits()
+    return dataclasses.replace(default, max_payload_bytes=max(default.max_payload_bytes, 4 * numel + (1 << 20)),
+                               max_tensors=max(default.max_tensors, len(shapes)))
 
 
 def codec_reason(exc: CodecError) -> str:

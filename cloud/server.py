@@ -20,7 +20,7 @@ import numpy as np
 from torch import nn
 
 from pqsu.cloud.aggregate import AggregationError, ServerOptimizer
-from pqsu.cloud.intake import Round, RoundIntake, Verdict  # noqa: F401  (Verdict: part of this module's API)
+from pqsu.cloud.intake import Round, RoundIntake, Verdict, limits_for  # noqa: F401  (part of this module's API)
 from pqsu.export.pipeline import Exported, export_model
 from pqsu.export.runtime import OrtModel
 from pqsu.export.training import evaluate_logits
@@ -148,15 +148,6 @@ class FederatedServer:
             bytes_up=rnd.bytes_up, bytes_down=len(old_bytes) * len(rnd.devices),
             model_bytes=len(data), seconds=time.perf_counter() - rnd.started,
             train_loss=rnd.loss_sum / rnd.uploads if rnd.uploads else float("nan"))
-
-def limits_for(shapes: dict[str, tuple[int, ...]]) -> codec.Limits:
-    """Decode limits for updates to a model of these shapes: room for a dense fp32 update
-    (4 bytes an entry, plus headers) and no more, whatever the codec's generic defaults."""
-    numel = sum(int(np.prod(s)) for s in shapes.values())
-    default = codec.Limits()
-    return dataclasses.replace(default, max_payload_bytes=max(default.max_payload_bytes, 4 * numel + (1 << 20)),
-                               max_tensors=max(default.max_tensors, len(shapes)))
-
 
 def choose_devices(devices: list[str], fraction: float, seed: int, round_: int) -> list[str]:
     """The devices asked in a round: a seeded sample of `fraction` of them, the same for every driver."""

@@ -20,6 +20,7 @@ from pqsu.protocol.messages import RoundTask
 # What a device's answer can say: an update (payload), or its status after being asked.
 UPDATE = "update"
 ANSWERS = ("skipped", "failed", "offline")  # statuses that answer a round without an update
+COUNTED = "counted"  # an update an aggregator worker accepted (cloud/workers.py): the device answered
 
 
 @dataclass(frozen=True)
