@@ -18,7 +18,7 @@ import socket
 import threading
 
 from pqsu.protocol.errors import PqsuError
-from pqsu.protocol.identity_args import read_password_file
+from pqsu.protocol.identity_args import add_identity_arguments, read_password_file
 from pqsu.protocol.topics import MAX_PARTITIONS, TopicError, check_device
 
 
@@ -51,12 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=256, metavar="N", help="updates judged and folded together "
                    "(default: 256)")
     p.add_argument("--protocol", choices=["auto", "5", "3.1.1"], default="auto", help="MQTT version (default: auto)")
-    p.add_argument("--username", help="MQTT user name")
-    p.add_argument("--password-file", metavar="FILE", help="file holding the MQTT password")
+    add_identity_arguments(p.add_argument_group("broker security (this worker's own identity)"), "this worker's")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pqsu.cloud.command import check_broker
+    from pqsu.cloud.command import check_broker, check_tls_files
 
     try:
         worker = check_device(args.worker)
@@ -65,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     partitions = parse_partitions(args.partitions)
     if args.flush <= 0 or args.batch < 1:
         raise PqsuError("--flush must be > 0 and --batch >= 1")
+    check_tls_files(args)
     check_broker(args.broker)
     keys = None
     if args.keys:
@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     from pqsu.cloud.workers import AggregatorWorker, WorkerConfig
 
     cfg = WorkerConfig(broker=args.broker, fleet=args.fleet, worker=worker, partitions=partitions, keys=keys,
-                       flush_s=args.flush, batch=args.batch, protocol=args.protocol, username=args.username,
+                       flush_s=args.flush, batch=args.batch, protocol=args.protocol, tls_ca=args.tls_ca,
+                       tls_cert=args.tls_cert, tls_key=args.tls_key, username=args.username,
                        password=read_password_file(args.password_file))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

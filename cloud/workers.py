@@ -93,6 +93,9 @@ class WorkerConfig:
     claim_timeout_s: float = 10.0
     chunk_limit: int = 128 * 1024
     protocol: str = "auto"
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
 
@@ -102,6 +105,7 @@ class AggregatorWorker:
         self.cfg, self.topics = cfg, Topics(cfg.fleet)
         status = self.topics.agg(cfg.worker, "status")
         self.client = client or MqttClient(cfg.broker, f"pqsu-aggregator-{cfg.fleet}-{cfg.worker}", protocol=cfg.protocol,
+                                           tls_ca=cfg.tls_ca, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
                                            username=cfg.username, password=cfg.password,
                                            will=(status, self._status("offline"), 1, True))
         self.updates: queue.Queue[tuple[bytes, str]] = queue.Queue(maxsize=100_000)
@@ -115,7 +119,6 @@ class AggregatorWorker:
         self._seq = 0
         self.refused: collections.Counter = collections.Counter()  # since the last partial
         self.handed = {"partials": 0, "updates": 0}
-        self._early: collections.deque = collections.deque(maxlen=4096)  # updates before their round opened
         self.intake_job, self.opened, self._rejected_seen = None, -1, collections.Counter()
 
     def _status(self, state: str) -> bytes:
@@ -194,12 +197,12 @@ class AggregatorWorker:
         last_flush = time.monotonic()
         while not stop.is_set():
             self._follow_round()
-            items = self._take(0.05)
-            if items and self.intake is not None and self.intake.round is not None:
-                self.intake.submit_many(items)
-            elif items:
-                self._early.extend(items)
             rnd = self.intake.round if self.intake else None
+            if rnd is None:  # updates wait in the queue (bounded: queue-full beyond) until their round opens
+                stop.wait(0.02)
+                continue
+            if items := self._take(0.05):
+                self.intake.submit_many(items)
             if rnd is not None and rnd.task.round in self.closing:
                 while items := self._take(0.0):  # what already arrived still counts
                     self.intake.submit_many(items)
@@ -225,9 +228,6 @@ class AggregatorWorker:
             self._hand_over(final=True)
         self.intake.open(OpenRound(task, tuple(sorted(task.devices)), time.perf_counter()))
         self.opened, self._rejected_seen = task.round, collections.Counter()
-        if self._early:
-            early, self._early = list(self._early), collections.deque(maxlen=4096)
-            self.intake.submit_many(early)
 
     def _take(self, timeout_s: float) -> list[tuple[bytes, str]]:
         try:
