@@ -93,18 +93,17 @@ class FedAvg:
         self.weight += float(update.num_samples)
 
     def _fold(self) -> None:
-        """Scatter-add the pending batches: positions, values and per-block factors concatenated once."""
+        """Scatter-add the pending batches, one add.at each."""
         pending, self._pending, self._pending_entries = self._pending, [], 0
         pending = [(b, w) for b, w in pending if b.index.size]
         if not pending:
             return
-        index = np.concatenate([b.index for b, _ in pending]) if len(pending) > 1 else pending[0][0].index
-        factor = np.concatenate([b.scale * w[b.owner].astype(np.float32) for b, w in pending])
-        values = np.concatenate([b.q for b, _ in pending]).astype(np.float32)
-        values *= np.repeat(factor, np.concatenate([b.nnz for b, _ in pending]))
-        # Unbuffered: positions repeat across updates. numpy >= 2 runs add.at on 1-D arrays as a plain loop,
-        # faster here than bincount (a float64 pass over the whole model) or sorting.
-        np.add.at(self._flat, index, values)
+        for batch, w in pending:  # each batch is already large: one pass of numpy calls per batch
+            values = batch.q.astype(np.float32)
+            values *= np.repeat(batch.scale * w[batch.owner].astype(np.float32), batch.nnz)
+            # Unbuffered: positions repeat across updates. numpy >= 2 runs add.at on 1-D arrays as a plain
+            # loop, faster here than bincount (a float64 pass over the whole model) or sorting.
+            np.add.at(self._flat, batch.index, values)
 
     def partial(self) -> tuple[np.ndarray, float, int]:
         """(flat weighted sums, weight total, count) so far: what a worker hands over."""

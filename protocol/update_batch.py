@@ -254,19 +254,19 @@ def _indices(scanned: list[Scanned], group: list[tuple], layout: ModelLayout) ->
         starts = np.empty_like(ends)
         starts[0] = 0
         np.add(ends[:-1], 1, out=starts[1:])
-        extra = ends - starts
-        longest = int(extra.max()) + 1
-        if longest > 5:  # u32 indices: at most 5 bytes (and codec.decode refuses each tensor's own bound)
-            return None
-        multi = np.flatnonzero(cont[starts])  # varints longer than one byte (bool nonzero: cheaper than on extra)
+        multi = np.flatnonzero(cont[starts])  # varints longer than one byte (most gaps take one)
         if not buf[ends[multi]].all():
             return None  # non-canonical: a redundant trailing zero byte
         low = buf & 0x7F
         gaps = low[starts].astype(np.int64)
-        for k in range(1, longest):
-            if k > 1:
-                multi = multi[extra[multi] >= k]
-            gaps[multi] |= low[starts[multi] + k].astype(np.int64) << (7 * k)
+        k = 1
+        while multi.size:  # byte k of the varints that have one; the set shrinks with k
+            if k == 5:  # u32 indices: at most 5 bytes (codec.decode refuses each tensor's own bound)
+                return None
+            at = starts[multi] + k
+            gaps[multi] |= low[at].astype(np.int64) << (7 * k)
+            multi = multi[cont[at]]
+            k += 1
     # out[j] = offset of its tensor + its index = a running sum of (gap + 1) restarted at each block, made
     # one cumsum by giving each block's first step what takes the sum from the last block's end to its
     # start. Gaps < 2^35 and fewer than 2^26 of them per payload: no int64 overflow.

@@ -153,6 +153,7 @@ class _Fleet:
 
     def round(self, n_workers: int, devices: list[str], fleet: FleetUpdates, round_: int, tag: str) -> dict:
         """Prime the workers' sessions, queue every update, start the workers and time the round."""
+        fleet.round = round_
         reap(self.workers(n_workers, tag), 10.0, signal_first=True)  # sessions (and subscriptions) now exist
         task = RoundTask(round=round_, model_id=fleet.model_id, devices=(), job=JOB, partitions=self.partitions)
         rnd, agg = Round(task, tuple(devices), 0.0), FedAvg(self.shapes)
