@@ -45,6 +45,19 @@ SMALL = {"conv1.weight": (16, 1, 3, 3), "conv1.bias": (16,), "conv2.weight": (32
          "fc1.weight": (64, 1568), "fc1.bias": (64,), "fc2.weight": (10, 64), "fc2.bias": (10,)}  # ~106k params
 
 
+# Broker vendors' own published figures (not measured here): what a cluster is reported to carry.
+VENDOR_FIGURES = [
+    ("EMQX 4.3, 5 nodes x 32 cores", 500_000, 50, "QoS 1, 50-byte payloads",
+     "https://www.emqx.com/en/resources/emqx-v-4-3-0-ten-million-connections-performance-test-report"),
+    ("EMQX 5.0, 23 nodes", 1_000_000, None, "1-to-1 publish/subscribe, 100 M connections",
+     "https://www.emqx.com/en/blog/reaching-100m-mqtt-connections-with-emqx-5-0"),
+    ("EMQX Cloud, 100k CONN / 100k TPS plan", 100_000, 10_240, "QoS 0, 10 KB payloads",
+     "https://www.emqx.com/en/resources/performance-test-report-for-emqx-cloud-100000-connection"),
+    ("HiveMQ, 200 M connections benchmark", 1_000_000, None, "peak PUBLISH messages/s",
+     "https://www.hivemq.com/benchmark-200-million/"),
+]
+
+
 def _worst(a: dict, b: dict) -> tuple[float, float]:
     diff = max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a)
     return diff, diff / max(float(np.abs(b[k]).max()) for k in a)
@@ -238,6 +251,34 @@ def run(quick: bool = False, out: Path | None = None) -> dict:
     return result
 
 
+def _projection(r: dict) -> list[str]:
+    """Aggregation capacity of N worker machines from the measured per-worker rate, beside what the broker
+    must then carry and what vendors report their clusters carry."""
+    w = r["workers"]
+    per_worker = w["one"]["updates_per_s"]
+    update_bytes = r["one_core"]["cnn"]["update_bytes"]
+    lines = ["### Projection to N machines (from the 1-worker rate above; broker figures are the vendors')", "",
+             f"One worker drained {per_worker:,.0f} updates/s of {update_bytes:,} bytes here (one core, loaded "
+             "machine). Workers share nothing but the broker, so N machines of C cores run N x C workers; the "
+             "coordinator only grants claims and adds one partial per worker per flush. What then bounds a round "
+             "is the broker, which must carry every update once in and once out:", "",
+             f"| machines x cores | workers | updates/s, linear | at the measured 2-worker efficiency "
+             f"({w['speedup'] / 2:.0%}) | broker MB/s in (linear) | 100,000-device round (linear) |",
+             "|---|---|---|---|---|---|"]
+    for machines, cores in ((1, 2), (4, 8), (16, 16), (64, 16)):
+        n = machines * cores
+        rate = n * per_worker
+        lines.append(f"| {machines} x {cores} | {n} | {rate:,.0f} | {rate * w['speedup'] / 2:,.0f} | "
+                     f"{rate * update_bytes / 1e6:,.0f} | {100_000 / rate:,.1f} s |")
+    lines += ["", "Published broker figures (vendors' own benchmarks, small messages unless stated; not measured "
+              "here):", ""]
+    for name, rate, size, note, url in VENDOR_FIGURES:
+        mb = f", {rate * size / 1e6:,.0f} MB/s" if size else ""
+        lines.append(f"- [{name}]({url}): {rate:,} messages/s ({note}{mb})")
+    lines.append("")
+    return lines
+
+
 def to_markdown(r: dict) -> str:
     """The scale section of docs/results.md, from the measurements (nothing typed by hand)."""
     load = ", ".join(f"{x:.1f}" for x in r["load_average"])
@@ -268,6 +309,7 @@ def to_markdown(r: dict) -> str:
               f"{'met' if w['speedup'] >= 1.7 else 'missed'}).", ""]
     b = r["round"]
     rss = max(b["worker_peak_rss_bytes"].values())
+    lines += _projection(r)
     lines += [f"### A {b['devices']:,}-device round ({b['model']})", "",
               f"{b['workers']} workers, {b['counted']:,} devices granted, {b['aggregated']:,} aggregated, "
               f"{b['lost']} lost, refusals {b['rejected'] or 'none'}; {b['updates_per_s']:,.0f} updates/s; largest "

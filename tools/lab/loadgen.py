@@ -44,7 +44,7 @@ class FleetUpdates:
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(self.seed)
-        self.bodies, self.dense = [], []
+        self.bodies, self.blocks = [], []  # sparse blocks, not dense tensors: O(templates x nnz) memory
         for _ in range(self.templates):
             blocks = []
             for name, shape in self.shapes.items():
@@ -54,7 +54,7 @@ class FleetUpdates:
             payload = codec.encode(Update(self.round, "x", self.model_id, 1, 0.5, tuple(blocks)))
             _, start = codec._read_header(payload)
             self.bodies.append(payload[start:-codec._CRC_BYTES])  # the blocks, after the tensor count
-            self.dense.append({b.name: b.dequantize() for b in blocks})
+            self.blocks.append(blocks)
         self.count = len(self.shapes)
 
     def samples(self, i: int) -> int:
@@ -72,9 +72,17 @@ class FleetUpdates:
         """The FedAvg of devices 0..n-1 (float64), from the templates and the per-device weights."""
         weights = np.zeros(self.templates)
         np.add.at(weights, np.arange(n) % self.templates, [self.samples(i) for i in range(n)])
-        total = weights.sum()
-        return {k: sum(w * d[k].astype(np.float64) for w, d in zip(weights, self.dense)) / total
-                for k in self.shapes}
+        return self.weighted_mean(weights)
+
+    def weighted_mean(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """sum_j weights[j] x template j / sum(weights), in float64."""
+        out = {k: np.zeros(s, np.float64) for k, s in self.shapes.items()}
+        for w, blocks in zip(weights, self.blocks):
+            for b in blocks:
+                if w:
+                    out[b.name].reshape(-1)[b.indices] += w * (b.q.astype(np.float64) * float(b.scale[0]))
+        total = float(np.sum(weights))
+        return {k: v / total for k, v in out.items()}
 
 
 class LoadGenerator:
