@@ -6,7 +6,9 @@ object, so both give the same numbers for the same seed.
 
 Nothing a device sends can corrupt the master model: every payload is decoded,
 authenticated and checked against the round before it reaches the aggregator, and the
-aggregated step is applied only if every resulting weight is finite.
+aggregated step is applied only if every resulting weight is finite. Those checks and the
+round's aggregator live in cloud/intake.py, which aggregator workers (cloud/workers.py) run
+too; with workers the server's round is fed their partial sums instead of payloads.
 """
 from __future__ import annotations
 

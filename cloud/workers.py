@@ -183,7 +183,10 @@ class AggregatorWorker:
         self.client.subscribe(self.topics.agg_close, self._on_close)
         self.client.subscribe(self.topics.agg(self.cfg.worker, "grant"), self._on_grant)
         self.client.connect(timeout_s=30)
-        self.client.publish(self.topics.agg(self.cfg.worker, "status"), self._status("online"), retain=True)
+        try:  # what the session queued arrives first and can delay the acknowledgement: paho delivers it anyway
+            self.client.publish(self.topics.agg(self.cfg.worker, "status"), self._status("online"), retain=True)
+        except PqsuError as exc:
+            log.warning("%s: online status not acknowledged yet (%s)", self.cfg.worker, exc)
 
     def stop(self) -> None:
         try:

@@ -179,6 +179,8 @@ class _Fleet:
         deadline = time.monotonic() + max(120.0, len(devices) / 200)
         peak = {}
         while counted < len(devices) and time.monotonic() < deadline:
+            if not all(p.running for p in procs):
+                raise RuntimeError("a worker died:\n" + "\n".join(p.tail() for p in procs))
             self.pool.apply()
             got = len(self.pool.take_counted())
             if got:
