@@ -100,15 +100,24 @@ class WorkerConfig:
     password: str | None = field(default=None, repr=False)
 
 
+QUEUE_UPDATES = 1024  # reassembled updates waiting to be judged: beyond it the data connection stops reading
+
+
 class AggregatorWorker:
-    def __init__(self, cfg: WorkerConfig, client: MqttClient | None = None):
+    """Two broker connections: the data one reads the partitions and blocks when the worker falls behind
+    (TCP backpressure: the backlog stays in the broker, the worker's memory stays O(model + queue)); the
+    control one carries the plan, rounds, claims, grants, partials and the status with its last will,
+    so a grant is never stuck behind a backlog of updates."""
+
+    def __init__(self, cfg: WorkerConfig, client: MqttClient | None = None, data: MqttClient | None = None):
         self.cfg, self.topics = cfg, Topics(cfg.fleet)
         status = self.topics.agg(cfg.worker, "status")
-        self.client = client or MqttClient(cfg.broker, f"pqsu-aggregator-{cfg.fleet}-{cfg.worker}", protocol=cfg.protocol,
-                                           tls_ca=cfg.tls_ca, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
-                                           username=cfg.username, password=cfg.password,
-                                           will=(status, self._status("offline"), 1, True))
-        self.updates: queue.Queue[tuple[bytes, str]] = queue.Queue(maxsize=100_000)
+        ident = dict(protocol=cfg.protocol, tls_ca=cfg.tls_ca, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
+                     username=cfg.username, password=cfg.password)
+        self.client = client or MqttClient(cfg.broker, f"pqsu-aggregator-{cfg.fleet}-{cfg.worker}-ctl",
+                                           will=(status, self._status("offline"), 1, True), **ident)
+        self.data = data or MqttClient(cfg.broker, f"pqsu-aggregator-{cfg.fleet}-{cfg.worker}", **ident)
+        self.updates: queue.Queue[tuple[bytes, str]] = queue.Queue(maxsize=QUEUE_UPDATES)
         self.reassembler = chunking.Reassembler(max_messages=4096, max_bytes=512 * 1024 * 1024)
         self.plan: dict | None = None
         self.task: RoundTask | None = None
@@ -120,6 +129,7 @@ class AggregatorWorker:
         self.refused: collections.Counter = collections.Counter()  # since the last partial
         self.handed = {"partials": 0, "updates": 0}
         self.intake_job, self.opened, self._rejected_seen = None, -1, collections.Counter()
+        self._stopping = False
 
     def _status(self, state: str) -> bytes:
         return json.dumps({"v": 1, "type": "agg-status", "worker": self.cfg.worker, "state": state,
@@ -134,11 +144,12 @@ class AggregatorWorker:
             self.refused[f"chunk-{getattr(exc, 'reason', 'malformed')}" if isinstance(exc, chunking.ChunkError)
                          else "foreign-topic"] += 1
             return
-        if payload is not None:
-            try:
-                self.updates.put_nowait((payload, device))
+        while payload is not None and not self._stopping:
+            try:  # blocks the data connection only: backpressure, the backlog waits in the broker
+                self.updates.put((payload, device), timeout=0.5)
+                return
             except queue.Full:
-                self.refused["queue-full"] += 1
+                continue
 
     def _on_plan(self, topic: str, payload: bytes, retained: bool) -> None:
         try:
@@ -176,17 +187,15 @@ class AggregatorWorker:
 
     # -- the worker's thread ---------------------------------------------------------------------
     def start(self) -> None:
-        for p in self.cfg.partitions:
-            self.client.subscribe(self.topics.partition_filter(p), self._on_update)
         self.client.subscribe(self.topics.agg_plan, self._on_plan)
         self.client.subscribe(self.topics.round, self._on_round)
         self.client.subscribe(self.topics.agg_close, self._on_close)
         self.client.subscribe(self.topics.agg(self.cfg.worker, "grant"), self._on_grant)
         self.client.connect(timeout_s=30)
-        try:  # what the session queued arrives first and can delay the acknowledgement: paho delivers it anyway
-            self.client.publish(self.topics.agg(self.cfg.worker, "status"), self._status("online"), retain=True)
-        except PqsuError as exc:
-            log.warning("%s: online status not acknowledged yet (%s)", self.cfg.worker, exc)
+        for p in self.cfg.partitions:
+            self.data.subscribe(self.topics.partition_filter(p), self._on_update)
+        self.data.connect(timeout_s=30)  # what the session queued while we were away starts arriving
+        self.client.publish(self.topics.agg(self.cfg.worker, "status"), self._status("online"), retain=True)
 
     def stop(self) -> None:
         try:
@@ -194,6 +203,8 @@ class AggregatorWorker:
         except PqsuError:
             pass
         self.client.close()
+        self._stopping = True  # the data connection's thread stops waiting for room in the queue
+        self.data.close()
 
     def run(self, stop: threading.Event) -> None:
         """Judge, claim, fold and hand over until `stop`; one round at a time, as announced."""
@@ -201,7 +212,7 @@ class AggregatorWorker:
         while not stop.is_set():
             self._follow_round()
             rnd = self.intake.round if self.intake else None
-            if rnd is None:  # updates wait in the queue (bounded: queue-full beyond) until their round opens
+            if rnd is None:  # updates wait in the queue (then in the broker) until their round opens
                 stop.wait(0.02)
                 continue
             if items := self._take(0.05):
