@@ -395,6 +395,10 @@ class Coordinator(MqttTransport):
     def announce(self, task: RoundTask) -> None:
         if self.workers is not None:
             self.workers.open(self.server.intake.round, self.server.intake.aggregator)
+            if missing := self.workers.uncovered(self.cfg.partitions):
+                log.warning("round %d: no aggregator worker online reads partitions %s: their devices' updates wait "
+                            "in the broker (start pqsu aggregator --partitions ...)", task.round,
+                            ",".join(map(str, missing)))
         super().announce(task)
 
     def run(self, stop: threading.Event | None = None) -> dict:

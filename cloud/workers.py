@@ -339,6 +339,13 @@ class WorkerPool:
             self.round, self.aggregator = rnd, aggregator
             self.workers = {w: _Held(online=st.get("state") == "online") for w, st in self.status.items()}
 
+    def uncovered(self, partitions: int) -> list[int]:
+        """Partitions no online worker says it reads."""
+        with self.lock:
+            read = {p for st in self.status.values() if st.get("state") == "online" for p in st.get("partitions", [])
+                    if isinstance(p, int)}
+        return [p for p in range(partitions) if p not in read]
+
     def _on_status(self, topic: str, payload: bytes, retained: bool) -> None:
         try:
             _, worker = self.topics.parse(topic)

@@ -99,7 +99,7 @@ def test_two_workers_partials_reduce_to_the_single_process_aggregate(broker):
     try:
         h.worker("w0", [0, 2])
         h.worker("w1", [1, 3])
-        assert wait_until(lambda: all(w.intake is not None or w.plan for w in h.workers))
+        assert wait_until(lambda: h.pool.uncovered(P) == [])  # the coordinator sees every partition read
         h.open()
         time.sleep(0.3)  # the workers see the retained announcement
         bad = {devices[5]: b"not an update", devices[9]: fleet.payload(10, devices[10])}  # garbage; names another
