@@ -14,7 +14,8 @@ from pqsu.cloud.prepare import prepare_master
 from pqsu.cloud.server import FederatedServer
 from pqsu.export.bridge import load_weights
 from pqsu.export.pipeline import model_info
-from pqsu.export.zoo import ModelSpec, build_model
+from pqsu.export.custom import build_any
+from pqsu.export.zoo import ModelSpec
 from pqsu.protocol.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ def build_server(cfg: FederatedConfig, *, checkpoint_dir: str | Path | None = No
     resumed = checkpoint.load_latest(checkpoint_dir) if checkpoint_dir else None
     if resumed is not None:
         info = ModelInfo.from_metadata(resumed.meta["model_info"])
-        master = build_model(ModelSpec.from_dict(info.spec))
+        # The checkpoint's architecture is this coordinator's own configured model: a custom one is trusted.
+        master = build_any(ModelSpec.from_dict(info.spec), allow_custom=True)
         load_weights(master, resumed.master)
         log.info("resuming after round %d from %s", resumed.round, checkpoint_dir)
     else:

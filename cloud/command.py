@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     check_tls_files(args)
     keys = DeviceKeys(args.keys) if args.keys else None  # a bad keys or password file fails here, before the model
     password = read_password_file(args.password_file)
+    cfg.check_model_and_data()  # seconds (torch's import), where round 0 takes minutes
     from pqsu.cloud import checkpoint
     from pqsu.cloud.preflight import preflight
 

@@ -23,11 +23,15 @@ if typing.TYPE_CHECKING:
     from pqsu.cloud.prepare import PrepareConfig
     from pqsu.cloud.server import ServerConfig
 
+DOWNLINKS = ("full", "hard", "soft")  # cloud/downlink.py KEYFRAME_POLICIES (named here: no numpy to parse flags)
+
 # What a user chooses between. The bench's ablation rows (prune30, prune50+int8...) are built in
 # tools/bench/paper.py over these, so they do not show up among --scheme's choices.
 SCHEMES: dict[str, dict] = {
-    "fedavg": dict(prune=None, precision="fp32", upload="always", select="fp32", error_feedback=False),
-    "paper": dict(prune=0.5, precision="int8", upload="loss", select="dense", error_feedback=False),
+    "fedavg": dict(prune=None, precision="fp32", upload="always", select="fp32", error_feedback=False,
+                   downlink="full"),
+    # The paper ships the whole int8 model every round, as published.
+    "paper": dict(prune=0.5, precision="int8", upload="loss", select="dense", error_feedback=False, downlink="full"),
     # Server momentum (FedAvgM) carries the error-feedback residuals' delayed mass forward; measured on
     # cnn / Fashion-MNIST / Dirichlet 0.5 it closes most of top-2%'s gap to dense FedAvg (docs/results.md).
     "ours": dict(prune=0.5, precision="int8", upload="norm:0.0001", select="topk:0.02", error_feedback=True,
@@ -63,6 +67,13 @@ class FederatedConfig:
     server_momentum: float = 0.0
     eval_samples: int | None = None  # the whole test split
     seed: int = 0
+    # The downlink (cloud/downlink.py; defaults measured, docs/design.md "Downlink").
+    downlink: str = "hard"           # keyframe policy: full (no patches), hard or soft
+    keyframe_every: int | None = None
+    keyframe_clip: float | None = 0.01
+    patch_cap: int | None = None
+    patch_bases: int = 4
+    keyframe_headroom: float = 1.5
 
     def __post_init__(self) -> None:
         from pqsu.cloud.aggregate import make_aggregator  # numpy: not needed to build a parser
@@ -73,6 +84,13 @@ class FederatedConfig:
             raise PqsuError(f"precision must be int8 or fp32, got {self.precision!r}")
         if self.rounds < 1 or self.clients < 1 or not 0 < self.fraction <= 1:
             raise PqsuError("rounds and clients must be >= 1 and fraction in (0, 1]")
+        if self.downlink not in DOWNLINKS:
+            raise PqsuError(f"downlink must be one of {', '.join(DOWNLINKS)}, got {self.downlink!r}")
+        if (self.keyframe_every is not None and self.keyframe_every < 1) or self.patch_bases < 1 \
+                or (self.patch_cap is not None and self.patch_cap < 256) or self.keyframe_headroom < 1 \
+                or (self.keyframe_clip is not None and not 0 <= self.keyframe_clip < 1):
+            raise PqsuError("keyframe_every and patch_bases must be >= 1, patch_cap >= 256 bytes, "
+                            "keyframe_headroom >= 1 and keyframe_clip in [0, 1)")
         if self.prune is not None and not 0 < self.prune < 1:
             raise PqsuError(f"prune ratio must be in (0, 1), got {self.prune}")
         make_aggregator(self.aggregator, {}, self.clip_norm)  # a bad spec fails here, before any work
@@ -83,12 +101,33 @@ class FederatedConfig:
             raise PqsuError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
         return cls(**{**SCHEMES[scheme], **overrides})
 
+    def check_model_and_data(self) -> None:
+        """A one-line PqsuError unless the data set loads, splits among the cloud and the clients, and
+        `model` builds for its samples and classes: what `pqsu simulate`, `pqsu cloud` and `pqsu run`
+        check before any work (shards, agents, round 0)."""
+        from pqsu.export.datasets import load_dataset  # numpy: not needed to build a parser
+        from pqsu.export.model_check import check_model  # torch: only when a run really starts
+        from pqsu.export.partition import federated_split
+
+        train = load_dataset(self.dataset, "train", self.data_root)
+        if self.proxy_samples + self.clients > len(train):
+            raise PqsuError(f"{self.dataset} has {len(train)} training samples: the cloud's {self.proxy_samples} "
+                            f"(--proxy-samples) leave {max(len(train) - self.proxy_samples, 0)} for {self.clients} "
+                            "clients; keep fewer for the cloud")
+        federated_split(train.y, self.proxy_samples, self.clients, self.partition, self.seed, self.samples_per_client)
+        check_model(self.model, train.input_shape, train.num_classes, self.dataset)
+
     def server_config(self) -> ServerConfig:
+        from pqsu.cloud.downlink import DownlinkConfig
         from pqsu.cloud.server import ServerConfig  # torch and onnx: only when a run really starts
 
+        downlink = DownlinkConfig(policy=self.downlink, keyframe_every=self.keyframe_every,
+                                  keyframe_clip=self.keyframe_clip, patch_cap=self.patch_cap,
+                                  patch_bases=self.patch_bases, headroom=self.keyframe_headroom)
         return ServerConfig(aggregator=self.aggregator, clip_norm=self.clip_norm, server_lr=self.server_lr,
                             server_momentum=self.server_momentum, precision=self.precision, epochs=self.epochs,
-                            batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, seed=self.seed)
+                            batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, seed=self.seed,
+                            downlink=downlink)
 
     def prepare_config(self) -> PrepareConfig:
         from pqsu.cloud.prepare import PrepareConfig  # torch: only when a run really starts
@@ -174,8 +213,11 @@ def _shown(value: object) -> str:
 
 # (metavar, what the flag does) per FederatedConfig field. No "%" here: argparse formats help with it.
 FIELD_HELP: dict[str, tuple[str, str]] = {
-    "model": ("NAME", "model architecture from the zoo: cnn, alexnet, vgg16 or resnet18"),
-    "dataset": ("NAME", "data set: fashion-mnist, mnist or cifar10"),
+    "model": ("NAME", "model architecture: from the zoo (cnn, alexnet, vgg16, resnet18 for images, cnn1d for "
+                      "sensor windows), or your own nn.Module as package.module:factory (importable here; pqsu run "
+                      "lets its agents rebuild it)"),
+    "dataset": ("NAME", "data set: fashion-mnist, mnist, cifar10, italy-power, basic-motions, or a labelled-array "
+                        ".npz file (x, y)"),
     "data_root": ("DIR", "folder with the data set files (default: the data set's standard place)"),
     "clients": ("N", "number of devices the training data is split among"),
     "partition": ("SPEC", "how the devices' data is split: iid, dirichlet[:ALPHA] (label skew, stronger as ALPHA "
@@ -213,6 +255,20 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
     "server_momentum": ("M", "server momentum (FedAvgM) on the combined update; 0 is plain FedAvg"),
     "eval_samples": ("N", "test samples the cloud evaluates each round's model on (default: the whole test split)"),
     "seed": ("N", "random seed of the data split, the devices asked each round and the training"),
+    "downlink": ("POLICY", "how the model reaches devices after the first round: full (the whole int8 file "
+                 "every round: patches off), hard (patches from the model a device holds; a full keyframe on "
+                 "drift) or soft (patches; on drift only the clipping channels' scales are widened, itself a "
+                 "patch)"),
+    "keyframe_every": ("N", "a full keyframe (fresh export and calibration) every N model versions (default: "
+                       "only the first)"),
+    "keyframe_clip": ("F", "drift threshold: act (hard: full keyframe, soft: widen scales) when more than this "
+                      "fraction of the int8 weights clip at the held scales; none: never"),
+    "patch_cap": ("BYTES", "largest patch from the previous version: the largest weight changes first, the "
+                  "rest stays in the master for later rounds; none: exact patches"),
+    "patch_bases": ("N", "patches are retained from this many earlier versions; a device further behind "
+                    "downloads the full model"),
+    "keyframe_headroom": ("H", "at a keyframe, widen the int8 weight scales by H so the model can grow "
+                          "before it clips (coarser steps by the same factor)"),
 }
 
 

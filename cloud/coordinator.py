@@ -33,6 +33,7 @@ from pqsu.cloud.workers import WorkerPool
 from pqsu.protocol import chunking
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.messages import Lease, MessageError, RoundTask, Status, done_message
+from pqsu.protocol.model_follow import offers_of
 from pqsu.protocol.mqtt import MqttClient
 from pqsu.protocol.topics import TopicError, Topics
 
@@ -115,6 +116,9 @@ class MqttTransport:
         self._echo: bytes | None = None
         self._reconnected_at: float | None = None
         self._model: tuple[bytes, str] = (b"", "")  # the round's model, to publish again if the broker lost it
+        self._patches: dict[str, bytes] = {}        # and the patches to it, by base
+        self._published_patches: dict[str, tuple[str, int]] = {}  # base -> (target id, frames) retained
+        self._downloads: dict[str, dict] = {}       # this round's, from the devices' "training" statuses
         self.client.on_connect.append(self._on_connect)
 
     # -- network thread --------------------------------------------------------------
@@ -236,14 +240,22 @@ class MqttTransport:
                             f"within {wait_s:.0f}s (broker {self.cfg.broker}, fleet {self.cfg.fleet!r})")
         return online
 
-    def publish_model(self, data: bytes, model_id: str) -> None:
-        self._model = (data, model_id)
+    @property
+    def chunk_limit(self) -> int:
+        return self.cfg.chunk_limit
+
+    def publish_model(self, data: bytes, model_id: str, patches=None) -> None:
+        self._model, self._patches = (data, model_id), dict(patches or {})
         self._publish_model(data, model_id)
+        self._publish_patches(model_id, self._patches)
+
+    def downloads(self) -> dict[str, dict]:
+        return dict(self._downloads)
 
     def announce(self, task: RoundTask) -> None:
         if self.workers is not None:
             task = dataclasses.replace(task, partitions=self.cfg.partitions)
-        self._round = task
+        self._round, self._downloads = task, {}
         self._announced, self._reconnected_at = self._round_message(task), None
         self.client.publish(self.topics.round, self._announced, retain=True)
 
@@ -297,9 +309,11 @@ class MqttTransport:
         except PqsuError as exc:
             log.warning("round %d: metrics not published: %s", report["round"], exc)
 
-    def finish(self, data: bytes, model_id: str, rounds: int) -> None:
+    def finish(self, data: bytes, model_id: str, rounds: int, patches=None) -> None:
         self._publish_model(data, model_id)  # the final model, for every device that serves predictions
-        self.client.publish(self.topics.round, done_message(rounds, model_id, self.cfg.job), retain=True)
+        self._publish_patches(model_id, dict(patches or {}))
+        self.client.publish(self.topics.round, done_message(rounds, model_id, self.cfg.job,
+                                                            offers_of(patches or {})), retain=True)
         self.lease.release()
 
     def state(self) -> dict:
@@ -317,8 +331,9 @@ class MqttTransport:
         if self._echo == self._announced:
             return
         log.warning("the broker lost the retained round announcement: publishing the model and round again")
-        self._published_model = None
+        self._published_model, self._published_patches = None, {}
         self._publish_model(data, model_id)
+        self._publish_patches(model_id, self._patches)
         self.lease.publish()
         self._announced = self._round_message(self._round)
         self.client.publish(self.topics.round, self._announced, retain=True)
@@ -336,6 +351,22 @@ class MqttTransport:
         for i in range(len(frames), old_count):  # clear stale retained chunks of a longer old model
             self.client.publish(self.topics.model_chunk(i), b"", retain=True)
         self._published_model = (model_id, len(frames))
+
+    def _publish_patches(self, model_id: str, patches: dict[str, bytes]) -> None:
+        """Retain the patch from each base to `model_id` on its own topics; clear what is retained for
+        bases that have no patch any more (left the window, or a keyframe came)."""
+        for base, patch in patches.items():
+            if self._published_patches.get(base, ("", 0))[0] == model_id:
+                continue
+            frames = chunking.split(patch, self.cfg.chunk_limit)
+            for i, frame in enumerate(frames):
+                self.client.publish(self.topics.patch_chunk(base, i), frame, retain=True)
+            for i in range(len(frames), self._published_patches.get(base, ("", 0))[1]):
+                self.client.publish(self.topics.patch_chunk(base, i), b"", retain=True)
+            self._published_patches[base] = (model_id, len(frames))
+        for base in [b for b in self._published_patches if b not in patches]:
+            for i in range(self._published_patches.pop(base)[1]):
+                self.client.publish(self.topics.patch_chunk(base, i), b"", retain=True)
 
     def _next(self, timeout: float) -> _Event | None:
         try:
@@ -360,6 +391,9 @@ class MqttTransport:
             self.devices[event.device] = status
             # A status about another job's round says the device is there, not that it answered ours.
             ours = not status.job or status.job == self.cfg.job
+            if ours and status.state == "training" and self._round is not None and status.round == self._round.round:
+                self._downloads[event.device] = {"kind": status.download, "bytes": status.download_bytes,
+                                                 "first": status.first_download}
             return Message(event.device, status.state, round=status.round if ours else -1)
         if self._round is None:
             if len(self._early) == self._early.maxlen:

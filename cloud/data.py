@@ -30,7 +30,7 @@ class CloudData:
 
 @dataclass(frozen=True)
 class Shard:
-    """One device's local data: raw uint8 images (N, C, H, W) and their labels."""
+    """One device's local data: raw samples (uint8 images (N, C, H, W), float windows (N, C, L)...) and labels."""
 
     x: np.ndarray
     y: np.ndarray

@@ -7,15 +7,29 @@ from pathlib import Path
 
 from pqsu.cloud.run_plots import write_run_plots
 from pqsu.export.zoo import build_model, default_spec
+from pqsu.protocol.errors import PqsuError
 
 log = logging.getLogger(__name__)
 
 
-def dense_fp32_upload_bytes(arch: str, in_shape: tuple[int, ...], num_classes: int) -> int:
-    """What one dense fp32 FedAvg upload of the unpruned model weighs (4 bytes a parameter)."""
-    if ":" in arch:  # a user's architecture: no zoo default to count from
-        return 0
-    model = build_model(default_spec(arch, tuple(in_shape), num_classes, batchnorm=False))
+def dense_fp32_upload_bytes(arch: str, in_shape: tuple[int, ...], num_classes: int) -> int | None:
+    """What one dense fp32 FedAvg upload of the unpruned model weighs (4 bytes a parameter); None when the
+    run's custom architecture cannot be built here (the summary still gets written)."""
+    if ":" in arch:  # the run's own custom architecture (trusted: it is this cloud's configuration), unpruned
+        from pqsu.export.custom import custom_model
+        from pqsu.export.pruning import fold_batchnorm
+
+        try:
+            model = custom_model(arch, tuple(in_shape), num_classes)
+        except PqsuError as exc:
+            log.warning("cannot count the dense fp32 upload of %s: %s", arch, exc)
+            return None
+        try:
+            model = fold_batchnorm(model)  # the master is folded: FedAvg would send these parameters
+        except PqsuError as exc:  # the summary is written at the end of a run: count unfolded, never fail it
+            log.warning("counting the dense upload of %s unfolded: %s", arch, exc)
+    else:
+        model = build_model(default_spec(arch, tuple(in_shape), num_classes, batchnorm=False))
     return 4 * sum(p.numel() for p in model.parameters())
 
 
@@ -23,7 +37,7 @@ def summarize(rounds: list[dict], *, arch: str, in_shape: tuple[int, ...], num_c
               seconds: float, initial_accuracy: float | None = None) -> dict:
     per_upload = dense_fp32_upload_bytes(arch, in_shape, num_classes)
     up = sum(r["bytes_up"] for r in rounds)
-    dense = per_upload * sum(r["selected"] for r in rounds)
+    dense = None if per_upload is None else per_upload * sum(r["selected"] for r in rounds)
     return {
         "initial_accuracy": initial_accuracy,  # the round-0 model (pre-trained on the proxy split, pruned)
         "final_accuracy": rounds[-1]["accuracy"] if rounds else float("nan"),
@@ -31,8 +45,10 @@ def summarize(rounds: list[dict], *, arch: str, in_shape: tuple[int, ...], num_c
         "rounds": len(rounds),
         "bytes_up_total": up,
         "bytes_down_total": sum(r["bytes_down"] for r in rounds),
+        "bytes_down_flashed_total": sum(r.get("bytes_down_flashed", r["bytes_down"]) for r in rounds),
+        "downloads": {k: sum(r.get("downloads", {}).get(k, 0) for r in rounds) for k in ("patch", "full")},
         "bytes_up_dense_fp32": dense,
-        "uplink_reduction": dense / up if up else None,
+        "uplink_reduction": dense / up if up and dense is not None else None,
         "uploads": sum(r["uploads"] for r in rounds),
         "skipped": sum(r["skipped"] for r in rounds),
         "rejected": sum(sum(r["rejected"].values()) for r in rounds),

@@ -68,7 +68,7 @@ class RoundRunner:
                 self.run_round(r, stop, wait_s=self.cfg.join_timeout_s if r == first else self.cfg.round_timeout_s)
             data, info = self.server.model_message()
             self.model = data
-            self.transport.finish(data, info.model_id, len(self.rounds))
+            self.transport.finish(data, info.model_id, len(self.rounds), self.server.downlink.patches())
         finally:
             self.transport.stop()
         info = self.server.info
@@ -96,9 +96,10 @@ class RoundRunner:
         selected = choose_devices(online, self.cfg.fraction, self.cfg.seed, r)
         task = server.open_round(r, selected)
         data, info = server.model_message()
-        transport.publish_model(data, info.model_id)
+        transport.publish_model(data, info.model_id, server.downlink.patches())
         deadline = None if self.cfg.round_timeout_s is None else time.time() + self.cfg.round_timeout_s
-        task = dataclasses.replace(task, devices=tuple(selected), deadline=deadline, model_bytes=len(data))
+        task = dataclasses.replace(task, devices=tuple(selected), deadline=deadline, model_bytes=len(data),
+                                   patches=server.downlink.offers())
         transport.announce(task)
         announced = time.perf_counter()
         log.info("round %d: %d devices, model %s (%d bytes)", r, len(selected), info.model_id[:12], len(data))
@@ -118,9 +119,13 @@ class RoundRunner:
 
         if hand_over := getattr(transport, "hand_over", None):  # aggregator workers' last partials
             hand_over(task)
+        downlink = self._downlink_bytes(transport.downloads())  # before close_round makes the next version
         closed = server.close_round(skipped=sum(v == "skipped" for v in answered.values()))
+        closed.bytes_down = downlink["bytes_down"]  # what the devices downloaded, not file x devices
         transport.close_round(task)
         rep = closed.to_dict()
+        rep.update(downlink)
+        rep["downlink"] = server.downlink.step.to_dict()  # how the next version was made, and how long it took
         rep["missing"] = len(missing)
         for reason, n in transport.take_refused().items():
             rep["rejected"][reason] = rep["rejected"].get(reason, 0) + n
@@ -137,6 +142,16 @@ class RoundRunner:
         if self.on_round:
             self.on_round(closed)
         return rep
+
+    def _downlink_bytes(self, downloads: dict[str, dict]) -> dict:
+        """The round's downlink as the devices counted it: `bytes_down` (what they downloaded, first model
+        over the radio), `bytes_down_flashed` (the same, had every device been flashed with the round-0
+        model: a device's first download would have been the patch from it, or nothing) and `downloads`."""
+        downlink, limit = self.server.downlink, self.transport.chunk_limit
+        flashed = sum(downlink.wire_cost(downlink.origin, limit) if d["first"] else d["bytes"]
+                      for d in downloads.values())
+        return {"bytes_down": sum(d["bytes"] for d in downloads.values()), "bytes_down_flashed": flashed,
+                "downloads": {k: sum(d["kind"] == k for d in downloads.values()) for k in ("patch", "full")}}
 
     def take(self, message: Message, r: int, asked: set[str], answered: dict[str, str]) -> None:
         """Fold one message into round `r`: an update goes to the server (counted as the device's

@@ -22,6 +22,7 @@ import numpy as np
 from torch import nn
 
 from pqsu.cloud.aggregate import AggregationError, ServerOptimizer
+from pqsu.cloud.downlink import Downlink, DownlinkConfig
 from pqsu.cloud.intake import Round, RoundIntake, Verdict, limits_for  # noqa: F401  (part of this module's API)
 from pqsu.export.pipeline import Exported, export_model
 from pqsu.export.runtime import OrtModel
@@ -47,6 +48,7 @@ class ServerConfig:
     time_budget_s: float | None = None
     seed: int = 0
     limits: codec.Limits | None = None  # None: sized to the model (a dense fp32 update fits, nothing much larger)
+    downlink: DownlinkConfig = DownlinkConfig()  # keyframes and patches (the default: a full export every round)
 
 
 @dataclass
@@ -60,7 +62,7 @@ class RoundReport:
     skipped: int
     rejected: dict[str, int]
     bytes_up: int             # accepted update payloads
-    bytes_down: int           # the model file, once per selected device
+    bytes_down: int           # the model file once per selected device; the round runner counts real downloads
     model_bytes: int
     seconds: float
     train_loss: float = float("nan")
@@ -82,24 +84,29 @@ class FederatedServer:
         self.optimizer = ServerOptimizer(cfg.server_lr, cfg.server_momentum)
         self.intake = RoundIntake(self.shapes, self.limits, aggregator=cfg.aggregator, clip_norm=cfg.clip_norm,
                                   keys=keys)  # validates the aggregator spec early
-        self._model: Exported | None = None
-        self._runtime: OrtModel | None = None  # a session over `_model`, for evaluation
+        downlink = cfg.downlink if cfg.precision == "int8" else DownlinkConfig()  # patches need int8 QDQ
+        self.downlink = Downlink(downlink, self._export, self.master)
+        self._runtime: OrtModel | None = None  # a session over the current model, for evaluation
+        self._runtime_id = ""
         self.rounds_done = 0
 
     # -- downlink ----------------------------------------------------------------------
     def model_message(self) -> tuple[bytes, ModelInfo]:
-        """The current master as the file devices receive (exported once per master version, in memory)."""
-        if self._model is None:
-            calibration = self.calibration if self.cfg.precision == "int8" else None
-            self._model, self._runtime = export_model(self.model, self.info, calibration), None
-        return self._model.data, self._model.info
+        """The current version of the file devices receive (made once per master version, in memory:
+        a keyframe export or the master requantized into the held file, `Downlink`)."""
+        model = self.downlink.model()
+        return model.data, model.info
+
+    def _export(self) -> Exported:
+        """A keyframe: the master exported whole (int8 calibrated on the server's samples, or fp32)."""
+        return export_model(self.model, self.info, self.calibration if self.cfg.precision == "int8" else None)
 
     def evaluate(self):
         """Accuracy and loss of the model devices get (int8 or fp32 as shipped), on held-out data,
         computed by the session boards serve with (`pqsu.export.runtime`)."""
-        self.model_message()
-        if self._runtime is None:
-            self._runtime = OrtModel(self._model.file)  # stamped here: no second hash
+        model = self.downlink.model()
+        if self._runtime is None or self._runtime_id != model.info.model_id:
+            self._runtime, self._runtime_id = OrtModel(model.file), model.info.model_id  # stamped: no second hash
         return evaluate_logits(self._runtime.logits(self.eval_x), self.eval_y)
 
     def open_round(self, round_: int, devices: list[str]) -> RoundTask:
@@ -137,7 +144,7 @@ class FederatedServer:
         if delta is not None:
             try:
                 self.optimizer.step(self.master, delta)
-                self._model = None  # the master changed: export again
+                self.downlink.advance()  # the master changed: the next version of the devices' file
             except AggregationError as exc:
                 rnd.rejected["non-finite-aggregate"] += 1
                 log.warning("round %d: %s", rnd.task.round, exc)

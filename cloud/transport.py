@@ -16,6 +16,9 @@ from typing import Protocol
 
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.messages import RoundTask
+from pqsu.protocol.model_follow import ModelFollower
+
+DEFAULT_CHUNK_LIMIT = 128 * 1024  # the MQTT coordinator's default (the AWS IoT cap)
 
 # What a device's answer can say: an update (payload), or its status after being asked.
 UPDATE = "update"
@@ -48,8 +51,11 @@ class Transport(Protocol):
         """The devices that may be asked now (admitted ones that train and are online), once at
         least `needed` are; raise PqsuError when they are not there within `wait_s`."""
 
-    def publish_model(self, data: bytes, model_id: str) -> None:
-        """Make the model file available to devices (a transport may skip an unchanged model)."""
+    chunk_limit: int  # the frame size models and patches are split to (their bytes on the wire)
+
+    def publish_model(self, data: bytes, model_id: str, patches: Mapping[str, bytes]) -> None:
+        """Make the model file available to devices (a transport may skip an unchanged model), and the
+        patches to it from each base in `patches` (base model id -> patch bytes)."""
 
     def announce(self, task: RoundTask) -> None:
         """Ask `task.devices` to train `task` on the published model."""
@@ -69,14 +75,18 @@ class Transport(Protocol):
     def take_refused(self) -> dict[str, int]:
         """Messages refused before reaching the server since the last call, by reason."""
 
+    def downloads(self) -> dict[str, dict]:
+        """What each device that took part in the round downloaded for its model, as the device
+        counted it: {"kind": "patch" | "full" | "", "bytes": on the wire, "first": its first model}."""
+
     def round_extras(self) -> dict:
         """Transport-specific keys for the round's report (e.g. per-device timings)."""
 
     def publish_report(self, report: dict) -> None:
         """Publish a closed round's report (or nothing)."""
 
-    def finish(self, data: bytes, model_id: str, rounds: int) -> None:
-        """Training is over: publish the final model and say so."""
+    def finish(self, data: bytes, model_id: str, rounds: int, patches: Mapping[str, bytes]) -> None:
+        """Training is over: publish the final model (and the patches to it) and say so."""
 
     def state(self) -> dict:
         """What a checkpoint must carry for this transport to resume (merged into its meta)."""
@@ -88,7 +98,7 @@ class Transport(Protocol):
 class Learner(Protocol):
     """A device's learning side as the in-process transport calls it (`pqsu.edge.learner.EdgeLearner`)."""
 
-    def run_round(self, task: RoundTask, model_bytes: bytes): ...  # -> an outcome with `.payload` (None: skipped)
+    def run_round(self, task: RoundTask, model_file, downloaded: int | None = None): ...  # -> an outcome with `.payload` (None: skipped)
 
 
 class InProcessTransport:
@@ -98,12 +108,23 @@ class InProcessTransport:
     (a misbehaving device, for the reliability measurements). Each round's report gets
     `devices`: every asked device's measured `run_round` wall time and upload bytes, which the
     radio model turns into simulated round times.
+
+    Each device follows the model as an MQTT agent does (`ModelFollower`): the patch from the
+    version it holds when one is published, else the full file, counted as framed with
+    `chunk_limit`. `tamper_patch(device_id, patch)`, if given, replaces a patch on its way to a
+    device (the refusal tests).
     """
 
     def __init__(self, learners: Mapping[str, Learner], *,
-                 tamper: Callable[[str, bytes], bytes] | None = None):
-        self.learners, self.tamper = dict(learners), tamper
+                 tamper: Callable[[str, bytes], bytes] | None = None,
+                 tamper_patch: Callable[[str, bytes], bytes] | None = None,
+                 chunk_limit: int = DEFAULT_CHUNK_LIMIT):
+        self.learners, self.tamper, self.tamper_patch = dict(learners), tamper, tamper_patch
+        self.chunk_limit = chunk_limit
+        self.followers = {d: ModelFollower(name=d) for d in self.learners}
         self._model = b""
+        self._patches: dict[str, bytes] = {}
+        self._downloads: dict[str, dict] = {}
         self._task: RoundTask | None = None
         self._queue: list[str] = []
         self._timings: dict[str, dict] = {}
@@ -120,11 +141,12 @@ class InProcessTransport:
             raise PqsuError(f"only {len(online)} of the {needed} devices needed are admitted")
         return online
 
-    def publish_model(self, data: bytes, model_id: str) -> None:
-        self._model = data
+    def publish_model(self, data: bytes, model_id: str, patches: Mapping[str, bytes] = {}) -> None:
+        self._model, self._patches = data, dict(patches)
 
     def announce(self, task: RoundTask) -> None:
         self._task, self._queue, self._timings = task, [d for d in task.devices if d in self.learners], {}
+        self._downloads = {}
 
     def backlog(self) -> list[Message]:
         return []
@@ -134,7 +156,10 @@ class InProcessTransport:
             return None
         device = self._queue.pop(0)
         t0 = time.perf_counter()
-        outcome = self.learners[device].run_round(self._task, self._model)
+        file, how = self.followers[device].follow(self._task.model_id, self._task.patches, self._patch_for(device),
+                                                  lambda: self._model, self.chunk_limit)
+        self._downloads[device] = how.to_dict()
+        outcome = self.learners[device].run_round(self._task, file, how.nbytes)
         self._timings[device] = {"seconds": time.perf_counter() - t0,
                                  "bytes_up": len(outcome.payload) if outcome.payload else 0}
         if outcome.payload is None:
@@ -142,8 +167,17 @@ class InProcessTransport:
         payload = self.tamper(device, outcome.payload) if self.tamper else outcome.payload
         return Message(device, UPDATE, payload, self._task.round)
 
+    def _patch_for(self, device: str) -> Callable[[str], bytes]:
+        def fetch(base: str) -> bytes:
+            patch = self._patches[base]
+            return self.tamper_patch(device, patch) if self.tamper_patch else patch
+        return fetch
+
     def quiet(self) -> bool:
         return not self._queue
+
+    def downloads(self) -> dict[str, dict]:
+        return dict(self._downloads)
 
     def close_round(self, task: RoundTask) -> None:
         self._task = None
@@ -157,8 +191,8 @@ class InProcessTransport:
     def publish_report(self, report: dict) -> None:
         pass
 
-    def finish(self, data: bytes, model_id: str, rounds: int) -> None:
-        self._model = data
+    def finish(self, data: bytes, model_id: str, rounds: int, patches: Mapping[str, bytes]) -> None:
+        self._model, self._patches = data, dict(patches)
 
     def state(self) -> dict:
         return {}

@@ -10,6 +10,12 @@ repeat an upload (the coordinator counts a (round, device) once), never lose one
 Like the coordinator, MQTT callbacks only reassemble and queue; all work happens on the
 caller's thread.
 
+The device follows the model the round announcements (and the final `done` message) name,
+asked or not, inference-only too: it subscribes to the patch from the model it holds when one
+is announced, to the full model otherwise, and unsubscribes once it holds the announced one
+(`pqsu.protocol.model_follow`: a refused patch is counted by reason and the device falls back
+to the full model; nothing unverified is held, served or trained on).
+
 The current model is also kept on disk (`<state_dir>/model.onnx`, written atomically on
 every new verified version) and loaded at start, so a rebooted board serves predictions
 through its local inference API (`pqsu.edge.service`, on 127.0.0.1) before the broker is
@@ -26,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pqsu.edge.inference import InferenceModel
-from pqsu.protocol import chunking, model_id
+from pqsu.protocol import model_id
+from pqsu.edge.model_fetch import ModelFetch
 from pqsu.protocol.atomic import atomic_write
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.messages import MessageError, RoundTask, Status, message_job, message_type
@@ -56,6 +63,7 @@ class AgentConfig:
     http_required: bool = True      # False: a busy port only logs a warning (the agent runs without the API)
     providers: tuple[str, ...] = ()  # onnxruntime execution providers by preference (CPU is the fallback)
     inference_threads: int = 0      # onnxruntime intra-op threads (0: onnxruntime's choice)
+    patch_timeout_s: float = 30.0   # a patch whose frames have not all come by then is refused: full model
 
 
 MODEL_FILE = "model.onnx"
@@ -68,22 +76,31 @@ class EdgeAgent:
         self.topics = Topics(cfg.fleet)
         self.state_dir = Path(cfg.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.fetch = ModelFetch(self.topics, cfg.device_id, cfg.patch_timeout_s, self._enqueue, self._serve)
+        self._bad_messages = 0
         will = (self.topics.status(cfg.device_id), self._status("offline").to_json(), 1, True)
         self.client = client or MqttClient(cfg.broker, cfg.device_id, will=will, protocol=cfg.protocol,
                                            persistent_session=True, tls_ca=cfg.tls_ca, tls_cert=cfg.tls_cert,
                                            tls_key=cfg.tls_key, username=cfg.username, password=cfg.password)
+        self.fetch.client = self.client
         self.events: queue.Queue[tuple[str, bytes, float]] = queue.Queue(maxsize=1000)
         # remember=1: late copies of the model just completed are dropped, but a model seen before may come
         # back (A, B, then A again: two jobs that start from the same seed)
-        self.models = chunking.Reassembler(max_messages=4, max_bytes=1 << 30, remember=1)
         self.model: InferenceModel | None = None  # holds the verified file too (`model.file`), for training
         self.rounds_joined = 0
         self._joined_job: str | None = None  # the job this process trained in (its `done` ends the process)
-        self.bad_messages = 0
         self.models_received = 0   # new model versions swapped in by this process
         self.model_bytes_down = 0  # their bytes (the downlink of an inference-only device)
         self.service = None        # the local inference API while run() runs (pqsu.edge.service)
         self._load_saved_model()
+
+    @property
+    def bad_messages(self) -> int:  # the agent's own and the model fetch's
+        return self._bad_messages + self.fetch.bad_messages
+
+    @bad_messages.setter
+    def bad_messages(self, value: int) -> None:
+        self._bad_messages = value - self.fetch.bad_messages
 
     @property
     def model_path(self) -> Path:
@@ -95,6 +112,7 @@ class EdgeAgent:
             return
         try:
             self.model = self._build_model(model_id.verified(self.model_path.read_bytes()))
+            self.fetch.follower.held = self.model.file
         except (OSError, PqsuError) as exc:
             log.warning("%s: saved model %s not used (%s); waiting for the broker's", self.cfg.device_id,
                         self.model_path, exc)
@@ -109,21 +127,9 @@ class EdgeAgent:
     def _on_round(self, topic: str, payload: bytes, retained: bool) -> None:
         self._enqueue(("round", payload))
 
-    def _on_model_chunk(self, topic: str, payload: bytes, retained: bool) -> None:
-        if not payload:  # a cleared stale chunk
-            return
+    def _enqueue(self, item: tuple[str, bytes], nbytes: int = 0, base: str = "") -> None:
         try:
-            data = self.models.add(payload, source="model")
-        except chunking.ChunkError as exc:
-            self.bad_messages += 1
-            log.info("bad model chunk on %s: %s", topic, exc)
-            return
-        if data is not None:
-            self._enqueue(("model", data))
-
-    def _enqueue(self, item: tuple[str, bytes]) -> None:
-        try:
-            self.events.put_nowait((*item, time.perf_counter()))
+            self.events.put_nowait((*item, time.perf_counter(), nbytes, base))
         except queue.Full:
             self.bad_messages += 1
 
@@ -156,19 +162,24 @@ class EdgeAgent:
     def _loop(self, stop: threading.Event) -> None:
         try:
             self.client.subscribe(self.topics.round, self._on_round)
-            self.client.subscribe(self.topics.model_filter, self._on_model_chunk)
+            if self.model is None:  # nothing to patch from: the full model, whichever is retained
+                self.fetch.subscribe_full()
             self._publish_status("online")
             self._flush_outbox()
             pending: RoundTask | None = None
             pending_at = model_at = 0.0  # when each reached this device (queued by the network thread)
             while not stop.is_set():
                 try:
-                    kind, payload, received = self.events.get(timeout=0.2)
+                    kind, payload, received, nbytes, base = self.events.get(timeout=0.2)
                 except queue.Empty:
+                    self.fetch.check_timeout()
                     continue
                 if kind == "model":
-                    self._swap_model(payload)
-                    model_at = received
+                    if self.fetch.take_full(payload, nbytes, self.model):
+                        model_at = received
+                elif kind == "patch":
+                    if self.fetch.take_patch(payload, nbytes, base):
+                        model_at = received
                 else:
                     task = self._parse_round(payload, received)
                     if task == "done":
@@ -213,6 +224,7 @@ class EdgeAgent:
             self.bad_messages += 1
             log.info("bad round message: %s", exc)
             return None
+        self.fetch.follow(task.model_id, task.patches)  # every device follows the model, asked or not
         if self.learner is None or not task.asks(self.cfg.device_id):
             return None
         self._partitions = task.partitions  # updates go under their partition when aggregator workers read them
@@ -240,6 +252,7 @@ class EdgeAgent:
         rebooted after its job ended): it waits for the next job instead. A job-less `done` (an older
         coordinator) ends it as before."""
         job = message_job(payload)
+        self.fetch.follow_done(payload)
         if job and job != self._joined_job:
             log.info("%s: job %s is over; waiting for the next one", self.cfg.device_id, job)
             return None
@@ -252,38 +265,34 @@ class EdgeAgent:
         # An older coordinator sends only its wall-clock deadline: compare with ours, as before.
         return task.deadline is not None and time.time() > task.deadline
 
-    def _swap_model(self, data: bytes) -> None:
-        try:
-            file = model_id.verified(data)  # the one hash of this file on the board
-        except PqsuError as exc:
-            self.bad_messages += 1
-            log.warning("received a model that does not verify: %s", exc)
-            return
-        if self.model is not None and file.model_id == self.model.model_id:
-            return  # the retained chunks of the model we have (after a reconnect or restart)
+    def _serve(self, file: model_id.VerifiedModel) -> bool:
+        """Swap `file` in (saved first); False, and the previous model kept, if onnxruntime cannot serve it."""
         try:
             model = self._build_model(file)
         except PqsuError as exc:
             self.bad_messages += 1
             log.warning("received a model that onnxruntime cannot serve: %s", exc)
-            return
+            return False
         try:  # on disk first, so a reboot right after the swap serves this version
-            atomic_write(self.model_path, data)
+            atomic_write(self.model_path, file.data)
         except OSError as exc:
             log.warning("%s: cannot save the model to %s: %s", self.cfg.device_id, self.model_path, exc)
         self.model = model  # one reference swap: in-flight requests keep theirs
         self.models_received += 1
-        self.model_bytes_down += len(data)
-        log.info("%s: model %s (%d bytes)", self.cfg.device_id, model.model_id[:12], len(data))
+        how = self.fetch.follower.download_of(file.model_id)
+        self.model_bytes_down += how.nbytes
+        log.info("%s: model %s (%s, %d bytes)", self.cfg.device_id, model.model_id[:12], how.kind, how.nbytes)
+        return True
 
     def _do_round(self, task: RoundTask, started: float, announced: float) -> None:
         """Train, keep the update safe, send it. `started` (perf_counter) is when the device had
         everything for this round: the status reports the device's compute from then on
         (verifying and loading the model, training, encoding), for the fleet benchmark."""
-        self._publish_status("training", task.round)
+        how = self.fetch.follower.downloads.pop(task.model_id, None)  # reported once: a later round on it held it
+        self._publish_status("training", task.round, download=how)
         self._joined_job = task.job
-        try:
-            outcome = self.learner.run_round(task, self.model.file)  # verified on arrival: not hashed again
+        try:  # verified on arrival: not hashed again
+            outcome = self.learner.run_round(task, self.model.file, how.nbytes if how else 0)
         except PqsuError as exc:
             log.error("%s: round %d failed: %s", self.cfg.device_id, task.round, exc)
             self._publish_status("failed", task.round, str(exc)[:200])
@@ -328,14 +337,18 @@ class EdgeAgent:
     def _outbox(self, round_: int) -> Path:
         return self.state_dir / f"outbox-{round_:06d}.bin"
 
-    def _status(self, state: str, round_: int = -1, detail: str = "", seconds: float = 0.0) -> Status:
+    def _status(self, state: str, round_: int = -1, detail: str = "", seconds: float = 0.0,
+                download=None) -> Status:
         return Status(self.cfg.device_id, state, round_, detail, trains=self.learner is not None, seconds=seconds,
-                      job=self.learner.state.job if self.learner else "")
+                      job=self.learner.state.job if self.learner else "",
+                      download=download.kind if download else "", download_bytes=download.nbytes if download else 0,
+                      first_download=download.first if download else False, refusals=dict(self.fetch.follower.refusals))
 
-    def _publish_status(self, state: str, round_: int = -1, detail: str = "", seconds: float = 0.0) -> None:
+    def _publish_status(self, state: str, round_: int = -1, detail: str = "", seconds: float = 0.0,
+                        download=None) -> None:
         try:
             self.client.publish(self.topics.status(self.cfg.device_id),
-                                self._status(state, round_, detail, seconds).to_json(), retain=True)
+                                self._status(state, round_, detail, seconds, download).to_json(), retain=True)
         except MqttError as exc:
             log.warning("%s: status %s not published: %s", self.cfg.device_id, state, exc)
 
@@ -349,4 +362,6 @@ class EdgeAgent:
                 "bytes_up": state.bytes_up if state else 0,
                 "bytes_down": state.bytes_down if state else self.model_bytes_down,
                 "models_received": self.models_received, "connected": self.client.connected,
+                "patch_refusals": dict(self.fetch.follower.refusals),
                 "trains": self.learner is not None}
+

@@ -8,6 +8,9 @@ The device id is the MQTT client id (with a persistent session) and the name the
 coordinator knows it by. --data is an .npz shard (arrays x uint8 N,C,H,W and y), a
 folder of shards, or a folder with train-images/train-labels IDX files. Without torch
 installed (or with --inference-only) the agent only follows model versions and serves them.
+A model of a user's own architecture (its file names package.module:factory) is served either
+way, but trained on only with --allow-model-code naming that factory: rebuilding it imports,
+and so runs, that code (--model-code-dir adds the folder that holds it to the import path).
 
 While it runs, the agent answers local applications on http://127.0.0.1:8780 (loopback
 only): POST /predict (.npy or JSON {"inputs": [...]}), GET /healthz, GET /metrics
@@ -52,15 +55,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long each network check may wait (default: 5)")
     pr = sub.add_parser("predict", help="classify inputs with a saved model (one-off, no broker)",
-                        description="Classify FILE with an fl-pqsu int8 model: a .npy array (one image C,H,W "
-                        "or a batch N,C,H,W; uint8 pixels or normalized floats), a .json file {\"inputs\": ...}, "
-                        "or an 8-bit PNG or binary PGM/PPM image of the model's size. Prints one line per "
-                        "sample: index, label, probability.")
+                        description="Classify FILE with an fl-pqsu int8 model: a .npy array (one sample of the "
+                        "shape the model declares, e.g. an image C,H,W or a sensor window C,L, or a batch of them, "
+                        "batch axis first; uint8 pixels or normalized floats), a .json file {\"inputs\": ...}, "
+                        "or, for an image model, an 8-bit PNG or binary PGM/PPM image of its size. Prints one "
+                        "line per sample: index, label, probability.")
     pr.add_argument("file", metavar="FILE", help="the input: .npy, .json, .png or .pgm/.ppm")
     pr.add_argument("--model", metavar="PATH", help="the int8 ONNX model (default: <state-dir>/model.onnx)")
     pr.add_argument("--state-dir", metavar="DIR",
                     help=f"an agent's state folder holding model.onnx (default: {DEFAULTS['state_dir']})")
     pr.add_argument("--config", metavar="FILE", help="the agent's settings file, for its state_dir")
+    pr.add_argument("--raw", action="store_true", help="the inputs are readings as a sensor measured them: a model "
+                    "of sensor readings normalizes them with its own mean and std (without it, floats must be "
+                    "normalized already)")
     pr.add_argument("--json", action="store_true", help="print the /predict JSON answer instead of one line per sample")
     pr.add_argument("--providers", metavar="LIST",
                     help="onnxruntime execution providers by preference, comma separated; CPU is the fallback")
@@ -114,8 +121,8 @@ def predict(args: argparse.Namespace) -> int:
         if not path.exists():
             raise PqsuError(f"no model at {path}: give --model FILE, or the --state-dir of an agent that received one")
     model = InferenceModel.from_file(path, providers=list(providers) or None)
-    x = inputs.load_file(args.file, channels=model.info.in_shape[0])
-    pred = model.classify(x)
+    x = inputs.load_file(args.file, channels=model.info.in_shape[0], in_shape=model.info.in_shape)
+    pred = model.classify(x, raw=args.raw)
     if args.json:
         print(json.dumps(pred.to_dict()))
         return 0
@@ -142,8 +149,22 @@ def _learner(s: AgentSettings):
 
     if s.torch_threads > 0:
         torch.set_num_threads(s.torch_threads)
+    allow_model_code(s)
     x, y = load_local_data(s.data)
     b = s.board  # a flashed board's caps on what a round asks
     budget = TrainingBudget(max_epochs=b.max_epochs, max_batch_size=b.max_batch_size, time_budget_s=b.time_budget_s)
     return EdgeLearner(s.device_id, x, y, s.policy(), state_path=Path(s.state_dir) / "state.npz", key=key,
-                       allow_custom=s.allow_custom, budget=budget)
+                       allow_custom=s.allow_model_code, budget=budget)
+
+
+def allow_model_code(s: AgentSettings) -> None:
+    """Make the allowed architectures importable (model_code_dir last on the path) and import each now,
+    so a missing module or factory stops the agent at start, not at its first round."""
+    if s.model_code_dir:
+        folder = str(Path(s.model_code_dir).resolve())
+        if folder not in sys.path:
+            sys.path.append(folder)
+    from pqsu.export.model_check import check_importable
+
+    for arch in s.allow_model_code:
+        check_importable(arch)

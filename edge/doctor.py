@@ -11,6 +11,8 @@ One line per check, PASS, WARN or FAIL, with a hint on what to do when it is not
   onnxruntime version and execution providers (CUDA/TensorRT when preferred or on a Jetson)
   model       the saved model (<state-dir>/model.onnx) verifies and runs
   torch       installed (fine-tuning) or not (inference-only)
+  model-code  each --allow-model-code module is on the path or in model_code_dir (found, not run); a
+              saved model of a custom architecture the device may not import is named
   state-dir   writable; free disk space
   http        the local inference API's port is free (or an agent already serves on it)
   clock       the year is plausible (TLS certificates and round deadlines need it)
@@ -79,6 +81,7 @@ class Doctor:
         self.url = None           # BrokerURL once the settings parse
         self.tcp_ok = self.mqtt_ok = self.tls_failed = False
         self.saved_shape: tuple[int, ...] | None = None
+        self.saved_arch = ""
 
     def checks(self):
         """Checks in order, each yielded as soon as it is done (a slow broker shows where it waits)."""
@@ -94,6 +97,8 @@ class Doctor:
         yield self.model()
         yield self.torch()
         if not self.inference_only:
+            if self.s.allow_model_code or ":" in self.saved_arch:
+                yield self.model_code()
             yield self.data()
         yield self.state_dir()
         yield self.http()
@@ -247,10 +252,10 @@ class Doctor:
             return Check("FAIL", "data", str(exc), "check the --data path; `pqsu run` writes data.npz shards (x, y)")
         shape = tuple(x.shape[1:])
         if self.saved_shape is not None and shape != self.saved_shape:
-            return Check("FAIL", "data", f"{len(x)} images of {shape}, but the saved model takes {self.saved_shape}",
+            return Check("FAIL", "data", f"{len(x)} samples of {shape}, but the saved model takes {self.saved_shape}",
                          "this data belongs to another model or data set")
         classes = len(set(y.tolist()))
-        return Check("PASS", "data", f"{self.s.data}: {len(x)} samples, images {shape} uint8, {classes} classes")
+        return Check("PASS", "data", f"{self.s.data}: {len(x)} samples of {shape} {x.dtype}, {classes} classes")
 
     # -- runtime -------------------------------------------------------------------------
     def onnxruntime(self) -> Check:
@@ -287,8 +292,27 @@ class Doctor:
         except PqsuError as exc:
             return Check("FAIL", "model", str(exc), f"delete {path}: the agent fetches the current model from the broker")
         self.saved_shape = tuple(model.info.in_shape)
+        self.saved_arch = str(model.info.spec.get("arch", ""))
         return Check("PASS", "model", f"{path}: model {model.model_id}, {model.info.spec.get('arch')} "
                                       f"{model.info.precision}, input {self.saved_shape}, {len(model.info.classes)} classes")
+
+    def model_code(self) -> Check:
+        """Where each allowed module is, found the way an import would find it but without running it
+        (importing is running the module's code, which the doctor never does)."""
+        extra = [str(Path(self.s.model_code_dir).resolve())] if self.s.model_code_dir else []
+        found, missing = [], []
+        for arch in self.s.allow_model_code:
+            where = _module_file(arch.partition(":")[0], sys.path + extra)
+            (found if where else missing).append(f"{arch} in {where}" if where else arch)
+        if missing:
+            return Check("FAIL", "model-code", f"not found on the path{' or in ' + extra[0] if extra else ''}: "
+                         f"{', '.join(missing)}", "copy the module onto the board (pqsu flash --model-code PATH) "
+                         "or set model_code_dir to the folder that holds it")
+        if ":" in self.saved_arch and self.saved_arch not in self.s.allow_model_code:
+            return Check("WARN", "model-code", f"the saved model is custom architecture {self.saved_arch}, which this "
+                         "device may not import: it serves it, and fails every round it is asked to train on it",
+                         f"--allow-model-code {self.saved_arch} if you trust that code")
+        return Check("PASS", "model-code", "; ".join(found) + " (imported, its code run, when a model of it arrives)")
 
     def torch(self) -> Check:
         if importlib.util.find_spec("torch") is None:
@@ -392,3 +416,18 @@ def _healthz(port: int, timeout_s: float) -> dict | None:
     except (OSError, ValueError):
         return None
     return body if isinstance(body, dict) and "status" in body and "model_id" in body else None
+
+
+def _module_file(name: str, path: list[str]) -> str | None:
+    """The file `import name` would load from `path`, found without importing anything: find_spec of a
+    dotted name would run its parent packages' __init__.py."""
+    import importlib.machinery
+
+    search: list[str] | None = path
+    origin = None
+    for part in name.split("."):
+        spec = importlib.machinery.PathFinder.find_spec(part, search)
+        if spec is None:
+            return None
+        origin, search = spec.origin, list(spec.submodule_search_locations or [])
+    return origin

@@ -60,12 +60,32 @@ class InferenceModel(OrtModel):
         except PqsuError as exc:
             raise type(exc)(f"{path}: {exc}") from None
 
-    def classify(self, x: np.ndarray) -> Prediction:
-        """Predicted class, its name and the softmax probabilities of every sample of `x`."""
-        logits, ms = self.predict(x)
+    def classify(self, x: np.ndarray, *, raw: bool = False) -> Prediction:
+        """Predicted class, its name and the softmax probabilities of every sample of `x` (`raw`: readings
+        as measured, see `from_raw`)."""
+        logits, ms = self.predict(self.from_raw(x) if raw else x)
         probs = softmax(logits)
         top = probs.argmax(axis=1)
         names = self.info.classes
         return Prediction(self.model_id, [int(i) for i in top],
                           [names[i] if i < len(names) else str(int(i)) for i in top],
                           [[float(p) for p in row] for row in probs], ms)
+
+    def from_raw(self, x: np.ndarray) -> np.ndarray:
+        """Readings as a sensor measured them, normalized as the model's training data was: (x - mean) / std
+        per channel with the file's own statistics. Only for a model of float readings (its metadata says
+        input = readings); a pixel model normalizes uint8 images itself."""
+        if self.info.extra.get("input") != "readings":
+            raise InferenceError("raw inputs are for models of sensor readings; this model takes uint8 pixels or "
+                                 "normalized floats")
+        x = np.asarray(x)
+        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise InferenceError(f"input dtype {x.dtype}: give numbers")
+        shape = tuple(self.info.in_shape)
+        batch = x[None] if x.shape == shape else x
+        if batch.ndim != len(shape) + 1:
+            return x  # not a sample nor a batch: `prepare` says so, in the words it uses for every input
+        stats = (1, -1) + (1,) * (len(shape) - 1)
+        mean = np.asarray(self.info.mean, np.float32).reshape(stats)
+        std = np.asarray(self.info.std, np.float32).reshape(stats)
+        return ((batch.astype(np.float32) - mean) / std).astype(np.float32)

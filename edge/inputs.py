@@ -1,15 +1,18 @@
 """Inputs for inference, from bytes or files: numpy only (no torch, no image library).
 
-- `.npy` (never pickle: `allow_pickle=False`): one image (C, H, W) or a batch (N, C, H, W),
+- `.npy` (never pickle: `allow_pickle=False`): one sample of the shape the model declares (an image
+  (C, H, W), a sensor window (C, L), a feature vector (F,)) or a batch of them, batch axis first;
   uint8 pixels (normalized by the model's own statistics) or already normalized floats;
 - JSON `{"inputs": nested list}` (or a bare nested list): integers are 0-255 pixels (uint8),
   any float makes the whole array float32 and passes as is; an optional `"dtype"`
   ("uint8" or "float32") says it explicitly;
-- images for `pqsu edge predict`: binary PGM/PPM (P5/P6, 8-bit) and 8-bit PNG (grey, grey +
-  alpha, RGB, RGBA; not interlaced, no palette), one sample each. Sizes must match the model
-  (no resizing); grey <-> RGB is converted to the model's channel count.
+- images for `pqsu edge predict`, for image models only: binary PGM/PPM (P5/P6, 8-bit) and 8-bit
+  PNG (grey, grey + alpha, RGB, RGBA; not interlaced, no palette), one sample each. Sizes must
+  match the model (no resizing); grey <-> RGB is converted to the model's channel count.
 
-Every failure is an `InputError` (a `PqsuError`) with a one-line message.
+Whether an array is one sample or a batch is decided against the model's input shape, where the
+model is known (`pqsu.export.runtime.OrtModel.prepare`); here an array only has to be numbers of
+a rank some model could take. Every failure is an `InputError` (a `PqsuError`) with a one-line message.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from pqsu.protocol.errors import PqsuError
 
 NPY_MAGIC = b"\x93NUMPY"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-MAX_DIMS = 4
+MAX_DIMS = 6  # a batch of samples of up to 5 axes (video clips, volumes): the model's shape decides
 _JSON_DTYPES = {"uint8": np.uint8, "float32": np.float32}
 
 
@@ -52,8 +55,8 @@ def from_npy(data: bytes) -> np.ndarray:
         raise InputError(f"unreadable .npy header: {str(exc)[:160]}") from None
     if dtype.hasobject:
         raise InputError(".npy arrays of Python objects (pickle) are refused: send numbers")
-    if len(shape) > MAX_DIMS:
-        raise InputError(f"input of shape {shape}: give one image (C, H, W) or a batch (N, C, H, W)")
+    if not 1 <= len(shape) <= MAX_DIMS:
+        raise InputError(f"input of shape {shape}: give one sample of the model's input shape, or a batch of them")
     count = 1
     for n in shape:
         count *= n
@@ -84,7 +87,8 @@ def from_json(data: bytes | str | object) -> np.ndarray:
             dtype = _JSON_DTYPES[name]
         body = body["inputs"]
     if not isinstance(body, list):
-        raise InputError('"inputs" must be a nested list of numbers (one image C,H,W or a batch N,C,H,W)')
+        raise InputError('"inputs" must be a nested list of numbers (one sample of the model\'s input shape, '
+                         'or a batch of them)')
     try:
         x = np.asarray(body)
     except (ValueError, TypeError, RecursionError) as exc:  # ragged lists
@@ -103,18 +107,19 @@ def from_json(data: bytes | str | object) -> np.ndarray:
 def _checked(x: np.ndarray) -> np.ndarray:
     if not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
         raise InputError(f"dtype {x.dtype}: give uint8 images or normalized floats")
-    if x.ndim not in (3, MAX_DIMS):
-        raise InputError(f"input of shape {x.shape}: give one image (C, H, W) or a batch (N, C, H, W)")
-    if x.ndim == MAX_DIMS and x.shape[0] == 0:
-        raise InputError("empty batch")
+    if not 1 <= x.ndim <= MAX_DIMS:
+        raise InputError(f"input of shape {x.shape}: give one sample of the model's input shape, or a batch of them")
+    if x.size == 0:
+        raise InputError(f"empty input {x.shape}")
     if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
         raise InputError("input holds NaN or infinite values")
     return x
 
 
 # -- files (pqsu edge predict) --------------------------------------------------------------
-def load_file(path: str | Path, channels: int | None = None) -> np.ndarray:
-    """Inputs from a file: .npy, .json, .pgm/.ppm/.pnm or .png (by content, then by suffix)."""
+def load_file(path: str | Path, channels: int | None = None, in_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Inputs from a file: .npy, .json, .pgm/.ppm/.pnm or .png (by content, then by suffix). An image file
+    is refused when `in_shape`, the model's, is not an image's (C, H, W)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -127,10 +132,11 @@ def load_file(path: str | Path, channels: int | None = None) -> np.ndarray:
     try:
         if data.startswith(NPY_MAGIC):
             return from_npy(data)
-        if data.startswith(PNG_MAGIC):
-            return _channels(read_png(data), channels)
-        if data[:2] in (b"P5", b"P6"):
-            return _channels(read_pnm(data), channels)
+        if data.startswith(PNG_MAGIC) or data[:2] in (b"P5", b"P6"):
+            if in_shape is not None and len(in_shape) != 3:
+                raise InputError(f"an image file fits image models only; this model takes samples of shape "
+                                 f"{tuple(in_shape)}: give a .npy array or JSON inputs")
+            return _channels(read_png(data) if data.startswith(PNG_MAGIC) else read_pnm(data), channels)
         if path.suffix.lower() == ".json" or data.lstrip()[:1] in (b"{", b"["):
             return from_json(data)
     except InputError as exc:

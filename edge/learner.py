@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,14 +60,17 @@ class RoundOutcome:
 
 
 class EdgeLearner:
-    """A device's learning side. `x` is raw uint8 (N, C, H, W): it is normalized with the
-    mean and std the model itself declares, so data and model can never disagree."""
+    """A device's learning side. `x` is raw samples, batch first (uint8 images (N, C, H, W), float
+    sensor windows (N, C, L)...): they are normalized with the mean and std the model itself
+    declares, so data and model can never disagree."""
 
     def __init__(self, device_id: str, x: np.ndarray, y: np.ndarray, policy: SelectivePolicy, *,
-                 state_path: str | Path | None = None, key: bytes | None = None, allow_custom: bool = False,
-                 budget: TrainingBudget = TrainingBudget()):
-        if len(x) != len(y) or x.ndim != 4:
-            raise PqsuError(f"{device_id}: local data must be images (N, C, H, W) with one label each")
+                 state_path: str | Path | None = None, key: bytes | None = None,
+                 allow_custom: bool | Collection[str] = False, budget: TrainingBudget = TrainingBudget()):
+        # `allow_custom`: the custom architectures (package.module:factory) this device may import to
+        # rebuild a model it was sent, or True for any (the in-process simulator's own configured model).
+        if len(x) != len(y) or x.ndim < 2:
+            raise PqsuError(f"{device_id}: local data must be samples, batch first (N, C, ...), with one label each")
         self.device_id, self.x, self.y, self.policy = device_id, x, y, policy
         self.state_path = Path(state_path) if state_path else None
         self.state = DeviceState.load(self.state_path) if self.state_path else DeviceState()
@@ -85,9 +89,10 @@ class EdgeLearner:
         if self.state_path:
             self.state.save(self.state_path)
 
-    def run_round(self, task: RoundTask, model_file: VerifiedModel | bytes) -> RoundOutcome:
+    def run_round(self, task: RoundTask, model_file: VerifiedModel | bytes, downloaded: int | None = None) -> RoundOutcome:
         """One round on the model file: the agent hands over the one it verified on arrival (not hashed
-        again); bytes (the in-process simulator's) are verified here, once."""
+        again); bytes are verified here, once. `downloaded`: what getting this model cost on the wire
+        (a patch, the file, or 0 when held already; None: the file's length)."""
         model_file = as_verified(model_file)
         if model_file.model_id != task.model_id:
             raise PqsuError(f"round {task.round} announced model {task.model_id} but the file is {model_file.model_id}")
@@ -102,7 +107,8 @@ class EdgeLearner:
                           time_budget_s=task.time_budget_s, seed=_seed(task.seed, self.device_id, task.round))
         x = self.inputs(info.mean, info.std)
         if x.shape[1:] != tuple(info.in_shape):
-            raise PqsuError(f"{self.device_id}: local images are {x.shape[1:]}, the model takes {tuple(info.in_shape)}")
+            raise PqsuError(f"{self.device_id}: local samples are {x.shape[1:]}, "
+                            f"the model takes {tuple(info.in_shape)}")
         stats = train(model, x, self.y, cfg)
         delta = {k: v.detach().numpy() - received[k] for k, v in model.state_dict().items()}
         if not (np.isfinite(stats.loss) and all(np.isfinite(d).all() for d in delta.values())):
@@ -128,7 +134,7 @@ class EdgeLearner:
         self.state.residual = prepared.residual
         self.state.previous = received if self.policy.needs_previous else {}
         self.state.last_round, self.state.rounds_joined = task.round, self.state.rounds_joined + 1
-        self.state.bytes_down += len(model_file)
+        self.state.bytes_down += len(model_file) if downloaded is None else downloaded
         return RoundOutcome(task.round, payload, prepared.decision.reason, stats.loss, stats.samples,
                             stats.seconds, nnz)
 

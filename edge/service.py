@@ -1,9 +1,11 @@
 """The agent's local inference API: stdlib HTTP on 127.0.0.1 only, for applications on the board.
 
   POST /predict   body: .npy (Content-Type application/x-npy or application/octet-stream) or
-                  JSON {"inputs": nested list} (application/json); one image (C, H, W) or a
-                  batch (N, C, H, W); uint8 pixels are normalized with the model's own
-                  statistics, floats pass as they are.
+                  JSON {"inputs": nested list} (application/json); one sample of the shape the
+                  model declares (an image (C, H, W), a sensor window (C, L)...) or a batch of
+                  them, batch axis first; uint8 pixels are normalized with the model's own
+                  statistics, floats pass as they are. POST /predict?raw=1: readings as measured,
+                  normalized here with the model's statistics (a model of sensor readings).
                   -> 200 {"model_id", "predictions": [int], "labels": [str],
                           "probabilities": [[float]] (softmax), "latency_ms"}
   GET  /healthz   -> 200 {"status": "ok", "model_id", "rounds_joined", "connected"} with a model,
@@ -25,6 +27,7 @@ import http.server
 import json
 import logging
 import threading
+import urllib.parse
 from typing import Callable
 
 import numpy as np
@@ -146,13 +149,13 @@ class InferenceService:
         self.stop()
 
     # -- what the endpoints answer ------------------------------------------------------
-    def predict(self, body: bytes, content_type: str) -> dict:
+    def predict(self, body: bytes, content_type: str, *, raw: bool = False) -> dict:
         model = self.model_source()  # read once: this request finishes on this model
         if model is None:
             raise _HttpError(503, "no model yet: the agent has not received one from the broker")
         x = parse_body(body, content_type)
         try:
-            pred = model.classify(x)
+            pred = model.classify(x, raw=raw)
         except PqsuError as exc:
             raise _HttpError(400, str(exc)) from None
         self.stats.ok(len(pred.predictions), pred.latency_ms)
@@ -231,6 +234,15 @@ def parse_body(body: bytes, content_type: str) -> np.ndarray:
                           "application/octet-stream (.npy bytes) or application/json")
 
 
+def _raw_flag(path: str) -> bool:
+    """?raw=1 (or true/yes): the body holds readings as measured, for a model of sensor readings."""
+    query = urllib.parse.parse_qs(path.partition("?")[2], keep_blank_values=True)
+    values = query.get("raw", ["0"])
+    if len(values) != 1 or values[0].lower() not in ("0", "1", "false", "true", "no", "yes"):
+        raise _HttpError(400, "raw must be 1 or 0 (true/false, yes/no)")
+    return values[0].lower() in ("1", "true", "yes")
+
+
 def _number(value: float) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
@@ -284,8 +296,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._error(404, f"no such endpoint {path!r}: POST /predict, GET /healthz, GET /metrics")
             return
         try:
-            body = self._read_body()
-            answer = self.service.predict(body, self.headers.get("Content-Type", ""))
+            body = self._read_body()  # first: an error answer must not leave the body in the connection
+            raw = _raw_flag(self.path)
+            answer = self.service.predict(body, self.headers.get("Content-Type", ""), raw=raw)
         except _HttpError as exc:
             self.service.stats.failed()
             self._error(exc.code, exc.message, exc.headers)

@@ -63,7 +63,8 @@ class AgentSettings:
     chunk_limit: int = 128 * 1024
     protocol: str = "auto"
     inference_only: bool = False
-    allow_custom: bool = False
+    allow_model_code: tuple[str, ...] = ()  # package.module:factory names this device may import and run
+    model_code_dir: str | None = None       # a folder put on the import path for them (a flashed bundle's)
     torch_threads: int = 0              # 0: torch's choice
     stay: bool = False
     tls_ca: str | None = None
@@ -114,6 +115,7 @@ class AgentSettings:
     # -- values ----------------------------------------------------------------------------
     def problems(self, *, trains: bool) -> list[str]:
         """What is wrong with the values (empty: nothing); a missing broker or device id included."""
+        from pqsu.export.model_check import check_custom_name  # stdlib only: no torch here
         from pqsu.protocol.mqtt import BrokerURL
         from pqsu.protocol.topics import check_device, check_fleet
 
@@ -130,6 +132,9 @@ class AgentSettings:
             out.append(f"chunk_limit below {MIN_CHUNK_LIMIT} bytes")
         for check in ([self.policy] if trains else []) + [self.http_endpoint, self.password]:
             out += _failure(check)
+        out += [msg for arch in self.allow_model_code for msg in _failure(lambda a=arch: check_custom_name(a))]
+        if self.model_code_dir and not Path(self.model_code_dir).is_dir():
+            out.append(f"model_code_dir {self.model_code_dir} is not a folder")
         for key in ("torch_threads", "inference_threads"):
             if getattr(self, key) < 0:
                 out.append(f"{key} {getattr(self, key)} is negative (0: the library's choice)")
@@ -236,7 +241,7 @@ def _coerce(kind: type, value: Any, error) -> Any:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif kind is str:
         ok = isinstance(value, str)
-    elif kind is tuple:  # providers: a settings file's list, or a flag's comma-separated string
+    elif kind is tuple:  # providers, allow_model_code: a settings file's list, or a flag's comma-separated string
         if isinstance(value, str):
             value = value.split(",")
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
@@ -298,8 +303,10 @@ _HELP: dict[str, tuple[str | None, str]] = {
     "chunk_limit": ("BYTES", "largest MQTT payload; bigger updates are sent in chunks (default: 131072)"),
     "protocol": (None, "MQTT version; auto tries 5, then 3.1.1 (default: auto)"),
     "inference_only": ("BOOL", "follow and serve the fleet's models, never train (even with torch installed)"),
-    "allow_custom": ("BOOL", "rebuild user architectures named in the model file (imports that code: trust the "
-                             "model's source)"),
+    "allow_model_code": ("LIST", "custom architectures (package.module:factory, comma separated) this device may "
+                                 "import and run to rebuild a model it is sent for training; without it a model of "
+                                 "a custom architecture is served for inference but never trained on"),
+    "model_code_dir": ("DIR", "folder put on the import path for --allow-model-code (a flashed bundle's model code)"),
     "torch_threads": ("N", "torch CPU threads for training (default: 0, torch's choice)"),
     "stay": ("BOOL", "keep running after the coordinator says training is over (inference-only devices always stay)"),
     "http_port": ("PORT", f"port of POST /predict, GET /healthz, GET /metrics (default: {DEFAULT_HTTP_PORT}, "

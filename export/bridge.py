@@ -5,11 +5,16 @@ its scale and zero point; dequantizing it gives back the fp32 weight within half
 quantization step (round-to-nearest, symmetric, no clipping since the scale is set by
 the largest magnitude). Biases are int32 with scale = input scale x weight scale, far
 finer. BatchNorm was folded into the convs before export, so the rebuilt model is the
-architecture with `batchnorm=False`, whose parameters are exactly the initializers.
+architecture with `batchnorm=False`, whose parameters are exactly the initializers (a few
+under a reshaped shape, GroupNorm's (C, 1, 1) for its (C,): see `pqsu.export.param_names`).
+
+`check_bridge` is the export's own proof that a board can do this: it rebuilds the model from
+the file as a board would, accounts for every initializer and fails above the half-step bound.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -86,32 +91,105 @@ def read_weights(source: Source) -> Int8Weights:
 
 
 def worst_error_in_steps(reference: dict[str, np.ndarray], weights: Int8Weights) -> float:
-    """Largest |reference - dequantized| in quantization steps, over all weights.
+    """Largest |reference - dequantized| in quantization steps, over all quantized weights.
 
     float32 rounding of the reference itself (2 ulp) is allowed for: int32 bias steps
-    are so fine that they reach it. The design bound is 0.5.
+    are so fine that they reach it. The design bound is 0.5. A reference weight the file
+    does not hold is a BridgeError, never skipped.
     """
+    missing = sorted(set(reference) - set(weights.values))
+    if missing:
+        raise BridgeError(f"the file does not hold {missing[:5]}: it was not exported from this model")
     worst = 0.0
     for name, ref in reference.items():
-        if name not in weights.values or not weights.steps[name].any():
+        step = weights.steps[name]
+        if not step.any():
             continue
+        ref = np.asarray(ref, np.float32).reshape(step.shape)
         slack = 2 * np.finfo(np.float32).eps * np.abs(ref)
         err = np.maximum(np.abs(ref - weights.values[name]) - slack, 0.0)
-        worst = max(worst, float((err / np.maximum(weights.steps[name], np.finfo(np.float32).tiny)).max()))
+        worst = max(worst, float((err / np.maximum(step, np.finfo(np.float32).tiny)).max()))
     return worst
 
 
-def torch_model_from_int8(source: Source, *, allow_custom: bool = False) -> tuple[nn.Module, ModelInfo]:
+BOUND_STEPS = 0.5
+ROUNDING_SLACK_STEPS = 1e-3  # the float32 division inside the quantizer's rounding
+
+
+@dataclasses.dataclass(frozen=True)
+class BridgeCheck:
+    """What the int8 file holds and how close the model rebuilt from it is to the exported one."""
+
+    worst_steps: float       # largest |exported - rebuilt| of a quantized parameter, in its quantization steps
+    worst_fp32_abs: float    # largest |exported - rebuilt| of a parameter the file keeps in fp32
+    parameters: int          # parameters of the rebuilt model, every one found in the file
+    quantized: int           # of which stored as int8 / int32
+    quantization: int        # scale and zero-point initializers
+    constants: tuple[str, ...]  # initializers of the graph's own (shapes, InstanceNorm's ones), no parameter
+
+
+def check_bridge(reference: dict[str, np.ndarray], source: Source, *, allow_custom: bool = True) -> BridgeCheck:
+    """Rebuild the model from an int8 file as a board does and compare it with `reference` (the state
+    dict it was exported from). A BridgeError, one line, when the file cannot be loaded back, when
+    a parameter is missing on either side, or when an error exceeds half a quantization step."""
+    file = as_verified(source if isinstance(source, (bytes, VerifiedModel)) else _read(source))
+    weights = read_int8_weights(file)
+    model, _ = _rebuild(weights, allow_custom)
+    rebuilt = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    extra, absent = sorted(set(reference) - set(rebuilt)), sorted(set(rebuilt) - set(reference))
+    if extra or absent:
+        raise BridgeError("the model rebuilt from the int8 file does not have the exported model's parameters: "
+                          + "; ".join(([f"not rebuilt {extra[:5]}"] if extra else []) +
+                                      ([f"not exported {absent[:5]}"] if absent else [])))
+    worst_steps, worst_abs, where, quantized = 0.0, 0.0, "", 0
+    for name, ref in reference.items():
+        got, step = rebuilt[name], weights.steps[name].reshape(rebuilt[name].shape)
+        ref = np.asarray(ref, np.float32).reshape(got.shape)
+        err = np.maximum(np.abs(ref - got) - 2 * np.finfo(np.float32).eps * np.abs(ref), 0.0)
+        if step.any():
+            quantized += 1
+            e = float((err / np.maximum(step, np.finfo(np.float32).tiny)).max()) if err.size else 0.0
+            if e > worst_steps:
+                worst_steps, where = e, name
+        elif err.size:
+            worst_abs = max(worst_abs, float(err.max()))
+    if worst_steps > BOUND_STEPS + ROUNDING_SLACK_STEPS:
+        raise BridgeError(f"bridge check failed: {where} rebuilt from the int8 file is {worst_steps:.3f} quantization "
+                          f"steps from the exported weights (bound {BOUND_STEPS}): the file does not hold this model")
+    if worst_abs > 0:
+        raise BridgeError(f"bridge check failed: a parameter the file keeps in fp32 differs from the exported one "
+                          f"by {worst_abs:.3g}")
+    inits = _initializer_roles(file.data, set(reference))
+    return BridgeCheck(worst_steps, worst_abs, len(reference), quantized, inits["quantization"],
+                       tuple(sorted(inits["constants"])))
+
+
+def _initializer_roles(data: bytes, params: set[str]) -> dict:
+    """Every initializer as a parameter, a quantization parameter or a constant of the graph itself."""
+    proto = onnx.load_from_string(data)
+    quant = {i for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for i in n.input[1:]}
+    constants = []
+    for t in proto.graph.initializer:
+        if t.name in quant:
+            continue
+        if t.name.removesuffix(QUANTIZED_SUFFIX) not in params:
+            constants.append(t.name)
+    return {"quantization": len(quant), "constants": constants}
+
+
+def torch_model_from_int8(source: Source, *,
+                          allow_custom: bool | Collection[str] = False) -> tuple[nn.Module, ModelInfo]:
     """Rebuild the torch model an int8 ONNX file was exported from, with its dequantized weights."""
     return _rebuild(read_int8_weights(source), allow_custom)
 
 
-def torch_model_from_onnx(source: Source, *, allow_custom: bool = False) -> tuple[nn.Module, ModelInfo]:
+def torch_model_from_onnx(source: Source, *,
+                          allow_custom: bool | Collection[str] = False) -> tuple[nn.Module, ModelInfo]:
     """Like `torch_model_from_int8`, but fp32 fl-pqsu files are accepted too (the FedAvg baseline)."""
     return _rebuild(read_weights(source), allow_custom)
 
 
-def _rebuild(weights: Int8Weights, allow_custom: bool) -> tuple[nn.Module, ModelInfo]:
+def _rebuild(weights: Int8Weights, allow_custom: bool | Collection[str]) -> tuple[nn.Module, ModelInfo]:
     try:
         spec = dataclasses.replace(ModelSpec.from_dict(weights.info.spec), batchnorm=False)
         model = build_any(spec, allow_custom=allow_custom)
@@ -126,11 +204,18 @@ def load_weights(model: nn.Module, values: dict[str, np.ndarray]) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(values))
     wrong = [f"{k}: file {values[k].shape} vs model {tuple(v.shape)}" for k, v in own.items()
-             if k in values and values[k].shape != tuple(v.shape)]
+             if k in values and not same_entries(values[k].shape, tuple(v.shape))]
     if missing or wrong:
         raise BridgeError("the int8 weights do not fit the declared architecture: "
                           + "; ".join(([f"missing {missing[:5]}"] if missing else []) + wrong[:5]))
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(values[k])) for k in own})
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(values[k]).reshape(tuple(v.shape)))
+                           for k, v in own.items()})
+
+
+def same_entries(file_shape: tuple[int, ...], model_shape: tuple[int, ...]) -> bool:
+    """True when a file tensor holds a parameter as it is or reshaped by unit axes only ((C, 1, 1) for (C,))."""
+    return tuple(file_shape) == tuple(model_shape) or \
+        [d for d in file_shape if d != 1] == [d for d in model_shape if d != 1]
 
 
 def _read(path: str | Path) -> bytes:

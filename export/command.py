@@ -1,14 +1,21 @@
 """Prune a model, export it to ONNX, quantize it to int8 and report what that bought.
 
-The model is a zoo name (cnn, alexnet, vgg16, resnet18) or your own architecture as
-package.module:factory (a zero-argument callable returning the unpruned nn.Module),
-optionally with trained weights (--weights, a torch state_dict file). Without weights
-the model is pre-trained briefly on the data set first.
+The model is a zoo name (cnn, alexnet, vgg16, resnet18 for images; cnn1d for sensor
+windows) or your own architecture as package.module:factory (a callable returning the
+unpruned nn.Module; it is passed in_shape= and num_classes= if it takes them), optionally
+with trained weights (--weights, a torch state_dict file). Without weights the model is
+pre-trained briefly on the data set first. The input shape comes from the data.
+
+Data: a built-in data set (--dataset: fashion-mnist, mnist, cifar10, and the sensor sets
+italy-power, basic-motions) or your own labelled-array file (--data FILE.npz: arrays x,
+samples batch first, uint8 pixels or float readings of any shape, and y, integer labels;
+optional classes, per-channel mean and std, x_test and y_test).
 
 examples:
   pqsu export --model cnn --prune 0.5 --out cnn.int8.onnx
   pqsu export --model vgg16 --weights vgg16.pt --prune 0.5 --calib-samples 512
-  pqsu export --model mypkg.nets:small_net --dataset mnist --data-root ~/mnist --no-prune
+  pqsu export --model cnn1d --dataset italy-power --pretrain-epochs 5 --out italy.int8.onnx
+  pqsu export --model mypkg.nets:small_net --data train.npz --calib-data calib.npz --no-prune
 """
 from __future__ import annotations
 
@@ -32,8 +39,16 @@ def _ratio(text: str) -> float:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="cnn", help="zoo name or package.module:factory (default: cnn)")
     p.add_argument("--weights", help="trained state_dict (.pt) for --model; without it the model is pre-trained")
-    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist or cifar10 (default: fashion-mnist)")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--dataset", help="fashion-mnist, mnist, cifar10, italy-power or basic-motions "
+                      "(default: fashion-mnist)")
+    data.add_argument("--data", metavar="FILE.npz", help="your own labelled-array file (x, y; see above): training "
+                      "and, unless --eval-data is given, evaluation data")
     p.add_argument("--data-root", help="folder with the data set files (default: the data set's standard place)")
+    p.add_argument("--eval-data", metavar="FILE.npz", help="labelled-array file whose x, y are the evaluation samples "
+                   "(default: the data set's test split)")
+    p.add_argument("--calib-data", metavar="FILE.npz", help="file with array x (the model's input shape) to calibrate "
+                   "int8 on (default: samples of the training data)")
     prune = p.add_mutually_exclusive_group()
     prune.add_argument("--prune", type=_ratio, default=0.5, metavar="RATIO",
                        help="fraction of channels to remove from every prunable layer (default: 0.5)")
@@ -68,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
             raise PqsuError(f"--{name.replace('_', '-')} must be at least 1")
     out = Path(args.out)
     report_path = Path(args.report) if args.report else out.with_name("report.json")
-    cfg = ExportConfig(model=args.model, weights=args.weights, dataset=args.dataset, data_root=args.data_root,
+    cfg = ExportConfig(model=args.model, weights=args.weights, dataset=args.data or args.dataset or "fashion-mnist",
+                       data_root=args.data_root, eval_data=args.eval_data, calib_data=args.calib_data,
                        prune=None if args.no_prune else args.prune, round_to=args.round_to,
                        pretrain_epochs=args.pretrain_epochs, finetune_epochs=args.finetune_epochs,
                        train_samples=args.train_samples, batch_size=args.batch_size, lr=args.lr,
@@ -104,5 +120,6 @@ def format_report(r: dict) -> str:
     ratios = r["ratios"]
     lines.append(f"size {ratios['size_fp32_over_int8']:.1f}x smaller, batch-1 {ratios['speedup_b1_int8_ort_vs_torch_fp32']:.1f}x "
                  f"faster than unpruned fp32 torch; int8/fp32 argmax agreement {r['argmax_agreement']:.2%}; "
-                 f"bridge worst error {r['bridge_worst_error_steps']:.3f} quantization steps")
+                 f"bridge: all {r['bridge_parameters']} parameters rebuilt from the int8 file, worst error "
+                 f"{r['bridge_worst_error_steps']:.3f} quantization steps")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """Users' own architectures, named `package.module:factory`.
 
-`factory()` returns the unpruned `nn.Module`. A pruned copy is rebuilt by building it
-and shrinking it to the recorded per-layer widths through the dependency graph, so no
-widths-aware constructor is needed. Importing a module named in a file is code
+`factory()` returns the unpruned `nn.Module`; a factory that takes keyword arguments
+`in_shape` and/or `num_classes` is told the data's, so one factory serves any input. A
+pruned copy is rebuilt by building it and shrinking it to the recorded per-layer widths
+through the dependency graph, so no widths-aware constructor is needed. Importing a module named in a file is code
 execution, so a model that came over the network is only rebuilt this way when the
 receiver explicitly allows custom architectures.
 """
@@ -10,13 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from pqsu.export.pruning import fold_batchnorm, layer_widths, shrink_to_widths
+from pqsu.export.folding import FoldError, check_foldable, fold_batchnorm
+from pqsu.export.pruning import layer_widths, shrink_to_widths
 from pqsu.export.zoo import ARCHS, ModelSpec, ZooError, build_model
+
+
+class CustomModelRefused(ZooError):
+    """A custom architecture this receiver was not allowed to import."""
 
 
 def is_custom(arch: str) -> bool:
@@ -35,27 +44,57 @@ def load_factory(arch: str):
     return factory
 
 
-def custom_model(arch: str, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """The user's unpruned model, with a spec attached so it flows through the pipeline."""
-    model = load_factory(arch)()
+def custom_model(arch: str, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The user's unpruned model, with a spec attached so it flows through the pipeline.
+
+    Everything that would fail later is checked here, before any training: the output shape
+    for this input, and that every BatchNorm can be folded for export."""
+    factory = load_factory(arch)
+    try:
+        model = factory(**_shape_arguments(factory, tuple(in_shape), num_classes))
+    except Exception as exc:  # the user's code: any exception, shown as one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ZooError(f"{arch}() failed: {type(exc).__name__}: {first}") from None
     if not isinstance(model, nn.Module):
         raise ZooError(f"{arch}() returned {type(model).__name__}, not an nn.Module")
-    with torch.no_grad():
-        out = model.eval()(torch.zeros(1, *in_shape))
-    if out.shape != (1, num_classes):
-        raise ZooError(f"{arch}() maps input {tuple(in_shape)} to {tuple(out.shape[1:])}, expected ({num_classes},)")
-    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, *in_shape))
+    except Exception as exc:  # a shape mismatch inside the user's forward raises many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ZooError(f"{arch}() cannot take input of shape {tuple(in_shape)}: {first}") from None
+    if not isinstance(out, torch.Tensor) or out.shape != (1, num_classes):
+        got = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ZooError(f"{arch}() maps input {tuple(in_shape)} to {got}, expected ({num_classes},)")
+    try:
+        check_foldable(model)
+    except FoldError as exc:
+        raise ZooError(f"{arch}: {exc}") from None
+    has_bn = any(isinstance(m, _BatchNorm) for m in model.modules())
     model.spec = ModelSpec(arch, layer_widths(model), tuple(in_shape), num_classes, has_bn)  # type: ignore[arg-type]
     return model
 
 
-def build_any(spec: ModelSpec, *, allow_custom: bool = False) -> nn.Module:
-    """A fresh model for `spec`: a zoo architecture, or (when allowed) a user's own."""
+def _shape_arguments(factory, in_shape: tuple[int, ...], num_classes: int) -> dict:
+    """The keyword arguments `in_shape` / `num_classes` that `factory` takes, with the data's values."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return {}
+    wanted = {"in_shape": in_shape, "num_classes": num_classes}
+    return {k: v for k, v in wanted.items() if k in params
+            and params[k].kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+
+
+def build_any(spec: ModelSpec, *, allow_custom: bool | Collection[str] = False) -> nn.Module:
+    """A fresh model for `spec`: a zoo architecture, or a user's own when `allow_custom` is True or
+    names it (the architectures a device was told it may import)."""
     if not is_custom(spec.arch):
         return build_model(spec)
-    if not allow_custom:
-        raise ZooError(f"model uses custom architecture {spec.arch!r}; allow custom architectures "
-                       "to import and run that code")
+    if not (allow_custom is True or (not isinstance(allow_custom, bool) and spec.arch in allow_custom)):
+        # Short, the flag early: an agent's status message carries the first 200 characters.
+        raise CustomModelRefused(f"custom architecture {spec.arch}: imported (its code run) only with "
+                                 f"--allow-model-code {spec.arch}")
     model = custom_model(spec.arch, spec.in_shape, spec.num_classes)
     shrink_to_widths(model.eval(), spec.widths, torch.zeros(1, *spec.in_shape))
     if not spec.batchnorm:
@@ -93,5 +132,5 @@ def load_state_dict_file(model: nn.Module, path: str | Path) -> nn.Module:
 def spec_of(model: nn.Module) -> ModelSpec:
     """The spec of a zoo or custom model as it is now (after pruning or BN folding)."""
     widths = model.widths() if hasattr(model, "widths") else layer_widths(model)
-    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    has_bn = any(isinstance(m, _BatchNorm) for m in model.modules())
     return dataclasses.replace(model.spec, widths=tuple(widths), batchnorm=has_bn)

@@ -1,5 +1,8 @@
-"""Image data sets as plain numpy arrays: Fashion-MNIST, MNIST (IDX files) and CIFAR-10 (python batches).
+"""Labelled data sets as plain numpy arrays, images or any other input shape.
 
+Built in: Fashion-MNIST, MNIST (IDX files), CIFAR-10 (python batches) and the sensor recordings
+that time-series packages ship (`pqsu.export.sensors`). A user's own data is a labelled-array
+.npz file (`pqsu.export.labelled`), named wherever a data set name goes.
 numpy + stdlib only, so a board without torch can load and normalize data too.
 """
 
@@ -17,6 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pqsu.export.labelled import channel_stats, is_labelled_file, read_labelled
+from pqsu.export.sensors import SENSOR_SETS, load_sensor_splits
 from pqsu.protocol.errors import PqsuError
 
 __all__ = ["DATASETS", "ArrayDataset", "DatasetError", "load_dataset", "read_idx"]
@@ -26,7 +31,8 @@ class DatasetError(PqsuError):
     """A data set that is missing, corrupt or asked for by a wrong name/split."""
 
 
-DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10")
+IMAGE_DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10")
+DATASETS: tuple[str, ...] = IMAGE_DATASETS + tuple(SENSOR_SETS)
 SPLITS: tuple[str, ...] = ("train", "test")
 
 _CLASSES: dict[str, list[str]] = {
@@ -54,10 +60,13 @@ _DEFAULT_ROOTS: dict[str, str] = {
 
 @dataclass(eq=False)  # identity equality: comparing image arrays elementwise is never meant
 class ArrayDataset:
-    """Images `x` uint8 (N, C, H, W) and labels `y` int64 (N,), with class names and norm stats.
+    """Samples `x` (N, C, ...) and labels `y` int64 (N,), with class names and per-channel norm stats.
 
-    Arrays loaded from IDX files are zero-copy views of the decompressed file and therefore
-    read-only; `subset`/`sample` return copies you may modify.
+    `x` is uint8 pixels (images, scaled by 1/255 before normalizing) or float32 readings (any
+    shape after the channel axis: (N, C, L) sensor windows, (N, F) feature vectors); channel
+    means and stds are in the units of the scaled values. Arrays loaded from IDX files are
+    zero-copy views of the decompressed file and therefore read-only; `subset`/`sample` return
+    copies you may modify.
     """
 
     x: np.ndarray
@@ -69,22 +78,29 @@ class ArrayDataset:
 
     def __post_init__(self) -> None:
         self.y = np.asarray(self.y, dtype=np.int64)
-        if self.x.ndim != 4 or self.x.dtype != np.uint8:
-            raise DatasetError(f"{self.name}: images must be uint8 (N, C, H, W), got "
-                               f"{self.x.dtype} {self.x.shape}")
+        if np.issubdtype(self.x.dtype, np.floating) and self.x.dtype != np.float32:
+            self.x = self.x.astype(np.float32)
+        if self.x.ndim < 2 or self.x.dtype not in (np.uint8, np.float32):
+            raise DatasetError(f"{self.name}: samples must be uint8 pixels or float readings, batch first "
+                               f"(N, C, ...), got {self.x.dtype} {self.x.shape}")
         if self.y.shape != (len(self.x),):
-            raise DatasetError(f"{self.name}: {len(self.x)} images but labels of shape {self.y.shape}")
+            raise DatasetError(f"{self.name}: {len(self.x)} samples but labels of shape {self.y.shape}")
         if not len(self.mean) == len(self.std) == self.x.shape[1]:
-            raise DatasetError(f"{self.name}: mean/std need one value per channel ({self.x.shape[1]})")
+            raise DatasetError(f"{self.name}: mean/std need one value per channel ({self.x.shape[1]}), "
+                               f"got {len(self.mean)} and {len(self.std)}")
 
     def __len__(self) -> int:
         return len(self.y)
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one sample."""
-        c, h, w = self.x.shape[1:]
-        return int(c), int(h), int(w)
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one sample: (C, H, W) for images, (C, L) for sensor windows."""
+        return tuple(int(d) for d in self.x.shape[1:])
+
+    @property
+    def pixels(self) -> bool:
+        """True for uint8 images (scaled by 1/255 before normalizing), False for float readings."""
+        return self.x.dtype == np.uint8
 
     @property
     def num_classes(self) -> int:
@@ -108,12 +124,14 @@ class ArrayDataset:
         return self.subset(np.sort(picked))
 
     def normalized(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-        """float32 (N, C, H, W) of (x/255 - mean)/std, for all samples or the given `indices`."""
+        """float32 of (x/255 - mean)/std (pixels) or (x - mean)/std (readings), per channel, for all
+        samples or the given `indices`."""
         x = self.x if indices is None else self.x[np.asarray(indices, dtype=np.int64)]
-        out = x.astype(np.float32)
+        out = x.astype(np.float32, copy=True)
+        unit = 255.0 if self.pixels else 1.0
         for c, (m, s) in enumerate(zip(self.mean, self.std)):
-            # (x/255 - m)/s folded into one scale and one shift, in place: no float64 temporaries.
-            out[:, c] *= np.float32(1.0 / (255.0 * s))
+            # (x/unit - m)/s folded into one scale and one shift, in place: no float64 temporaries.
+            out[:, c] *= np.float32(1.0 / (unit * s))
             out[:, c] -= np.float32(m / s)
         return out
 
@@ -288,19 +306,33 @@ def _missing_message(name: str, root: Path, what: str) -> str:
 
 
 def load_dataset(name: str, split: str = "train", root: str | Path | None = None) -> ArrayDataset:
-    """Load `split` ("train" or "test") of data set `name` (one of DATASETS).
+    """Load `split` ("train" or "test") of data set `name`: one of DATASETS, or a labelled-array
+    .npz file's path (`pqsu.export.labelled`).
 
     The folder is `root`, else env var PQSU_DATA_<NAME> (e.g. PQSU_DATA_FASHION_MNIST), else
-    the standard place (Debian package for Fashion-MNIST, ~/.cache/pqsu for CIFAR-10).
+    the standard place (Debian package for Fashion-MNIST, ~/.cache/pqsu for CIFAR-10, the
+    installed sktime package for the sensor sets).
     """
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r} for {name}; choose one of: {', '.join(SPLITS)}")
+    if is_labelled_file(name):
+        return read_labelled(Path(name).expanduser(), split)
     key = name.strip().lower().replace("_", "-")
     if key not in DATASETS:
-        raise DatasetError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}")
-    if split not in SPLITS:
-        raise DatasetError(f"unknown split {split!r} for {key}; choose one of: {', '.join(SPLITS)}")
+        raise DatasetError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}, "
+                           "or a labelled-array .npz file")
+    if key in SENSOR_SETS:
+        return _load_sensor_set(key, split, root if root is not None else os.environ.get(_env_var(key)))
     folder = Path(root if root is not None else os.environ.get(_env_var(key)) or _DEFAULT_ROOTS[key]).expanduser()
     if not folder.is_dir():
         raise DatasetError(_missing_message(key, folder, "no such folder"))
     x, y = _load_cifar10(folder, split) if key == "cifar10" else _load_idx_pair(key, folder, split)
     mean, std = _STATS[key]
     return ArrayDataset(x, y, key, list(_CLASSES[key]), mean, std)
+
+
+def _load_sensor_set(key: str, split: str, root: str | Path | None) -> ArrayDataset:
+    parts = load_sensor_splits(key, root)
+    mean, std = channel_stats(parts.train_x)  # the training split's own, as the image sets' are
+    x, y = (parts.train_x, parts.train_y) if split == "train" else (parts.test_x, parts.test_y)
+    return ArrayDataset(x, y, key, list(parts.classes), mean, std)

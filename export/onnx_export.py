@@ -15,6 +15,7 @@ import onnx
 import torch
 from torch import nn
 
+from pqsu.export.param_names import name_parameters, probe_values
 from pqsu.protocol import model_id
 from pqsu.protocol.atomic import atomic_write
 from pqsu.protocol.errors import PqsuError
@@ -32,20 +33,26 @@ class OnnxExportError(PqsuError):
 def to_onnx(model: nn.Module, info: ModelInfo) -> tuple[onnx.ModelProto, ModelInfo]:
     """`model` (eval mode, batch dimension dynamic) as an ONNX proto, and `info` with its opset and input name.
 
-    The proto carries no fl-pqsu metadata yet: `stamp_with_info` adds it when the file is made."""
+    The proto carries no fl-pqsu metadata yet: `stamp_with_info` adds it when the file is made. Every
+    parameter is an initializer under its torch name (`pqsu.export.param_names`), which is what lets a
+    board's bridge and the cloud's requantizer find it; a model with BatchNorm still in it fails here
+    (its conv weights are folded into new tensors): fold it first (`pqsu.export.folding`)."""
     model = model.eval()
     example = torch.zeros(2, *info.in_shape)  # batch 2: a batch of 1 would be specialised as a constant
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter is chatty about internals we do not control
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:
-            program = torch.onnx.export(model, (example,), None, input_names=[INPUT_NAME], output_names=["logits"],
-                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                                        opset_version=OPSET, external_data=False, verbose=False)
-            proto = program.model_proto
+            with probe_values(model) as values:
+                program = torch.onnx.export(model, (example,), None, input_names=[INPUT_NAME], output_names=["logits"],
+                                            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                                            opset_version=OPSET, external_data=False, verbose=False)
+                proto = program.model_proto  # serialized here: the program may hold the live parameters
             strip_exporter_traces(proto)
         except Exception as exc:  # torch.export raises many types; the user needs the message
-            raise OnnxExportError(f"torch.onnx.export failed for {info.spec.get('arch')}: {exc}") from exc
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise OnnxExportError(f"torch.onnx.export failed for {info.spec.get('arch')}: {first}") from exc
+    name_parameters(proto, values)
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return proto, dataclasses.replace(info, opset=opset, input_name=INPUT_NAME)
 

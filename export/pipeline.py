@@ -104,9 +104,13 @@ def _train_config(cfg: PrepareConfig, epochs: float, seed: int) -> TrainConfig:
 
 # -- the file ------------------------------------------------------------------------------------
 def model_info(model: nn.Module, data: ArrayDataset, precision: str = "fp32") -> ModelInfo:
-    """The metadata a board needs, for a (pruned, folded) model trained on `data`."""
+    """The metadata a board needs, for a (pruned, folded) model trained on `data`.
+
+    A model of float readings (sensor windows) says so in `extra["input"]`: its raw inputs are
+    normalized by (x - mean) / std, not (x/255 - mean) / std, and a float input alone cannot tell."""
     return ModelInfo(spec=spec_of(model).to_dict(), input_name="input", mean=tuple(data.mean),
-                     std=tuple(data.std), classes=tuple(data.classes), precision=precision, opset=0)
+                     std=tuple(data.std), classes=tuple(data.classes), precision=precision, opset=0,
+                     extra={} if data.pixels else {"input": "readings"})
 
 
 @dataclass(frozen=True)

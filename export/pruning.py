@@ -14,7 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pqsu.export.folding import fold_batchnorm  # noqa: F401  (its home before it moved; callers import it here)
 from pqsu.protocol.errors import PqsuError
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class PruneError(PqsuError):
@@ -29,17 +32,17 @@ class PruneResult:
 
 
 def layer_widths(model: nn.Module) -> tuple[int, ...]:
-    """Output width of every conv and linear layer, in registration order.
+    """Output width of every conv (1-, 2- or 3-D) and linear layer, in registration order.
 
     This is the widths spec of any module; zoo models also have a compact one of their own.
     """
-    return tuple(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-                 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    return tuple(m.out_channels if isinstance(m, CONVS) else m.out_features
+                 for m in model.modules() if isinstance(m, (*CONVS, nn.Linear)))
 
 
 def classifier_of(model: nn.Module) -> nn.Module:
     """The layer that produces the logits: the last linear (or conv) registered."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, *CONVS))]
     linears = [m for m in layers if isinstance(m, nn.Linear)]
     if not layers:
         raise PruneError("the model has no conv or linear layer to prune")
@@ -94,43 +97,16 @@ def shrink_to_widths(model: nn.Module, widths: tuple[int, ...] | list[int],
     if len(current) != len(widths):
         raise PruneError(f"widths spec has {len(widths)} entries, the model has {len(current)} conv/linear layers")
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layers = [m for m in model.modules() if isinstance(m, (*CONVS, nn.Linear))]
     for layer, target in zip(layers, widths):
-        width = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+        width = layer.out_channels if isinstance(layer, CONVS) else layer.out_features
         if target > width:
             raise PruneError(f"widths spec asks for {target} channels where the model has {width}")
         if target < width:
-            fn = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
+            fn = tp.prune_conv_out_channels if isinstance(layer, CONVS) else tp.prune_linear_out_channels
             graph.get_pruning_group(layer, fn, idxs=list(range(target, width))).prune()
     if layer_widths(model) != tuple(widths):
         raise PruneError(f"could not shrink the model to {list(widths)}: got {list(layer_widths(model))}")
     return model
 
 
-@torch.no_grad()
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every BatchNorm2d that directly follows a Conv2d in a Sequential into the conv.
-
-    The BN slot becomes an `nn.Identity`, so parameter names are unchanged and match the
-    ONNX initializers (exporters fold BN into the conv under the conv's name). The cloud
-    keeps its master model in this folded form after pruning, so the weights that boards
-    fine-tune and send back are the very parameters the master holds.
-    """
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(len(seq) - 1):
-            conv, bn = seq[i], seq[i + 1]
-            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
-                continue
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                               conv.padding, conv.dilation, conv.groups, bias=True,
-                               padding_mode=conv.padding_mode)
-            folded.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-            folded.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
-            seq[i], seq[i + 1] = folded, nn.Identity()
-    remaining = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    if remaining:
-        raise PruneError(f"{remaining} BatchNorm layers do not follow a conv inside an nn.Sequential; "
-                         "fold them into the model yourself before export")
-    return model

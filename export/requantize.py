@@ -18,6 +18,7 @@ a keyframe policy acts on.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -30,8 +31,10 @@ from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.onnx_wire import WireError, spans
 
 QUANTIZED_SUFFIX = "_quantized"
+EXPORTER_CONSTANT = re.compile(r"val_\d+")  # the exporter's anonymous constants; parameters keep torch names
 WEIGHT_RANGE = (-127, 127)
 _I32 = np.iinfo(np.int32)
+CAP_SEARCH_STEPS = 5  # interpolation steps of capped_requantize: within a few changes of the most that fit
 
 
 class RequantizeError(PqsuError):
@@ -48,6 +51,7 @@ class QdqTensor:
     shape: tuple[int, ...]
     scale: np.ndarray    # held scale, shaped to broadcast against the tensor
     zero_point: np.ndarray
+    scale_offset: int | None = None  # first byte of the float32 scale values in the file (None: not raw data)
 
     @property
     def dtype(self) -> np.dtype:
@@ -56,6 +60,9 @@ class QdqTensor:
     def quantize(self, values: np.ndarray) -> tuple[np.ndarray, int]:
         """(quantized values, how many entries the held scale clipped)."""
         values = np.asarray(values)
+        if values.shape != self.shape and values.size == int(np.prod(self.shape)) and \
+                [d for d in values.shape if d != 1] == [d for d in self.shape if d != 1]:
+            values = values.reshape(self.shape)  # a parameter the graph holds reshaped (GroupNorm's (C, 1, 1))
         if values.shape != self.shape:
             raise RequantizeError(f"{self.name}: master has shape {values.shape}, the model {self.shape}")
         if self.kind == "weight":  # as onnxruntime's quantize_nparray: float32 division, np.round
@@ -109,7 +116,9 @@ class QdqLayout:
                 bshape[axis] = -1
                 scale, zero = scale.reshape(bshape), zero.reshape(bshape)
             name = qname.removesuffix(QUANTIZED_SUFFIX)
-            tensors[name] = QdqTensor(name, kind, span.start, shape, scale, zero)
+            s_span = where.get(node.input[1])
+            s_at = s_span.start if s_span is not None and s_span.end - s_span.start == 4 * scale.size else None
+            tensors[name] = QdqTensor(name, kind, span.start, shape, scale, zero, s_at)
         if not any(t.kind == "weight" for t in tensors.values()):
             raise RequantizeError("not an int8 QDQ model: no int8 weight initializers")
         return cls(tensors, len(data))
@@ -149,12 +158,14 @@ def requantize(base: bytes, master: Mapping[str, np.ndarray], *, layout: QdqLayo
     layout = layout or QdqLayout.of(base)
     if layout.length != len(base):
         raise RequantizeError("the layout is of another file (lengths differ): rebuild it from the keyframe")
-    missing = sorted(set(layout.tensors) - set(master))
+    missing = sorted(n for n in set(layout.tensors) - set(master) if not EXPORTER_CONSTANT.fullmatch(n))
     if missing:
         raise RequantizeError(f"master lacks {missing[:5]}: not the model this file was exported from")
     out = bytearray(base)
     result = Requantized(b"", "")
     for name, t in layout.tensors.items():
+        if name not in master:  # a constant of the graph itself (InstanceNorm's ones): no parameter moves it
+            continue
         q, clipped = t.quantize(master[name])
         old = t.read(base)
         if keep is not None and name in keep:
@@ -173,7 +184,7 @@ def step_changes(base: bytes, master: Mapping[str, np.ndarray], layout: QdqLayou
     """Per weight, |change| of each int8 entry in fp32 units (0 where it does not change)."""
     out = {}
     for name, t in layout.tensors.items():
-        if t.kind == "weight":
+        if t.kind == "weight" and name in master:
             q, _ = t.quantize(master[name])
             dq = q.astype(np.int32) - t.read(base).astype(np.int32)
             out[name] = np.abs(dq * np.broadcast_to(t.scale, t.shape))
@@ -207,12 +218,73 @@ def capped_requantize(base: bytes, master: Mapping[str, np.ndarray], max_patch_b
             at += m.size
         return requantize(base, master, layout=layout, keep=keep)
 
-    lo, hi, best = 0, total, attempt(0)  # binary search on how many changes fit
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
+    # Patch size grows nearly linearly with the changes sent: interpolate between a k that fits and one
+    # that does not (a few make_patch calls, not a bisection's dozen; the coordinator runs this each round).
+    best = attempt(0)
+    lo, size_lo = 0, len(make_patch(base, best.data))
+    hi, size_hi = total, len(make_patch(base, full.data))
+    for _ in range(CAP_SEARCH_STEPS):
+        if hi - lo <= 1 or size_lo > max_patch_bytes:
+            break
+        target = max_patch_bytes - (max_patch_bytes - size_lo) // 64  # aim a little low: fewer misses
+        mid = lo + (target - size_lo) * (hi - lo) // max(1, size_hi - size_lo)
+        mid = min(max(mid, lo + 1), hi - 1)
         candidate = attempt(mid)
-        if len(make_patch(base, candidate.data)) <= max_patch_bytes:
-            lo, best = mid, candidate
+        size = len(make_patch(base, candidate.data))
+        if size <= max_patch_bytes:
+            lo, size_lo, best = mid, size, candidate
         else:
-            hi = mid - 1
+            hi, size_hi = mid, size
     return best, total - lo
+
+
+def bias_of(weight: str) -> str:
+    """The torch name of the bias quantized with `weight`'s scales (input scale x weight scale)."""
+    return weight.removesuffix(".weight") + ".bias"
+
+
+def rescale(base: bytes, layout: QdqLayout, factors: Mapping[str, np.ndarray]) -> tuple[bytes, QdqLayout]:
+    """`base` with the per-channel scales of each weight in `factors` multiplied by its factors (one per
+    channel along the DequantizeLinear axis, or one scalar), and its bias's scale with them, so the bias
+    scale stays input scale x weight scale as QLinearConv / QLinearMatMul read it. Scales are float32
+    raw data: the result has `base`'s layout, so it is patchable from `base`. Values are not
+    requantized here: pass the returned layout to `requantize`. The model id is not restamped."""
+    out, tensors = bytearray(base), dict(layout.tensors)
+    for name, factor in factors.items():
+        for t in (layout.tensors[name], layout.tensors.get(bias_of(name))):
+            if t is None:
+                continue
+            if t.scale_offset is None:
+                raise RequantizeError(f"{t.name}: its scale is not stored as raw float32: cannot rescale in place")
+            f, held = np.asarray(factor, np.float32).reshape(-1), t.scale.reshape(-1)
+            if f.size not in (1, held.size):
+                raise RequantizeError(f"{t.name}: {f.size} scale factors for {held.size} channels")
+            scale = (held * f).astype(np.float32)
+            if not (np.isfinite(scale).all() and (scale > 0).all()):
+                raise RequantizeError(f"{t.name}: rescaled scales must be finite and > 0")
+            out[t.scale_offset:t.scale_offset + scale.nbytes] = scale.astype("<f4").tobytes()
+            tensors[t.name] = QdqTensor(t.name, t.kind, t.offset, t.shape, scale.reshape(t.scale.shape),
+                                        t.zero_point, t.scale_offset)
+    return bytes(out), QdqLayout(tensors, layout.length)
+
+
+def fitting_scales(layout: QdqLayout, master: Mapping[str, np.ndarray], headroom: float = 1.0,
+                   only_clipping: bool = False) -> dict[str, np.ndarray]:
+    """Per weight, the factor per channel that makes its held scale max|w| / 127 x `headroom` (the
+    quantizer's symmetric scale, with room to grow). `only_clipping`: only channels whose values clip
+    now, and only where that widens the scale."""
+    factors = {}
+    for name, t in layout.tensors.items():
+        if t.kind != "weight":
+            continue
+        w = np.asarray(master[name], np.float32)
+        axes = tuple(i for i in range(w.ndim) if t.scale.ndim == 0 or t.scale.shape[i] == 1)
+        reach = np.abs(w).max(axis=axes, keepdims=True) if axes else np.abs(w)
+        want = np.maximum(reach / WEIGHT_RANGE[1] * headroom, np.finfo(np.float32).tiny)
+        f = (want / t.scale).reshape(-1).astype(np.float32)
+        if only_clipping:
+            f = np.where(f > headroom, f, 1.0).astype(np.float32)  # clips now: f > headroom
+            if not (f != 1.0).any():
+                continue
+        factors[name] = f
+    return factors

@@ -49,16 +49,23 @@ class OrtModel:
         return self.file.model_id
 
     def prepare(self, x: np.ndarray) -> np.ndarray:
-        """uint8 images are normalized with the model's own statistics; floats pass as they are."""
+        """A batch for the model from one sample of the shape its metadata declares (an image (C, H, W),
+        a sensor window (C, L), a feature vector (F,)...) or a batch of them, the batch axis first.
+        uint8 pixels are normalized with the model's own statistics; floats pass as they are."""
         x = np.asarray(x)
         shape = tuple(self.info.in_shape)
         if x.shape == shape:
             x = x[None]
-        if x.ndim != 4 or x.shape[1:] != shape:
-            raise InferenceError(f"input of shape {x.shape} does not fit the model's {shape} (batch first)")
+        if x.ndim != len(shape) + 1 or x.shape[1:] != shape:
+            raise InferenceError(f"input of shape {x.shape} does not fit the model's {shape}: give one sample of "
+                                 f"that shape or a batch of them (N, {', '.join(map(str, shape))})")
+        if len(x) == 0:
+            raise InferenceError(f"empty batch {x.shape}: give at least one sample {shape}")
         if x.dtype == np.uint8:
-            mean = np.asarray(self.info.mean, np.float32).reshape(1, -1, 1, 1)
-            std = np.asarray(self.info.std, np.float32).reshape(1, -1, 1, 1)
+            # One mean and std per channel (axis 1), broadcast over the sample's other axes, whatever their number.
+            stats = (1, -1) + (1,) * (len(shape) - 1)
+            mean = np.asarray(self.info.mean, np.float32).reshape(stats)
+            std = np.asarray(self.info.std, np.float32).reshape(stats)
             return ((x.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
         if not np.issubdtype(x.dtype, np.floating):
             raise InferenceError(f"input dtype {x.dtype}: give uint8 images or normalized floats")

@@ -31,7 +31,7 @@ class ModelSpec:
 
     arch: str
     widths: tuple[int, ...]
-    in_shape: tuple[int, int, int] = (1, 28, 28)
+    in_shape: tuple[int, ...] = (1, 28, 28)  # (C, H, W) images, (C, L) sensor windows
     num_classes: int = 10
     batchnorm: bool = True
 
@@ -101,6 +101,46 @@ class PlainNet(nn.Module):
         return tuple(convs + fcs)
 
 
+class SensorNet(nn.Module):
+    """1-D conv net for sensor windows (C, L): (conv1d, batchnorm, relu) blocks with a 2x max-pool
+    after the first two, global average pooling over time, then (linear, relu)* -> linear.
+
+    Average pooling over time makes the classifier independent of the window length, so one
+    widths spec fits 24 hourly readings and 128-sample accelerometer windows alike.
+    """
+
+    def __init__(self, spec: ModelSpec, kernels: tuple[int, ...], n_fc: int):
+        super().__init__()
+        if len(spec.in_shape) != 2:
+            raise RuntimeError(f"it takes (channels, length) windows, not input {tuple(spec.in_shape)}")
+        conv_widths, fc_widths = spec.widths[: len(spec.widths) - n_fc], spec.widths[len(spec.widths) - n_fc:]
+        layers: list[nn.Module] = []
+        cin = spec.in_shape[0]
+        for i, (cout, k) in enumerate(zip(conv_widths, kernels)):
+            layers += [nn.Conv1d(cin, cout, k, padding=k // 2, bias=not spec.batchnorm),
+                       nn.BatchNorm1d(cout) if spec.batchnorm else nn.Identity(), nn.ReLU()]
+            if i < 2:
+                layers.append(nn.MaxPool1d(2, ceil_mode=True))
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.flatten = nn.Flatten()
+        head: list[nn.Module] = []
+        for width in fc_widths:
+            head += [nn.Linear(cin, width), nn.ReLU()]
+            cin = width
+        head.append(nn.Linear(cin, spec.num_classes))
+        self.classifier = nn.Sequential(*head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.flatten(self.pool(self.features(x))))
+
+    def widths(self) -> tuple[int, ...]:
+        convs = [m.out_channels for m in self.features if isinstance(m, nn.Conv1d)]
+        fcs = [m.out_features for m in self.classifier if isinstance(m, nn.Linear)][:-1]
+        return tuple(convs + fcs)
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, mid: int, cout: int, stride: int, batchnorm: bool):
         super().__init__()
@@ -162,6 +202,7 @@ class _Arch:
     batchnorm: bool
     build: object = field(repr=False)
     about: str = ""
+    input_rank: int = 3  # (C, H, W) images; 2 for (C, L) windows
 
 
 def _plain(plan: list, n_fc: int, ceil_pool: bool):
@@ -180,12 +221,14 @@ ARCHS: dict[str, _Arch] = {
     # ceil-mode pools take 28x28 down to 1x1 in five steps, as 32x32 goes, so one plan fits both.
     "vgg16": _Arch(_convs(VGG16_PLAN) + (512, 512), True, _plain(VGG16_PLAN, 2, True),
                    "FL-PQSU paper VGG16 with BatchNorm, fc 512-512"),
+    "cnn1d": _Arch((32, 64, 64, 64), True, lambda spec: SensorNet(spec, (7, 5, 3), 1),
+                   "1-D conv 32-64-64 + fc 64 with BatchNorm for sensor windows (C, L), ~35k params", 2),
     "resnet18": _Arch((64, 128, 256, 512) + (64, 64, 128, 128, 256, 256, 512, 512), True, ResNet18,
                       "CIFAR-style ResNet-18: skip connections couple channels"),
 }
 
 
-def default_spec(arch: str, in_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10,
+def default_spec(arch: str, in_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10,
                  batchnorm: bool | None = None) -> ModelSpec:
     entry = _arch(arch)
     return ModelSpec(arch, entry.default_widths, tuple(in_shape), num_classes,  # type: ignore[arg-type]
@@ -195,6 +238,12 @@ def default_spec(arch: str, in_shape: tuple[int, int, int] = (1, 28, 28), num_cl
 def build_model(spec: ModelSpec) -> nn.Module:
     """A freshly initialised torch model for `spec` (pruned widths included)."""
     entry = _arch(spec.arch)
+    if len(spec.in_shape) != entry.input_rank:
+        kinds = {2: "sensor windows (C, L)", 3: "images (C, H, W)"}
+        fits = [name for name, a in ARCHS.items() if a.input_rank == len(spec.in_shape)]
+        raise ZooError(f"{spec.arch} takes {kinds[entry.input_rank]}, not input {tuple(spec.in_shape)}"
+                       + (f"; for this input choose {', '.join(fits)} or your own package.module:factory" if fits else
+                          "; give your own package.module:factory for this input"))
     if len(spec.widths) != len(entry.default_widths) or any(w < 1 for w in spec.widths):
         raise ZooError(f"{spec.arch} takes {len(entry.default_widths)} positive widths, got {list(spec.widths)}")
     try:

@@ -9,7 +9,7 @@ import datetime as dt
 import json
 import math
 import secrets
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from pqsu.protocol.errors import PqsuError
 
@@ -64,11 +64,16 @@ class RoundTask(_JsonMessage):
     # Aggregator workers (docs/protocol.md, "Aggregator workers"): when > 0, a device publishes its update on
     # update/<crc32(device id) % partitions>/<device>, the partition one worker reads. 0: update/<device>.
     partitions: int = 0
+    # The bases a patch to `model_id` is retained for (on the patch topics): {"base": model id,
+    # "bytes": patch length, "sha256": hex digest of the patch}. A device holding one of them downloads
+    # that patch; any other device downloads the full model.
+    patches: tuple[dict, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.devices, (list, tuple)):  # a bare string would become one id per letter
             raise MessageError("invalid round task: devices must be a list of device ids")
         object.__setattr__(self, "devices", tuple(self.devices))
+        object.__setattr__(self, "patches", check_patch_offers(self.patches, "round task"))
         checks = [
             (_int(self.round) and 0 <= self.round < 2**32, "round must be an int in [0, 2**32)"),
             (isinstance(self.model_id, str) and 0 < len(self.model_id) <= 64, "model_id must be a short string"),
@@ -89,6 +94,10 @@ class RoundTask(_JsonMessage):
             if not ok:
                 raise MessageError(f"invalid round task: {why}")
 
+    def patch_for(self, base_id: str) -> dict | None:
+        """The announced patch from `base_id` to this round's model, if one is retained."""
+        return next((p for p in self.patches if p["base"] == base_id), None)
+
     def asks(self, device_id: str) -> bool:
         return not self.devices or device_id in self.devices
 
@@ -98,6 +107,7 @@ class RoundTask(_JsonMessage):
 
 
 
+DOWNLOADS = ("", "patch", "full")
 STATES = ("online", "offline", "training", "uploaded", "skipped", "failed")
 
 
@@ -114,10 +124,20 @@ class Status(_JsonMessage):
     trains: bool = True  # False for inference-only devices
     seconds: float = 0.0  # the device's compute for this round (rebuild, train, encode)
     job: str = ""         # the job whose round `round` is ("" before the device saw any)
+    # How the device got this round's model (on its "training" status): "patch", "full" or "" (held it
+    # already), its bytes on the wire (chunk headers included), and whether it was the device's first model.
+    download: str = ""
+    download_bytes: int = 0
+    first_download: bool = False
+    refusals: dict = field(default_factory=dict)  # patches refused since the device started, by reason
 
     def __post_init__(self) -> None:
         if not (isinstance(self.device, str) and 0 < len(self.device) <= 64):
             raise MessageError("invalid status: bad device id")
+        if (self.download not in DOWNLOADS or not (_int(self.download_bytes) and self.download_bytes >= 0)
+                or not isinstance(self.first_download, bool) or not isinstance(self.refusals, dict)
+                or not all(isinstance(k, str) and _int(v) for k, v in self.refusals.items())):
+            raise MessageError("invalid status: bad download fields")
         if self.state not in STATES:
             raise MessageError(f"invalid status: state must be one of {', '.join(STATES)}")
         if not _int(self.round) or not isinstance(self.detail, str) or not isinstance(self.trains, bool) \
@@ -126,9 +146,26 @@ class Status(_JsonMessage):
 
 
 
-def done_message(rounds: int, model_id: str, job: str = "") -> bytes:
-    """Retained on the round topic when training ends: agents stop, inference devices keep the model."""
-    return json.dumps({"v": VERSION, "type": "done", "rounds": rounds, "model_id": model_id, "job": job}).encode()
+def done_message(rounds: int, model_id: str, job: str = "", patches: tuple[dict, ...] = ()) -> bytes:
+    """Retained on the round topic when training ends: agents stop, inference devices keep the model
+    (fetched as a patch from one of `patches`' bases, as in a round task, or whole)."""
+    return json.dumps({"v": VERSION, "type": "done", "rounds": rounds, "model_id": model_id, "job": job,
+                       "patches": list(patches)}).encode()
+
+
+def check_patch_offers(offers: object, what: str) -> tuple[dict, ...]:
+    """`offers` as a tuple of {"base", "bytes", "sha256"} dicts, or MessageError naming `what`."""
+    if not isinstance(offers, (list, tuple)) or len(offers) > 64:
+        raise MessageError(f"invalid {what}: patches must be a list of at most 64 entries")
+    out = []
+    for o in offers:
+        if not (isinstance(o, dict) and isinstance(o.get("base"), str) and 0 < len(o["base"]) <= 64
+                and _int(o.get("bytes")) and 0 < o["bytes"] < 2**32 and isinstance(o.get("sha256"), str)
+                and len(o["sha256"]) == 64):
+            raise MessageError(f"invalid {what}: a patch entry needs base (model id), bytes (int > 0) "
+                               "and sha256 (64 hex digits)")
+        out.append({"base": o["base"], "bytes": o["bytes"], "sha256": o["sha256"]})
+    return tuple(out)
 
 
 def message_job(data: bytes) -> str:

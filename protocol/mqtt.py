@@ -227,6 +227,15 @@ class MqttClient:
         if any(code.is_failure for code in waiter[1]):
             raise MqttError(f"broker {self.url} refused the subscription {topic_filter!r}: {waiter[1]}")
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop handling `topic_filter` at once (messages already in flight are dropped) and tell the
+        broker, without waiting: a device subscribes to a model or patch only while it needs one."""
+        with self._lock:
+            if self._subs.pop(topic_filter, None) is None:
+                return
+            if (c := self._client) is not None and self.connected:
+                c.unsubscribe(topic_filter)
+
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._lock:
             if waiter := self._acks.get(mid):

@@ -51,6 +51,15 @@ def check_partitions(partitions: int) -> int:
     return partitions
 
 
+_MODEL_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def check_model_id(model_id: str) -> str:
+    if not isinstance(model_id, str) or not _MODEL_ID.fullmatch(model_id):
+        raise TopicError(f"invalid model id {model_id!r}: 32 lowercase hex digits")
+    return model_id
+
+
 def _check_index(index: int) -> int:
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= MAX_INDEX:
         raise TopicError(f"invalid model chunk index {index!r}: an int in [0, 2^32)")
@@ -82,6 +91,13 @@ class Topics:
     @property
     def model_filter(self) -> str:
         return f"{self.prefix}/model/+"
+
+    def patch_chunk(self, base: str, index: int) -> str:
+        """Retained: frame `index` of the patch from model `base` to the current model."""
+        return f"{self.prefix}/patch/{check_model_id(base)}/{_check_index(index)}"
+
+    def patch_filter(self, base: str) -> str:
+        return f"{self.prefix}/patch/{check_model_id(base)}/+"
 
     def update(self, device: str, partitions: int = 0) -> str:
         """Not retained: every frame of `device`'s update; with `partitions` (the round announcement's),
@@ -178,6 +194,10 @@ class Topics:
             return "update", parts[2]
         if len(parts) == 3 and parts[0] == "agg" and parts[2] in AGG_KINDS and _DEVICE.fullmatch(parts[1]):
             return f"agg-{parts[2]}", parts[1]
+        if len(parts) == 3 and parts[0] == "patch":
+            if not _MODEL_ID.fullmatch(parts[1]) or not _INDEX.fullmatch(parts[2]) or int(parts[2]) > MAX_INDEX:
+                raise TopicError(f"topic {topic!r}: invalid patch base or chunk index")
+            return "patch", (parts[1], int(parts[2]))
         if len(parts) == 2 and parts[0] == "model":
             if not _INDEX.fullmatch(parts[1]) or int(parts[1]) > MAX_INDEX:
                 raise TopicError(f"topic {topic!r}: invalid model chunk index {parts[1]!r}")

@@ -84,3 +84,20 @@ def test_build_server_resumes_master_round_and_momentum(tmp_path):
         np.testing.assert_array_equal(resumed.optimizer.velocity[k], velocity[k])
     # the resumed master is what devices get next: its model differs from the fresh one
     assert resumed.model_message()[1].model_id != server.model_message()[1].model_id
+
+
+def test_a_coordinator_of_a_custom_architecture_resumes_it(tmp_path):
+    """The checkpoint names the run's own custom model; the coordinator rebuilds it (its own configured code)."""
+    from pqsu.cloud.bootstrap import build_server
+    from pqsu.cloud.config import FederatedConfig
+
+    cfg = FederatedConfig.for_scheme("ours", model="tests.support.user_models:mobilenet_net", rounds=3, clients=2,
+                                     proxy_samples=200, pretrain_epochs=0.2, finetune_epochs=0.0, eval_samples=100)
+    server, meta = build_server(cfg)
+    master = {k: v + 0.25 for k, v in server.master.items()}
+    checkpoint.save(tmp_path, Checkpoint(1, master, {}, {**meta, "reports": [{"round": 1}]}))
+    resumed, _ = build_server(cfg, checkpoint_dir=tmp_path)
+    assert resumed.rounds_done == 1 and resumed.info.spec["arch"] == cfg.model
+    assert set(resumed.master) == set(master)
+    for k in master:
+        np.testing.assert_array_equal(resumed.master[k], master[k])

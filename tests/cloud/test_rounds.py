@@ -46,8 +46,13 @@ class ScriptedTransport:
             raise PqsuError(f"only {len(online)} of {needed}")
         return online
 
-    def publish_model(self, data, model_id):
+    chunk_limit = 128 * 1024
+
+    def publish_model(self, data, model_id, patches=None):
         self.models.append(data)
+
+    def downloads(self):
+        return {}
 
     def announce(self, task):
         self.tasks.append(task)
@@ -79,7 +84,7 @@ class ScriptedTransport:
     def publish_report(self, report):
         self.reports.append(report)
 
-    def finish(self, data, model_id, rounds):
+    def finish(self, data, model_id, rounds, patches=None):
         self.calls.append(("finish", rounds))
 
     def state(self):
@@ -266,8 +271,8 @@ class FakeLearner:
     def __init__(self, device, skip_rounds=()):
         self.device, self.skip_rounds, self.seen = device, set(skip_rounds), []
 
-    def run_round(self, task, model_bytes):
-        self.seen.append((task.round, model_bytes))
+    def run_round(self, task, model_file, downloaded=None):
+        self.seen.append((task.round, model_file.data))
         payload = None if task.round in self.skip_rounds else update(self.device, task.round)
         return type("Outcome", (), {"payload": payload})()
 

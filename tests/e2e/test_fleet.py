@@ -168,7 +168,12 @@ def test_mqtt_run_gives_the_numbers_of_the_in_process_simulator(mosquitto_run):
     assert [r["bytes_up"] for r in metrics] == [r["bytes_up"] for r in sim.rounds]
     assert [r["uploads"] for r in metrics] == [r["uploads"] for r in sim.rounds]
     assert [r["skipped"] for r in metrics] == [r["skipped"] for r in sim.rounds]
+    # what each device downloaded (patches after its first model), counted by the devices over MQTT
+    # and by the in-process followers alike
     assert [r["bytes_down"] for r in metrics] == [r["bytes_down"] for r in sim.rounds]
+    assert [r["bytes_down_flashed"] for r in metrics] == [r["bytes_down_flashed"] for r in sim.rounds]
+    assert [r["downloads"] for r in metrics] == [r["downloads"] for r in sim.rounds]
+    assert [r["downloads"]["patch"] for r in metrics[1:]] == [3] * (len(metrics) - 1)
     for mqtt_round, sim_round in zip(metrics, sim.rounds):
         assert mqtt_round["accuracy"] == pytest.approx(sim_round["accuracy"], abs=0.02)
 

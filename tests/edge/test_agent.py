@@ -56,6 +56,9 @@ class FakeClient:
     def subscribe(self, topic_filter, handler, qos=1, **_):
         self.handlers[topic_filter] = handler
 
+    def unsubscribe(self, topic_filter) -> None:
+        self.handlers.pop(topic_filter, None)
+
     def publish(self, topic, payload, qos=1, retain=False, **_):
         with self.lock:
             self.published.append((topic, bytes(payload)))
@@ -94,7 +97,7 @@ class FakeLearner:
     rounds: list[int] = field(default_factory=list)
     saved: list[int] = field(default_factory=list)
 
-    def run_round(self, task: RoundTask, model_bytes: bytes) -> RoundOutcome:
+    def run_round(self, task: RoundTask, model_bytes: bytes, downloaded: int | None = None) -> RoundOutcome:
         self.rounds.append(task.round)
         if self.error is not None:
             raise self.error
@@ -306,10 +309,13 @@ def test_deadlines_follow_the_devices_own_clock_not_its_wall_clock(tmp_path, mod
 
 
 def test_a_model_seen_before_is_taken_again_when_it_comes_back(tmp_path, model):
-    """A, B, then A again (two jobs that start from the same seed): the last one is served."""
+    """A, B, then A again (two jobs that start from the same seed): the last one is served. Each is
+    announced first: a device subscribes to the full model only while it fetches one."""
     other = int8_models().b.read_bytes()
     with Running(tmp_path, None) as run:
-        for data in (model[0], other, model[0]):
+        for i, data in enumerate((model[0], other, model[0])):
+            if i:
+                run.client.send_round(task((data, model_id.verify(data)), i))
             run.client.send_model(data)
             wait_for(lambda: run.agent.model is not None and run.agent.model.model_id == model_id.verify(data),
                      "the model swapped in")

@@ -120,7 +120,7 @@ def test_a_round_for_another_model_or_other_images_is_refused(model):
         learner(model).run_round(RoundTask(round=1, model_id="0" * 64), model[0])
     _, _, x, y = model
     wrong = EdgeLearner(DEVICE, np.zeros((8, 1, 32, 32), np.uint8), y[:8], SelectivePolicy.from_spec())
-    with pytest.raises(PqsuError, match="local images are"):
+    with pytest.raises(PqsuError, match="local samples are"):
         wrong.run_round(task(model), model[0])
     with pytest.raises(PqsuError, match="one label each"):
         EdgeLearner(DEVICE, x, y[:3], SelectivePolicy.from_spec())

@@ -433,7 +433,8 @@ def test_inference_only_agent_follows_models_and_serves_them(tmp_path, models):
             assert answer["predictions"] == direct_logits(models.b, models.normalized(x)).argmax(1).tolist()
             assert (tmp_path / "device" / MODEL_FILE).read_bytes() == data_b
             plain, _, labelled = parse_prometheus(call(call_url() + "/metrics")[2].decode())
-            assert plain["pqsu_mqtt_connected"] == 1 and plain["pqsu_bytes_down_total"] == len(data_a) + len(data_b)
+            assert plain["pqsu_mqtt_connected"] == 1 and plain["pqsu_bytes_down_total"] == \
+                len(data_a) + len(data_b) + 2 * chunking.HEADER_SIZE * len(chunking.split(data_a, 32 * 1024))
             assert id_b in labelled["pqsu_model_info"][0][0]
 
             # training is over: a training agent leaves, an inference-only one keeps serving

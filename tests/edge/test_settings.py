@@ -128,8 +128,8 @@ def settings_of(*argv: str) -> AgentSettings:
 @pytest.mark.parametrize("word, value", [("true", True), ("yes", True), ("1", True), ("TRUE", True),
                                          ("false", False), ("no", False), ("0", False), ("No", False)])
 def test_boolean_flags_take_true_false_yes_no_1_0(word, value):
-    s = settings_of("--stay", word, "--inference-only", word, "--allow-custom", word, "--error-feedback", word)
-    assert (s.stay, s.inference_only, s.allow_custom, s.error_feedback) == (value,) * 4
+    s = settings_of("--stay", word, "--inference-only", word, "--error-feedback", word)
+    assert (s.stay, s.inference_only, s.error_feedback) == (value,) * 3
 
 
 def test_a_boolean_flag_alone_is_true_and_a_bad_word_is_an_argument_error(capsys):
@@ -154,7 +154,7 @@ def test_defaults():
     s = settings_of()
     assert s == AgentSettings()
     assert (s.fleet, s.state_dir, s.upload, s.select) == ("default", "pqsu-device", "norm:0.0001", "topk:0.02")
-    assert s.error_feedback is True and s.stay is False and s.inference_only is False and s.allow_custom is False
+    assert s.error_feedback is True and s.stay is False and s.inference_only is False and s.allow_model_code == ()
     assert (s.chunk_limit, s.protocol, s.torch_threads, s.inference_threads) == (131072, "auto", 0, 0)
     assert s.providers == () and s.board == BoardBudget() and s.broker is None and s.device_id is None
     assert s.http_endpoint() == (DEFAULT_HTTP_PORT, False)  # the default port may be busy: then no API

@@ -141,7 +141,7 @@ def test_bridge_rebuilds_a_users_own_architecture(user_models, fmnist, tmp_path)
     folded = fold_batchnorm(prune_model(model, 0.5, torch.zeros(1, *IN)).model)
     path = export_int8_file(folded, tmp_path, fmnist[0])
 
-    with pytest.raises(BridgeError, match="allow custom architectures"):
+    with pytest.raises(BridgeError, match=f"only with --allow-model-code {USER_ARCH}"):
         torch_model_from_int8(path)  # importing code named in a downloaded file needs consent
 
     rebuilt, info = torch_model_from_int8(path, allow_custom=True)

@@ -10,6 +10,7 @@ from torch import nn
 from tests.support.nets import USER_ARCH, set_bn_stats
 from pqsu.export.custom import build_any, custom_model, spec_of
 from pqsu.export.measure import count_params
+from pqsu.export.folding import FoldError
 from pqsu.export.pruning import PruneError, classifier_of, fold_batchnorm, layer_widths, prune_model
 from pqsu.export.zoo import ZooError, build_model, default_spec
 from pqsu.protocol.errors import PqsuError
@@ -135,17 +136,36 @@ def test_fold_batchnorm_preserves_eval_outputs(unpruned, arch):
     assert shapes(build_model(spec)) == shapes(folded)
 
 
-def test_fold_batchnorm_refuses_bn_outside_a_sequential():
-    class Loose(nn.Module):
+def test_fold_batchnorm_folds_bn_held_as_attributes():
+    class Loose(nn.Module):  # torchvision's layout: the wiring is only in forward
         def __init__(self):
             super().__init__()
-            self.conv, self.bn = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+            self.bn, self.conv = nn.BatchNorm2d(4), nn.Conv2d(1, 4, 3, bias=False)  # registered out of order
 
         def forward(self, x):
             return self.bn(self.conv(x))
 
-    with pytest.raises(PruneError, match="1 BatchNorm layers do not follow a conv"):
-        fold_batchnorm(Loose())
+    model = set_bn_stats(Loose(), (1, 8, 8))
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        reference = model(x)
+        folded = fold_batchnorm(model)
+        torch.testing.assert_close(folded(x), reference, atol=1e-5, rtol=1e-4)
+    assert isinstance(folded.bn, nn.Identity) and folded.conv.bias is not None
+
+
+def test_fold_batchnorm_refuses_bn_that_follows_no_conv():
+    class PreNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.conv = nn.BatchNorm2d(1), nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            return self.conv(self.bn(x))
+
+    with pytest.raises(FoldError, match="BatchNorm layer.s. bn do not directly follow a conv") as exc:
+        fold_batchnorm(PreNorm())
+    assert isinstance(exc.value, PqsuError)
 
 
 # --------------------------------------------------------------------------- a user's own model
@@ -192,7 +212,7 @@ def test_user_model_rebuilds_from_its_folded_spec(user_models):
 
 def test_custom_arch_is_refused_unless_allowed(user_models):
     folded = fold_batchnorm(prune_model(user_model_with_stats(), 0.5, torch.zeros(1, *IN)).model)
-    with pytest.raises(ZooError, match="custom architecture 'user_models:residual_net'") as exc:
+    with pytest.raises(ZooError, match="custom architecture user_models:residual_net: imported") as exc:
         build_any(spec_of(folded), allow_custom=False)
     assert isinstance(exc.value, PqsuError)
 

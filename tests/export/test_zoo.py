@@ -12,12 +12,34 @@ from pqsu.protocol.errors import PqsuError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ALL_ARCHS = ["cnn", "alexnet", "vgg16", "resnet18"]
+ALL_ARCHS = ["cnn", "alexnet", "vgg16", "resnet18"]  # image archs
+SENSOR_ARCHS = ["cnn1d"]
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 
 
 def test_the_zoo_has_the_documented_architectures():
-    assert sorted(ARCHS) == sorted(ALL_ARCHS)
+    assert sorted(ARCHS) == sorted(ALL_ARCHS + SENSOR_ARCHS)
+
+
+@pytest.mark.parametrize("in_shape", [(1, 24), (6, 100), (3, 128)], ids=["italy-power", "basic-motions", "accel"])
+def test_cnn1d_maps_sensor_windows_of_any_length_to_logits(in_shape):
+    spec = default_spec("cnn1d", in_shape, num_classes=4)
+    model = build_model(spec).eval()
+    with torch.no_grad():
+        out = model(torch.randn(3, *in_shape))
+    assert out.shape == (3, 4) and torch.isfinite(out).all()
+    assert model.widths() == spec.widths == (32, 64, 64, 64)
+    assert any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+    folded_layout = build_model(default_spec("cnn1d", in_shape, 4, batchnorm=False))
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in folded_layout.modules())
+    assert all(m.bias is not None for m in folded_layout.modules() if isinstance(m, nn.Conv1d))
+
+
+def test_image_and_window_archs_refuse_the_other_input_kind():
+    with pytest.raises(ZooError, match=r"cnn takes images \(C, H, W\), not input \(1, 24\); .*choose cnn1d"):
+        build_model(default_spec("cnn", (1, 24)))
+    with pytest.raises(ZooError, match=r"cnn1d takes sensor windows \(C, L\), not input \(1, 28, 28\)"):
+        build_model(default_spec("cnn1d", (1, 28, 28)))
 
 
 @pytest.mark.parametrize("in_shape", SHAPES, ids=["28x28x1", "32x32x3"])

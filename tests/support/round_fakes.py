@@ -12,7 +12,9 @@ from types import SimpleNamespace
 import numpy as np
 
 from pqsu.cloud.server import RoundReport, Verdict
+from pqsu.protocol import model_id
 from pqsu.protocol.messages import RoundTask
+from pqsu.protocol.model_follow import wire_bytes
 
 MODEL = b"model-v0"
 MODEL_ID = "ab" * 16
@@ -36,10 +38,12 @@ class FakeServer:
         self.evaluations = 0
         self._asked: tuple[str, ...] | None = None
         self.opened: list[tuple[int, list[str]]] = []
+        self.downlink = FakeDownlink(self)
 
     def model_message(self):
-        data = MODEL + bytes([self.version])
-        return data, SimpleNamespace(model_id=f"{self.version:032x}")
+        # a file with a model id slot, stamped: devices verify what they hold, as they do a real model's
+        data, mid = model_id.stamp(MODEL + model_id._PREFIX + model_id.PLACEHOLDER.encode() + bytes([self.version]))
+        return data, SimpleNamespace(model_id=mid)
 
     def evaluate(self):
         self.evaluations += 1
@@ -84,6 +88,24 @@ class FakeServer:
         return rep
 
 
+class FakeDownlink:
+    """`Downlink`'s surface as the runner uses it: no patches, every device downloads the file."""
+
+    def __init__(self, server):
+        self.server, self.origin = server, None
+        self.step = SimpleNamespace(to_dict=lambda: {"kind": "keyframe"})
+
+    def patches(self) -> dict:
+        return {}
+
+    def offers(self) -> tuple:
+        return ()
+
+    def wire_cost(self, base, limit) -> int:
+        data, info = self.server.model_message()
+        return 0 if base == info.model_id else wire_bytes(len(data), limit)
+
+
 class FakeClient:
     """`MqttClient`'s surface as the MQTT transport uses it; `on_publish(topic, payload)` may answer
     as devices would, through the handlers the transport subscribed."""
@@ -97,6 +119,9 @@ class FakeClient:
 
     def subscribe(self, topic_filter, handler, qos: int = 1) -> None:
         self.handlers[topic_filter] = handler
+
+    def unsubscribe(self, topic_filter) -> None:
+        self.handlers.pop(topic_filter, None)
 
     def connect(self, timeout_s: float = 30.0) -> None:
         self.connected = True

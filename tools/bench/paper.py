@@ -71,6 +71,10 @@ ROWS: dict[str, tuple[str, dict]] = {  # label -> (scheme or ablation preset, ov
     "ours@70%": ("ours", {"prune": 0.7}),
 }
 TARGET_FRACTION = 0.95
+# A row's simulated times per downlink view (tools/bench/radio.py VIEWS), every scheme alike: "radio" the
+# first model over the radio (what the devices downloaded), "radio_flashed" every device flashed with the
+# round-0 model (its first download a patch from it, or nothing).
+RADIO_VIEWS = {"radio": "radio", "flashed": "radio_flashed"}
 
 # CPU-sized for a 2-core machine (about an hour for both tables). Unpruned fp32 AlexNet trains at 25-45
 # samples/s here and every device parses the 118 MB fp32 model each FedAvg round, so a device trains on 200
@@ -134,17 +138,40 @@ def _row(scheme: str, cfg: FederatedConfig, result, ort_ms: float) -> dict:
         "selected": sum(r["selected"] for r in rounds),
         "bytes_up_total": sum(r["bytes_up"] for r in rounds),
         "bytes_down_total": sum(r["bytes_down"] for r in rounds),
+        "bytes_down_flashed_total": sum(radio.bytes_down(r, "flashed") for r in rounds),
+        "downloads": radio.downloads(rounds),
         # per selected client per round, skipped uploads counted as 0 bytes
         "up_bytes_per_client_round": sum(r["bytes_up"] for r in rounds) / sum(r["selected"] for r in rounds),
-        "down_bytes_per_client_round": sum(r["bytes_down"] for r in rounds) / sum(r["selected"] for r in rounds),
+        "down_bytes_per_client_round": radio.down_per_device_round(rounds, "radio"),
+        "down_flashed_bytes_per_client_round": radio.down_per_device_round(rounds, "flashed"),
         "edge_round_s_median": statistics.median(seconds), "edge_round_s_mean": statistics.mean(seconds),
         "inference_b1_ms": ort_ms,
         "model_bytes": len(result.model),
         "wall_seconds": result.summary["wall_seconds"],
-        "devices_per_round": [{d: [round(v["seconds"], 4), v["bytes_up"]] for d, v in r["devices"].items()}
-                              for r in rounds],
-        "bytes_down_per_round": [r["bytes_down"] // max(1, r["selected"]) for r in rounds],
+        "round_records": [_radio_record(r) for r in rounds],
     }
+
+
+_RECORD_KEYS = ("selected", "bytes_down", "bytes_down_flashed", "downloads")
+_DEVICE_KEYS = ("seconds", "bytes_up", "bytes_down", "bytes_down_flashed")
+
+
+def _radio_record(r: dict) -> dict:
+    """What the radio model reads of a round record (tools/bench/radio.py), and nothing else."""
+    out = {k: r[k] for k in _RECORD_KEYS if k in r}
+    out["devices"] = {d: {k: round(v[k], 4) if k == "seconds" else v[k] for k in _DEVICE_KEYS if k in v}
+                      for d, v in r["devices"].items()}
+    return out
+
+
+def _records(row: dict) -> list[dict]:
+    """A row's round records for the radio model; a table saved before `round_records` kept per round
+    {device: [seconds, bytes up]} and the mean download per device, which is the same record."""
+    if "round_records" in row:
+        return row["round_records"]
+    return [{"selected": len(devs), "bytes_down": down * len(devs),
+             "devices": {d: {"seconds": v[0], "bytes_up": v[1]} for d, v in devs.items()}}
+            for devs, down in zip(row["devices_per_round"], row["bytes_down_per_round"])]
 
 
 def analyze(table: dict, profiles: dict[str, radio.LinkProfile] = radio.PROFILES) -> None:
@@ -156,25 +183,34 @@ def analyze(table: dict, profiles: dict[str, radio.LinkProfile] = radio.PROFILES
     table["target_rule"] = f"{TARGET_FRACTION:.0%} of dense FedAvg's mean accuracy over its last three rounds"
     seed = table["config"].get("seed", 0)
     factors = radio.device_factors(device_ids(table["config"]["clients"]), seed)
+    for row in rows.values():  # a table saved before the flashed view: the same bytes as over the radio
+        row.setdefault("down_flashed_bytes_per_client_round", radio.down_per_device_round(_records(row), "flashed"))
+        row.setdefault("bytes_down_flashed_total", sum(radio.bytes_down(r, "flashed") for r in _records(row)))
+        row.setdefault("downloads", radio.downloads(_records(row)))
     for row in rows.values():
         row["uplink_ratio_vs_fedavg"] = _ratio(ref["up_bytes_per_client_round"], row["up_bytes_per_client_round"])
         row["downlink_ratio_vs_fedavg"] = _ratio(ref["down_bytes_per_client_round"], row["down_bytes_per_client_round"])
+        row["downlink_flashed_ratio_vs_fedavg"] = _ratio(ref["down_flashed_bytes_per_client_round"],
+                                                         row["down_flashed_bytes_per_client_round"])
         row["last3_delta_pt_vs_fedavg"] = 100 * (row["last3_accuracy"] - ref["last3_accuracy"])
         row["final_delta_pt_vs_fedavg"] = 100 * (row["final_accuracy"] - ref["final_accuracy"])
         if "prune50+int8" in rows:  # what selective updating costs on its own: same pruned int8 model, dense uploads
             row["last3_delta_pt_vs_dense_int8"] = 100 * (row["last3_accuracy"] - rows["prune50+int8"]["last3_accuracy"])
         row["rounds_to_target"] = radio.rounds_to_target(row["accuracy_per_round"], target)
-        row["radio"] = {}
-        for key, link in profiles.items():
-            times = [radio.round_seconds({d: radio.DeviceRound(v[0], down, v[1]) for d, v in devs.items()}, link, factors)
-                     for devs, down in zip(row["devices_per_round"], row["bytes_down_per_round"])]
-            row["radio"][key] = {"round_s": times, "total_s": sum(times),
-                                 "time_to_target_s": radio.time_to_target(times, row["accuracy_per_round"], target)}
+        records = _records(row)
+        for view, name in RADIO_VIEWS.items():
+            row[name] = {}
+            for key, link in profiles.items():
+                times = radio.view_round_times(records, link, view, factors)
+                row[name][key] = {"round_s": times, "total_s": sum(times),
+                                  "time_to_target_s": radio.time_to_target(times, row["accuracy_per_round"], target)}
     for row in rows.values():
-        for key in profiles:
-            r = row["radio"][key]
-            for name in ("fedavg", "paper"):
-                r[f"speedup_vs_{name}"] = speedup(rows[name]["radio"][key], r) if name in rows else None
+        for name in RADIO_VIEWS.values():
+            for key in profiles:
+                r = row[name][key]
+                for ref_name in ("fedavg", "paper"):
+                    r[f"speedup_vs_{ref_name}"] = (speedup(rows[ref_name][name][key], r) if ref_name in rows
+                                                   else None)
 
 
 def speedup(reference: dict, row: dict) -> dict:

@@ -21,12 +21,20 @@ one times exp(N(0, compute_sigma^2)) (boards of the same model differ in clock a
 
 A round is synchronous: it lasts as long as its slowest selected device's
 compute + download + upload. Server time (aggregation, export) is not counted.
+
+Two views of the downlink, for every scheme alike (VIEWS): "radio", the first model over the
+radio (`bytes_down` of a round record: what the devices really downloaded), and "flashed", every
+device flashed with the round-0 model over a cable or an SD card (`bytes_down_flashed`: a device's
+first download is then the patch from that model, or nothing). Records from before patches carry
+only `bytes_down`: their flashed view falls back to it (the same bytes, a full file every round).
+A record's per-device `devices[d]["bytes_down"]` / `["bytes_down_flashed"]` are used where present;
+else the round's total is shared evenly among its selected devices.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -109,3 +117,56 @@ def time_to_target(round_times: Sequence[float], accuracies: Sequence[float], ta
 
 def cumulative(values: Sequence[float]) -> list[float]:
     return [float(v) for v in np.cumsum(values)] if len(values) else []
+
+
+# -- the two downlink views over round records (metrics.jsonl / the simulator's rounds) ---------------
+VIEWS = {"radio": "bytes_down", "flashed": "bytes_down_flashed"}
+VIEW_NAMES = {"radio": "first model over the radio", "flashed": "first model flashed"}
+
+
+def _view_key(view: str) -> str:
+    try:
+        return VIEWS[view]
+    except KeyError:
+        raise ValueError(f"unknown downlink view {view!r}: one of {', '.join(VIEWS)}") from None
+
+
+def bytes_down(record: Mapping, view: str) -> int:
+    """A round's downlink bytes, all devices, in `view` ("flashed" falls back to `bytes_down`)."""
+    return int(record.get(_view_key(view), record["bytes_down"]))
+
+
+def device_parts(record: Mapping, view: str) -> dict[str, DeviceRound]:
+    """Each selected device's compute, download (in `view`) and upload in one round record."""
+    devices: Mapping[str, Mapping] = record.get("devices", {})
+    key = _view_key(view)
+    shared = bytes_down(record, view) // max(1, record.get("selected") or len(devices))
+    out = {}
+    for d, v in devices.items():
+        if key in v:
+            down = v[key]
+        elif key in record or "bytes_down" not in v:
+            down = shared
+        else:                        # a record from before the flashed view: the same bytes as over the radio
+            down = v["bytes_down"]
+        out[d] = DeviceRound(float(v["seconds"]), int(down), int(v.get("bytes_up", 0)))
+    return out
+
+
+def view_round_times(records: Iterable[Mapping], link: LinkProfile, view: str,
+                     factors: Mapping[str, DeviceFactors] | None = None) -> list[float]:
+    """Simulated seconds of each round in `view`."""
+    return [round_seconds(device_parts(r, view), link, factors) for r in records]
+
+
+def down_per_device_round(records: Sequence[Mapping], view: str) -> float | None:
+    """Downlink bytes per selected device per round in `view` (None: no device was ever selected)."""
+    selected = sum(r["selected"] for r in records)
+    return sum(bytes_down(r, view) for r in records) / selected if selected else None
+
+
+def downloads(records: Sequence[Mapping]) -> dict[str, int] | None:
+    """How many downloads were patches and how many full files; None when no record counts them."""
+    if not any("downloads" in r for r in records):
+        return None
+    return {k: sum(int(r.get("downloads", {}).get(k, 0)) for r in records) for k in ("patch", "full")}

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pqsu.protocol.mqtt import BrokerURL
-from pqsu.tools.flash.scripts import install_script, systemd_unit
-from pqsu.tools.flash.request import BUNDLE_DIR, CONFIG_PATH, CREDENTIALS_DIR, UNIT_NAME, VENV_DIR, FlashRequest
+from pqsu.tools.flash.model_code import copy_model_code
+from pqsu.tools.flash.scripts import install_model_script, install_script, systemd_unit
+from pqsu.tools.flash.request import (BUNDLE_DIR, BUNDLE_MODEL_FILE, CONFIG_PATH, CREDENTIALS_DIR, STATE_MODEL_FILE,
+                                      UNIT_NAME, VENV_DIR, FlashRequest)
 from pqsu.tools.flash.wheels import (PROJECT_NAME, build_project_wheel, download_wheelhouse, resolve_wheelhouse,
                                source_tree, verify_wheelhouse)
 
@@ -122,6 +124,11 @@ def build_bundle(req: FlashRequest, folder: Path, *, dry_run: bool = False) -> S
         _mkdir(folder / "etc" / "credentials", 0o700)
         for name, source in req.credentials.values():
             _write(folder / "etc" / "credentials" / name, source.read_bytes(), 0o600)
+    if req.model_code is not None:
+        copy_model_code(req.model_code, folder)
+    if req.model:  # verified when the request was made: these are the bytes that verified
+        _write(folder / BUNDLE_MODEL_FILE, req.model.file.data, 0o644)
+        _write(folder / "install-model.sh", install_model_script(req, created).encode(), 0o755)
     _write(folder / UNIT_NAME, systemd_unit(req).encode(), 0o644)
     _write(folder / "install.sh", install_script(req, created, project_wheel.name).encode(), 0o755)
     files = _inventory(folder)
@@ -133,11 +140,15 @@ def build_bundle(req: FlashRequest, folder: Path, *, dry_run: bool = False) -> S
         "requirements": req.requirements(), "requirements_no_deps": req.nodeps(),
         "torch_index": req.torch_index if req.uses_torch_index else None,
         "trains": req.trains, "project_wheel": project_wheel.name,
+        "model_code": req.model_code.name if req.model_code else None,
         "paths": {"bundle": BUNDLE_DIR, "venv": VENV_DIR, "config": CONFIG_PATH, "credentials": CREDENTIALS_DIR,
                   "state_dir": req.state_dir, "data": req.data, "unit": f"/etc/systemd/system/{UNIT_NAME}"},
         "files": {rel: {"mode": f"{mode:04o}", "size": size, "sha256": _sha256(folder / rel)}
                   for rel, mode, size in files if rel and not rel.endswith("/")},
     }
+    if req.model:
+        manifest["model"] = {"model_id": req.model.model_id, "bytes": len(req.model.file), "source": req.model.source,
+                             "file": BUNDLE_MODEL_FILE, "installed_to": f"{req.state_dir}/{STATE_MODEL_FILE}"}
     if unresolved:
         manifest["wheelhouse_files"] = [name for name, _ in unresolved]
     _write(folder / "bundle.json", (json.dumps(manifest, indent=2) + "\n").encode(), 0o644)

@@ -6,6 +6,8 @@
   pqsu flash --board rpi4 --device-id pi-shed --broker mqtt://10.0.0.2 --wheelhouse \\
              --target ssh://pi@pi-shed.local
   pqsu flash --board jetson-orin --device-id orin-01 --broker mqtt://10.0.0.2 --target /tmp/x --dry-run
+  pqsu flash --board rpi4 --device-id pi-field-07 --broker mqtt://10.0.0.2 --fleet field \\
+             --model-from-broker --target /media/$USER/rootfs          (or --model-file model.int8.onnx)
 
 The bundle lands in <target>/opt/pqsu/bundle/ (the target is the board's root file system: a
 mounted SD card, any folder, or ssh://[user@]host[:port][/root] on a running board):
@@ -17,6 +19,10 @@ mounted SD card, any folder, or ssh://[user@]host[:port][/root] on a running boa
   wheels/                  the fl-pqsu wheel (+ with --wheelhouse every pinned wheel: offline install)
   etc/agent.toml           settings for `pqsu edge run --config` (paths as installed on the board)
   etc/credentials/         TLS files, password, device key: 0600 in a 0700 folder
+  model-code/              with --model-code: the user's model module or package, on the agent's path
+  model.onnx               with --model-file / --model-from-broker: the fleet's current model, verified
+  install-model.sh         puts it at <state-dir>/model.onnx (run by install.sh), where the agent loads it
+                           at start: the board serves it at once, its first radio download can be a patch
 
 install.sh makes /opt/pqsu/venv, links /etc/pqsu -> /opt/pqsu/bundle/etc and, as root on a
 systemd board, installs and restarts pqsu-agent.service. Device state (error-feedback residual,
@@ -33,12 +39,14 @@ import re
 import sys
 from pathlib import Path
 
-from pqsu.protocol.identity_args import add_identity_arguments
+from pqsu.protocol.identity_args import add_identity_arguments, read_password_file
 from pqsu.protocol.mqtt import BrokerURL
 from pqsu.protocol.topics import check_device, check_fleet
 from pqsu.tools.flash.boards import BOARDS, format_boards, get_board
+from pqsu.tools.flash.model import model_from_broker, model_from_file
 from pqsu.tools.flash.request import DATA_DIR, STATE_DIR, FlashError, FlashRequest, SshTarget
 from pqsu.tools.flash.install import dry_run, flash
+from pqsu.tools.flash.model_code import check_model_code
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,7 +56,8 @@ else:  # pragma: no cover - Python 3.10
 # Settings with their own flash flag; --set may add any other agent setting or override a profile
 # value (providers, inference_threads, torch_threads, stay).
 MANAGED_KEYS = {"broker", "device_id", "fleet", "data", "state_dir", "key_file", "tls_ca", "tls_cert", "tls_key",
-                "username", "password_file", "http_port", "inference_only", "board"}
+                "username", "password_file", "http_port", "inference_only", "board", "allow_model_code",
+                "model_code_dir"}
 _KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
@@ -78,8 +87,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--torch-index", metavar="URL",
                    help="index torch comes from (default: the profile's; 'none': only pip's configured sources)")
     b.add_argument("--project-wheel", metavar="FILE", help="use this fl-pqsu wheel instead of building one")
+    m = b.add_mutually_exclusive_group()
+    m.add_argument("--model-file", metavar="FILE",
+                   help="put this fl-pqsu model (int8 ONNX, verified first) into the bundle: the board serves it "
+                        "from its first start, and its first radio download can be a patch")
+    m.add_argument("--model-from-broker", metavar="URL", nargs="?", const="",
+                   help="the same with the model retained on the broker for --fleet (default URL: --broker's; "
+                        "connects with this device's credentials)")
+    b.add_argument("--model-wait", type=float, default=60.0, metavar="S",
+                   help="--model-from-broker: give up after this many seconds (default: %(default)g)")
     b.add_argument("--user", default="pqsu", help="system user the agent runs as (default: %(default)s)")
     b.add_argument("--dry-run", action="store_true", help="list every file that would be written; write nothing")
+    m = p.add_argument_group("a custom architecture (the board imports its code to train on it)")
+    m.add_argument("--model-code", metavar="PATH", help="a .py file or a package folder with the model's code, "
+                   "copied into the bundle and put on the agent's import path")
+    m.add_argument("--allow-model-code", metavar="PKG.MODULE:FACTORY", action="append", default=[],
+                   help="a factory the agent may import to rebuild a model it is sent (in --model-code, or "
+                        "installed on the board); repeatable")
     s = p.add_argument_group("ssh targets")
     s.add_argument("--ssh-timeout", type=float, default=10.0, help="ssh connect timeout in seconds (default: 10)")
     s.add_argument("--ssh-identity", metavar="FILE", help="ssh private key to log in with")
@@ -150,6 +174,10 @@ def request_from_args(args: argparse.Namespace) -> FlashRequest:
     project_wheel = _readable(args.project_wheel, "--project-wheel") if args.project_wheel else None
     if project_wheel and not project_wheel.name.endswith(".whl"):
         raise FlashError(f"--project-wheel {project_wheel} is not a wheel (.whl)")
+    model_code = check_model_code(args.model_code, args.allow_model_code,
+                                  board.trains and not args.inference_only)
+    if args.model_wait <= 0:
+        raise FlashError("--model-wait must be positive")
     target: Path | SshTarget
     if args.target.startswith("ssh://"):
         target = SshTarget.parse(args.target)
@@ -159,13 +187,31 @@ def request_from_args(args: argparse.Namespace) -> FlashRequest:
         target = Path(args.target).absolute()
         if not target.is_dir():
             raise FlashError(f"target {target} is not a folder (mount the board's root there, or create it)")
-    return FlashRequest(
+    request = FlashRequest(
         board=board, device_id=device_id, broker=args.broker, fleet=fleet, data=args.data,
         state_dir=args.state_dir.rstrip("/") or "/", inference_only=bool(args.inference_only),
         http_port=args.http_port, extra_settings=_parse_settings(args.settings), credentials=credentials,
         username=args.username, target=target, wheelhouse=bool(args.wheelhouse), python=python,
         torch_index=torch_index, project_wheel=project_wheel, user=args.user, dry_run=bool(args.dry_run),
-        ssh_timeout=args.ssh_timeout, ssh_identity=args.ssh_identity, install=not args.no_install)
+        ssh_timeout=args.ssh_timeout, ssh_identity=args.ssh_identity, install=not args.no_install,
+        model_code=model_code, allow_model_code=tuple(args.allow_model_code))
+    request.model = _model(args, url, fleet, credentials)  # last: the one check that may take a while (the broker)
+    return request
+
+
+def _model(args: argparse.Namespace, device_url: BrokerURL, fleet: str, credentials: dict[str, tuple[str, Path]]):
+    """The model for the bundle (`FlashedModel`), verified; None without --model-file/--model-from-broker."""
+    if args.model_file:
+        return model_from_file(_readable(args.model_file, "--model-file"))
+    if args.model_from_broker is None:
+        return None
+    url = BrokerURL.parse(args.model_from_broker) if args.model_from_broker else device_url
+    files = {k: str(v[1]) for k, v in credentials.items() if k in ("tls_ca", "tls_cert", "tls_key")}
+    if not url.tls:
+        files = {}                              # the device's TLS files mean nothing to a plain URL given here
+    password = read_password_file(str(credentials["password_file"][1])) if "password_file" in credentials else None
+    return model_from_broker(url, fleet, wait_s=args.model_wait, connect_timeout_s=min(10.0, args.model_wait),
+                             username=args.username, password=password, **files)
 
 
 def _readable(path: str, flag: str) -> Path:

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from pqsu.tools.flash.bundle import build_bundle
-from pqsu.tools.flash.request import BUNDLE_DIR, OPT, FlashError, FlashRequest, SshTarget
+from pqsu.tools.flash.request import BUNDLE_DIR, OPT, STATE_MODEL_FILE, FlashError, FlashRequest, SshTarget
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,15 @@ def flash_local(req: FlashRequest) -> str:
     board_hint = "sudo sh /opt/pqsu/bundle/install.sh" + ("" if req.wheelhouse else "   (needs the package index)")
     return (f"flashed {req.board.name} bundle for {req.device_id} into {bundle} "
             f"({len([f for f in staged.files if not f[0].endswith('/')])} files, {size / 1e6:.1f} MB)\n"
-            f"on the board: {board_hint}")
+            f"{model_line(req)}on the board: {board_hint}")
+
+
+def model_line(req: FlashRequest) -> str:
+    """What the output says of a flashed model ("" without one)."""
+    if req.model is None:
+        return ""
+    return (f"with model {req.model.model_id} ({len(req.model.file):,} bytes, from {req.model.source}): install.sh "
+            f"puts it at {req.state_dir.rstrip('/')}/{STATE_MODEL_FILE}, where the agent serves it from its start\n")
 
 
 # -- ssh --------------------------------------------------------------------------------------
@@ -272,12 +280,13 @@ def flash_ssh(req: FlashRequest) -> str:
         raise FlashError(f"{exc}{hint}") from None
     bundle = f"{t.root.rstrip('/')}{BUNDLE_DIR}"
     if not req.install:
-        return f"flashed {req.board.name} bundle for {req.device_id} into {t.destination}:{bundle} (not installed)"
+        return (f"{model_line(req)}flashed {req.board.name} bundle for {req.device_id} into {t.destination}:{bundle} "
+                "(not installed)")
     env = "" if t.root.rstrip("/") == "" else f"PQSU_ROOT={shlex.quote(t.root)} "
     log.info("running install.sh on %s", t.destination)
     _ssh(req, f"{sudo}env {env}sh {shlex.quote(bundle + '/install.sh')}", timeout=3600,
          what="install.sh", stream=True)
-    return f"flashed and installed {req.board.name} bundle for {req.device_id} on {t.destination}:{bundle}"
+    return f"{model_line(req)}flashed and installed {req.board.name} bundle for {req.device_id} on {t.destination}:{bundle}"
 
 
 def _ssh_cleanup(req: FlashRequest, upload: str) -> None:

@@ -11,10 +11,15 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pqsu.edge.settings import AgentSettings
 from pqsu.protocol.errors import PqsuError
 from pqsu.tools.flash.boards import BoardProfile
+
+if TYPE_CHECKING:
+    from pqsu.tools.flash.model_code import ModelCode
+    from pqsu.tools.flash.model import FlashedModel
 
 # Paths on the board (absolute, as the agent sees them once installed).
 OPT = "/opt/pqsu"
@@ -26,6 +31,12 @@ CREDENTIALS_DIR = f"{ETC_LINK}/credentials"
 STATE_DIR = "/var/lib/pqsu/state"
 DATA_DIR = "/var/lib/pqsu/data"
 UNIT_NAME = "pqsu-agent.service"
+MODEL_CODE = "model-code"                     # the user's model code, inside the bundle (tools/flash/model_code.py)
+MODEL_CODE_DIR = f"{BUNDLE_DIR}/{MODEL_CODE}"
+# The model the agent loads at start, inside its state dir (edge/agent.py MODEL_FILE; not imported from
+# there, which would load onnxruntime to build a parser), and the flashed copy in the bundle.
+STATE_MODEL_FILE = "model.onnx"
+BUNDLE_MODEL_FILE = "model.onnx"
 
 
 class FlashError(PqsuError):
@@ -83,6 +94,9 @@ class FlashRequest:
     ssh_timeout: float = 10.0
     ssh_identity: str | None = None
     install: bool = True
+    model_code: "ModelCode | None" = None      # the user's architecture, shipped for the agent to import
+    allow_model_code: tuple[str, ...] = ()     # the factories the agent may import (from model_code or installed)
+    model: "FlashedModel | None" = None        # the fleet's current model, installed as the agent's first
     flash_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def __post_init__(self) -> None:
@@ -104,13 +118,17 @@ class FlashRequest:
             values["username"] = self.username
         if self.http_port is not None:
             values["http_port"] = self.http_port
+        if self.allow_model_code:
+            values["allow_model_code"] = list(self.allow_model_code)
+        if self.model_code is not None:
+            values["model_code_dir"] = MODEL_CODE_DIR
         AgentSettings.from_mapping(self.extra_settings, "--set")  # names the flag, not the file, in an error
         values.update(self.extra_settings)
         values["board"] = {"name": b.name, "max_epochs": b.max_epochs, "max_batch_size": b.max_batch_size,
                            "time_budget_s": b.time_budget_s}
         settings = AgentSettings.from_mapping(values, "agent settings")
         # The credentials' paths are the board's, not this machine's: they are checked when copied.
-        problems = dataclasses.replace(settings, password_file=None).problems(trains=self.trains)
+        problems = dataclasses.replace(settings, password_file=None, model_code_dir=None).problems(trains=self.trains)
         if problems:
             raise FlashError(f"agent settings: {'; '.join(problems)}")
         return settings, list(values)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import shlex
 
-from pqsu.tools.flash.request import CONFIG_PATH, ETC_LINK, UNIT_NAME, VENV_DIR, FlashRequest
+from pqsu.tools.flash.request import (BUNDLE_MODEL_FILE, CONFIG_PATH, ETC_LINK, STATE_MODEL_FILE, UNIT_NAME, VENV_DIR,
+                                      FlashRequest)
 
 
 def systemd_unit(req: FlashRequest) -> str:
@@ -31,7 +32,8 @@ INSTALL_SH = r"""#!/bin/sh
 # Idempotent: run it after every flash. It makes (or updates) the agent's virtualenv, installs
 # the pinned requirements and the fl-pqsu wheel, links /etc/pqsu to the bundle's etc/ and, as
 # root on a running systemd, creates the service user and installs and restarts the unit.
-# It never touches the device state in @STATE_DIR@ (it only creates the folder when missing).
+# It never touches the device state in @STATE_DIR@ (it only creates the folder when missing), but
+# for a model flashed with the bundle: install-model.sh puts it there unless a verified one is there.
 #
 # Environment:
 #   PQSU_ROOT=/mnt/root   install under this prefix instead of / (no user, no systemd)
@@ -129,6 +131,11 @@ ln -sfn ../opt/pqsu/bundle/etc "$ROOT@ETC_LINK@"
 NEW_STATE=0
 if [ ! -d "$STATE" ]; then mkdir -p "$STATE"; NEW_STATE=1; fi
 
+# 4b. the fleet's model flashed into the bundle: where the agent loads it at start
+if [ -f "$BUNDLE/install-model.sh" ]; then
+    PQSU_ROOT="$ROOT" sh "$BUNDLE/install-model.sh" || die "the bundle's model was not installed"
+fi
+
 # 5. service user and systemd unit: only as root on the real root
 START="$VENV/bin/pqsu edge run --config $ROOT@CONFIG_PATH@"
 if [ -z "$ROOT" ] && [ "$(id -u)" = 0 ]; then
@@ -138,6 +145,7 @@ if [ -z "$ROOT" ] && [ "$(id -u)" = 0 ]; then
             --shell /usr/sbin/nologin "$SERVICE_USER" || die "cannot create the user $SERVICE_USER"
     fi
     if [ "$NEW_STATE" = 1 ]; then chown "$SERVICE_USER:" "$STATE"; fi
+    if [ -f "$STATE/@STATE_MODEL@" ]; then chown "$SERVICE_USER:" "$STATE/@STATE_MODEL@"; fi
     if [ -d "$BUNDLE/etc/credentials" ]; then
         chown -R "$SERVICE_USER:" "$BUNDLE/etc/credentials"
         chmod 0700 "$BUNDLE/etc/credentials"
@@ -167,10 +175,75 @@ def install_script(req: FlashRequest, created: str, project_wheel: str) -> str:
         "TORCH_INDEX": shlex.quote(req.torch_index if req.uses_torch_index else ""),
         "SYSTEM_SITE": "1" if req.board.system_site_packages else "0", "TRAINS": "1" if req.trains else "0",
         "PROJECT_WHEEL": shlex.quote(project_wheel), "UNIT": UNIT_NAME, "ETC_LINK": ETC_LINK,
-        "CONFIG_PATH": CONFIG_PATH,
+        "CONFIG_PATH": CONFIG_PATH, "STATE_MODEL": STATE_MODEL_FILE,
         "TORCH_NOTE": req.board.torch_note.replace("'", "").replace('"', "").replace("$", "").replace("`", ""),
     }
     text = INSTALL_SH
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
+    return text
+
+
+INSTALL_MODEL_SH = r"""#!/bin/sh
+# install-model.sh: written by `pqsu flash` on @CREATED@ for device @DEVICE@ with model @MODEL_ID@
+# (@SOURCE@). Run by install.sh; may be run alone.
+#
+# Puts the bundle's model at @STATE_DIR@/@STATE_MODEL@, where the agent loads it at start: the board
+# serves it before it ever reaches the broker, and its first radio download can be a patch from it.
+# The model is verified first, with the installed fl-pqsu (as the agent verifies what it loads). A
+# verified model already in the state is kept: a board that has been following its fleet holds the
+# newer one (PQSU_REPLACE_MODEL=1 replaces it anyway).
+#
+# Environment:
+#   PQSU_ROOT=/mnt/root       the board's root under this prefix
+#   PQSU_AGENT_PYTHON=python  a Python with fl-pqsu installed (default: the agent's virtualenv)
+#   PQSU_REPLACE_MODEL=1      replace a verified model already in the state
+set -eu
+
+BUNDLE=$(cd "$(dirname "$0")" && pwd -P)
+ROOT=${PQSU_ROOT:-}
+ROOT=${ROOT%/}
+STATE="$ROOT@STATE_DIR@"
+PY=${PQSU_AGENT_PYTHON:-"$ROOT@VENV_DIR@/bin/python"}
+MODEL="$BUNDLE/@BUNDLE_MODEL@"
+WANT=@MODEL_ID@
+
+say() { printf 'pqsu install: %s\n' "$*"; }
+die() { printf 'pqsu install: error: %s\n' "$*" >&2; exit 1; }
+model_id() {
+    "$PY" -c 'import sys
+from pqsu.protocol.model_id import verified
+with open(sys.argv[1], "rb") as f:
+    sys.stdout.write(verified(f.read()).model_id)' "$1" 2>/dev/null
+}
+
+[ -x "$PY" ] || command -v "$PY" >/dev/null 2>&1 || die "$PY not found: run install.sh (it makes the virtualenv)"
+GOT=$(model_id "$MODEL") || die "$MODEL does not verify (a corrupt copy?): flash the board again"
+[ "$GOT" = "$WANT" ] || die "$MODEL is model $GOT, the bundle was flashed with $WANT: flash the board again"
+mkdir -p "$STATE"
+if [ -f "$STATE/@STATE_MODEL@" ] && HAVE=$(model_id "$STATE/@STATE_MODEL@"); then
+    if [ "$HAVE" = "$WANT" ]; then
+        say "the device already holds model $WANT"
+        exit 0
+    fi
+    if [ "${PQSU_REPLACE_MODEL:-0}" != 1 ]; then
+        say "the device holds model $HAVE (verified): kept; PQSU_REPLACE_MODEL=1 installs the flashed $WANT instead"
+        exit 0
+    fi
+fi
+# beside its place, then renamed: the agent never sees half a file
+cp "$MODEL" "$STATE/.@STATE_MODEL@.flash" && chmod 0644 "$STATE/.@STATE_MODEL@.flash" &&
+    mv -f "$STATE/.@STATE_MODEL@.flash" "$STATE/@STATE_MODEL@" || die "cannot write $STATE/@STATE_MODEL@"
+say "model $WANT installed at $STATE/@STATE_MODEL@: the agent serves it from its start"
+"""
+
+
+def install_model_script(req: FlashRequest, created: str) -> str:
+    """install-model.sh of a bundle with a model (`req.model` set)."""
+    values = {"CREATED": created, "DEVICE": req.device_id, "MODEL_ID": req.model.model_id,
+              "SOURCE": req.model.source.replace("\n", " "), "STATE_DIR": req.state_dir, "VENV_DIR": VENV_DIR,
+              "STATE_MODEL": STATE_MODEL_FILE, "BUNDLE_MODEL": BUNDLE_MODEL_FILE}
+    text = INSTALL_MODEL_SH
     for key, value in values.items():
         text = text.replace(f"@{key}@", value)
     return text

@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     note = check_capacity(cfg.clients, args.force)
     if (out / "summary.json").exists() and json.loads((out / "summary.json").read_text()).get("completed", True):
         raise PqsuError(f"{out} holds a finished run; choose another {'--out' if args.out else '--name'}")
+    cfg.check_model_and_data()  # before shards are written and processes started: seconds, not a failed run
     (out / "logs").mkdir(parents=True, exist_ok=True)
     settings = out / "settings.json"  # every field, None included: the coordinator must not fall back on a preset
     settings.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
                                        "--state-dir", str(out / "devices" / device), "--upload", cfg.upload,
                                        "--select", cfg.select, "--chunk-limit", str(args.chunk_limit),
                                        "--torch-threads", str(args.agent_threads), "--no-http"]
-                                + ([] if cfg.error_feedback else ["--no-error-feedback"]),
+                                + ([] if cfg.error_feedback else ["--no-error-feedback"]) + _model_code_flags(cfg),
                                 out / "logs" / f"{device}.log", threads=args.agent_threads))
         code = _follow(procs[0], out, cfg.rounds)
         reap(procs[1:], grace_s=30)
@@ -203,6 +204,12 @@ def write_device_shards(cfg, folder: Path) -> list[str]:
         (folder / device).mkdir(parents=True, exist_ok=True)
         np.savez(folder / device / "data.npz", x=shard.x, y=shard.y)
     return list(shards)
+
+
+def _model_code_flags(cfg) -> list[str]:
+    """The agents' permission to import the run's own custom architecture. They are started with -m in
+    this folder and this environment, so they find the module where the check above found it."""
+    return ["--allow-model-code", cfg.model] if ":" in cfg.model else []
 
 
 class Terminated(KeyboardInterrupt):

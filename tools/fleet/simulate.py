@@ -56,7 +56,9 @@ def simulate(cfg: FederatedConfig, on_round: Callable[[RoundReport], None] | Non
     if server is None:
         server, _ = build_server(cfg, data=data.cloud)
     policy = SelectivePolicy.from_spec(cfg.upload, cfg.select, cfg.error_feedback)
-    learners = {d: EdgeLearner(d, shard.x, shard.y, policy) for d, shard in data.shards.items()}
+    # The devices rebuild the model this run was configured with, a custom architecture too: the same code.
+    learners = {d: EdgeLearner(d, shard.x, shard.y, policy, allow_custom={cfg.model})
+                for d, shard in data.shards.items()}
     runner = RoundRunner(RunnerConfig(rounds=cfg.rounds, round_timeout_s=None, fraction=cfg.fraction, seed=cfg.seed),
                          server, InProcessTransport(learners, tamper=tamper), on_round=on_round)
     summary = runner.run(started=start)
@@ -71,6 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)  # bad input fails here, before torch is imported
+    cfg.check_model_and_data()  # a model that cannot train on this data fails in seconds, before round 0
     from pqsu.cloud import report
 
     out = Path(args.out) if args.out else None
@@ -82,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             report.append_metrics(out, r.to_dict())
     result = simulate(cfg, show)
     print(json.dumps(result.summary, indent=2))
-    if out:
+    if out:  # the runner's records: what `show` appended plus the downlink and transport keys
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.rounds))
         report.write_outputs(out, config=result.config, rounds=result.rounds, summary=result.summary, model=None)
     return 0

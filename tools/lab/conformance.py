@@ -142,7 +142,9 @@ def control_messages(model_id: str, model_bytes: int) -> dict[str, tuple[str, by
     that show what a receiver must accept: missing optional keys, unknown keys)."""
     task = RoundTask(round=3, model_id=model_id, epochs=1.0, batch_size=16, lr=0.05, momentum=0.0,
                      time_budget_s=60.0, seed=7, devices=(DEMO_DEVICE, "pi-07"), deadline=1764630300.0,
-                     model_bytes=model_bytes, job=DEMO_JOB, remaining_s=300.0)
+                     model_bytes=model_bytes, job=DEMO_JOB, remaining_s=300.0,
+                     patches=({"base": "628505e63d622f6266833a8943fbd638", "bytes": 176,  # docs/patches.md's example
+                               "sha256": hashlib.sha256(b"the example patch").hexdigest()},))
     closed = dataclasses.replace(task, deadline=1764630123.5, remaining_s=0.0)
     minimal = json.dumps({"v": 1, "type": "round", "round": 1, "model_id": model_id}).encode()
     future = json.dumps({"v": 1, "type": "round", "round": 4, "model_id": model_id, "job": DEMO_JOB,
@@ -154,7 +156,7 @@ def control_messages(model_id: str, model_bytes: int) -> dict[str, tuple[str, by
         "round-minimal": ("round", minimal),
         "round-unknown-keys": ("round", future),
         "status-online": ("status", Status(DEMO_DEVICE, "online").to_json()),
-        "status-training": st("training", 3),
+        "status-training": st("training", 3, download="patch", download_bytes=245, refusals={"bad-checksum": 1}),
         "status-uploaded": st("uploaded", 3, "1234 bytes, 56 entries", seconds=4.25),
         "status-skipped": st("skipped", 3, "loss 0.5000 did not improve on 0.4000", seconds=3.5),
         "status-failed": st("failed", 3, "local images are (3, 32, 32), the model takes (1, 8, 8)"),

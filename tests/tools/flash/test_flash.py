@@ -1,7 +1,7 @@
 """`pqsu flash`: board profiles, the bundle, its bad inputs, re-flashing, and the whole path end to end.
 
 The fast tests run the command in this process (`pqsu.tools.cli.main`) with one fl-pqsu wheel
-built once for the module (`--project-wheel`); the dry-run test builds the wheel the normal way.
+built once for the session (conftest.py, `--project-wheel`); the dry-run test builds the wheel the normal way.
 The slow test is the issue's demonstration: flash a temporary root with an offline wheelhouse,
 run the bundle's install.sh into a fresh virtualenv with every network path closed, start the
 installed agent against a private Mosquitto, let it join a coordinator's rounds, and ask its
@@ -26,7 +26,6 @@ import pytest
 from pqsu.protocol.settings import read_settings
 from pqsu.tools.flash import bundle as bundle_mod
 from pqsu.tools.flash import command as flash_mod
-from pqsu.tools.flash import wheels as wheels_mod
 from pqsu.tools.flash.boards import BOARDS, CPU, get_board
 from pqsu.tools.lab.broker import Mosquitto, free_port, mosquitto_path
 from pqsu.tools.cli import build_parser, main
@@ -51,11 +50,6 @@ def pqsu(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(["flash", *argv])
     cap = capsys.readouterr()
     return code, cap.out, cap.err
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    return wheels_mod.build_project_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture

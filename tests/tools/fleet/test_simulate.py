@@ -40,9 +40,14 @@ def test_small_run_reports_rounds_saves_uplink_and_is_deterministic(fmnist):
         assert 0.0 <= r["accuracy"] <= 1.0
         assert r["selected"] == 3 and r["uploads"] + r["skipped"] == 3
         assert r["rejected"] == {}
-    # every selected device downloads the model once; round 2 ships the model round 1 closed with
-    assert first.rounds[0]["bytes_down"] % 3 == 0 and first.rounds[0]["bytes_down"] > 0
-    assert first.rounds[1]["bytes_down"] == 3 * first.rounds[0]["model_bytes"]
+    # every selected device downloads its first model whole (framed: 69 header bytes a frame), then the
+    # patch from it to the model round 1 closed with; flashed with round 0's, round 1 downloads nothing
+    from pqsu.protocol.model_follow import wire_bytes
+
+    assert first.rounds[0]["downloads"] == {"patch": 0, "full": 3} and first.rounds[0]["bytes_down_flashed"] == 0
+    assert first.rounds[0]["bytes_down"] == 3 * wire_bytes(first.rounds[0]["model_bytes"], 128 * 1024)
+    assert first.rounds[1]["downloads"] == {"patch": 3, "full": 0}
+    assert 0 < first.rounds[1]["bytes_down"] == first.rounds[1]["bytes_down_flashed"] < first.rounds[0]["bytes_down"]
     s = first.summary
     assert SUMMARY_KEYS <= set(s)
     assert s["rounds"] == 2 and s["final_accuracy"] == first.rounds[-1]["accuracy"]
@@ -54,6 +59,7 @@ def test_small_run_reports_rounds_saves_uplink_and_is_deterministic(fmnist):
 
     second = sim.simulate(cfg)
     assert [r["bytes_up"] for r in second.rounds] == [r["bytes_up"] for r in first.rounds]
+    assert [r["bytes_down"] for r in second.rounds] == [r["bytes_down"] for r in first.rounds]
     assert [(r["uploads"], r["skipped"], r["model_id"]) for r in second.rounds] == \
         [(r["uploads"], r["skipped"], r["model_id"]) for r in first.rounds]
 

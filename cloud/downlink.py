@@ -1,0 +1,231 @@
+"""The downlink: the int8 file devices hold, how the next one is made, and the patches to it.
+
+After each round the fp32 master moves. A *keyframe* is a full export (`export_model`: ONNX
+export, fresh calibration, `quantize_static`). Between keyframes nothing is exported: the
+master is requantized into the held file in place (`pqsu.export.requantize`), and a *patch*
+from each of the last `patch_bases` versions to the new one is made (`pqsu.protocol.patch`),
+so a device holding one of them downloads a few KB instead of the file.
+
+Three things keep patches small and the delivered model close to the master
+(docs/design.md, "Downlink", says why these and what was measured):
+
+- `headroom`: at a keyframe the weight scales are widened by this factor, so the master can
+  grow for many rounds before entries clip (and a coarser step changes fewer entries a round);
+- `patch_cap`: a patch carries at most this many bytes, the largest changes first; the rest
+  stays in the master, toward which the next patch moves (server-side error feedback);
+- *soft keyframes*: when more than `keyframe_clip` of the int8 weights clip, only the scales
+  of the channels that clip are widened (float32 raw data, so this is itself a patch).
+
+Which of these happens is the keyframe policy's call, a small object chosen by name
+(`KEYFRAME_POLICIES`): "full" exports every round (the paper's scheme, fedavg, and patches off),
+"hard" publishes a full keyframe on drift or every `keyframe_every` rounds, "soft" widens the
+clipping channels' scales on drift and exports whole only every `keyframe_every` rounds.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from pqsu.export.pipeline import Exported
+from pqsu.export.requantize import QdqLayout, capped_requantize, fitting_scales, requantize, rescale
+from pqsu.protocol.model_follow import offers_of, wire_bytes
+from pqsu.protocol.model_id import VerifiedModel, stamped
+from pqsu.protocol.patch import PatchError, make_patch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DownlinkConfig:
+    policy: str = "full"              # a KEYFRAME_POLICIES name
+    keyframe_every: int | None = None  # a full keyframe every this many versions (None: only the first)
+    keyframe_clip: float | None = 0.01  # drift: fraction of all int8 weights the held scales clip
+    patch_cap: int | None = None      # bytes a patch from the previous version may carry (None: exact)
+    patch_bases: int = 4              # patches are kept from this many earlier versions
+    headroom: float = 1.0             # weight scales x this at a keyframe
+
+
+@dataclass(frozen=True)
+class Drift:
+    """What a policy decides on, measured on the master requantized with the held scales."""
+
+    versions_since_keyframe: int  # versions made since the last full keyframe, this one included
+    clipped: float                # fraction of all int8 weight entries that clip
+
+
+class FullEveryRound:
+    """Every version is a full export: no patches (the paper's scheme as published, and fedavg)."""
+
+    patches = False
+
+    def __init__(self, cfg: DownlinkConfig):
+        pass
+
+    def decide(self, drift: Drift) -> str:
+        return "full"
+
+
+class HardKeyframes:
+    """Patches; a full keyframe when the held scales clip more than `keyframe_clip` of the weights, or
+    every `keyframe_every` versions."""
+
+    patches = True
+
+    def __init__(self, cfg: DownlinkConfig):
+        self.every, self.clip = cfg.keyframe_every, cfg.keyframe_clip
+
+    def decide(self, drift: Drift) -> str:
+        if self.every and drift.versions_since_keyframe >= self.every:
+            return "full"
+        return "full" if self.clip is not None and drift.clipped > self.clip else "patch"
+
+
+class SoftKeyframes(HardKeyframes):
+    """Patches; on drift, widen the scales of the channels that clip (a patch too); a full keyframe
+    only every `keyframe_every` versions."""
+
+    def decide(self, drift: Drift) -> str:
+        if self.every and drift.versions_since_keyframe >= self.every:
+            return "full"
+        return "soft" if self.clip is not None and drift.clipped > self.clip else "patch"
+
+
+KEYFRAME_POLICIES: dict[str, type] = {"full": FullEveryRound, "hard": HardKeyframes, "soft": SoftKeyframes}
+
+
+def make_policy(cfg: DownlinkConfig):
+    try:
+        return KEYFRAME_POLICIES[cfg.policy](cfg)
+    except KeyError:
+        raise ValueError(f"unknown keyframe policy {cfg.policy!r}; choose one of {', '.join(KEYFRAME_POLICIES)}") \
+            from None
+
+
+@dataclass(frozen=True)
+class Step:
+    """How the current version was made, for the round's report."""
+
+    kind: str           # "keyframe", "soft" or "patch"
+    seconds: float      # the cloud's model preparation time
+    clipped: float = 0.0
+    left_out: int = 0   # weight changes a capped patch left in the master for later
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Downlink:
+    """The chain of model versions devices hold, and the patches to the current one."""
+
+    def __init__(self, cfg: DownlinkConfig, export: Callable[[], Exported], master: Mapping[str, np.ndarray]):
+        """`export()` makes a keyframe of `master` (a full `export_model`); `master` is the server's fp32
+        master (torch names, BN folded), read at every version."""
+        self.cfg, self.policy, self._export, self.master = cfg, make_policy(cfg), export, master
+        self.versions: collections.OrderedDict[str, bytes] = collections.OrderedDict()  # oldest first
+        self.current: Exported | None = None
+        self.layout: QdqLayout | None = None
+        self.origin: str | None = None       # the first version's id (what a freshly flashed board holds)
+        self.since_keyframe = 0
+        self.step: Step | None = None
+        self._patches: dict[str, bytes] | None = None
+
+    @property
+    def patching(self) -> bool:
+        return self.policy.patches
+
+    def model(self) -> Exported:
+        if self.current is None:
+            self.keyframe()
+        return self.current
+
+    def keyframe(self) -> None:
+        """A full export of the master; with patches on, its weight scales widened by `headroom`."""
+        t0 = time.perf_counter()
+        exported = self._export()
+        if self.patching:
+            self.layout = QdqLayout.of(exported.data)
+            if self.cfg.headroom != 1.0:
+                data, self.layout = rescale(exported.data, self.layout,
+                                            {n: np.float32(self.cfg.headroom) for n, t in self.layout.tensors.items()
+                                             if t.kind == "weight"})
+                exported = self._with(requantize(data, self.master, layout=self.layout).data, exported)
+        self.since_keyframe = 0
+        self._push(exported, Step("keyframe", time.perf_counter() - t0))
+
+    def advance(self) -> Step:
+        """The master changed: make the next version (and drop the patches made for the previous one)."""
+        master = self.master
+        if self.current is None or not self.patching:
+            self.keyframe()
+            return self.step
+        t0 = time.perf_counter()
+        base = self.current.data
+        exact = requantize(base, master, layout=self.layout)
+        drift = Drift(self.since_keyframe + 1, exact.weights_clipped / max(1, exact.weight_entries))
+        kind = self.policy.decide(drift)
+        if kind == "full":
+            self.keyframe()
+            self.step = dataclasses.replace(self.step, clipped=drift.clipped)
+            return self.step
+        left_out = 0
+        if kind == "soft":  # widen the clipping channels' scales; those channels are requantized whole
+            data, self.layout = rescale(base, self.layout, fitting_scales(self.layout, master, self.cfg.headroom,
+                                                                          only_clipping=True))
+            nxt = requantize(data, master, layout=self.layout)
+        elif self.cfg.patch_cap is not None:
+            nxt, left_out = capped_requantize(base, master, self.cfg.patch_cap, layout=self.layout)
+        else:
+            nxt = exact
+        self.since_keyframe += 1
+        self._push(self._with(nxt.data, self.current),
+                   Step(kind, time.perf_counter() - t0, drift.clipped, left_out))
+        return self.step
+
+    def _with(self, data: bytes, like: Exported) -> Exported:
+        file = stamped(data)
+        return Exported(file, dataclasses.replace(like.info, model_id=file.model_id))
+
+    def _push(self, exported: Exported, step: Step) -> None:
+        if self.origin is None:
+            self.origin = exported.info.model_id
+        self.current, self.step, self._patches = exported, step, None
+        self.versions[exported.info.model_id] = exported.data
+        self.versions.move_to_end(exported.info.model_id)
+        while len(self.versions) > self.cfg.patch_bases + 1:
+            self.versions.popitem(last=False)
+
+    def patches(self) -> dict[str, bytes]:
+        """Base id -> the patch from that version to the current one (empty after a full keyframe)."""
+        if self._patches is None:
+            self._patches = {}
+            current = self.model()
+            if self.patching:
+                for base_id, data in self.versions.items():
+                    if base_id == current.info.model_id:
+                        continue
+                    try:
+                        self._patches[base_id] = make_patch(data, current.data)
+                    except PatchError as exc:  # a keyframe in between: that base downloads the file
+                        log.debug("no patch from %s: %s", base_id[:12], exc.reason)
+        return self._patches
+
+    def offers(self) -> tuple[dict, ...]:
+        """The announcement's `patches` field."""
+        return offers_of(self.patches())
+
+    def wire_cost(self, base: str | None, limit: int) -> int:
+        """What a device holding `base` downloads for the current version, chunk headers included."""
+        current = self.model()
+        if base == current.info.model_id:
+            return 0
+        patch = self.patches().get(base) if base is not None else None
+        return wire_bytes(len(patch) if patch is not None else len(current.data), limit)
+
+    def file(self) -> VerifiedModel:
+        return self.model().file
