@@ -8,9 +8,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from pqsu.protocol.errors import PqsuError
+
+# onnxruntime (1.32) otherwise writes a device id and an event store under $HOME/.cache at import: boards
+# are offline and often have a read-only home. Set before any subcommand imports it; a user's value wins.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 # name -> (module exposing add_arguments(parser) and run(args) -> int, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {

@@ -49,7 +49,7 @@ def counters(monkeypatch) -> dict[str, int]:
 def test_a_received_model_is_hashed_once_and_parsed_once(models, counters, tmp_path):
     agent = EdgeAgent(AgentConfig("mqtt://unused", "dev-a", state_dir=str(tmp_path)), client=NoBroker())
     data = models.a.read_bytes()
-    agent._swap_model(data)
+    agent.fetch.take_full(data, len(data), agent.model)  # a full model, reassembled from its frames
     assert counters == {"hash": 1, "parse": 0}
     assert agent.model.model_id == model_id.verify(data) and (tmp_path / "model.onnx").read_bytes() == data
     counters["hash"] = 0
@@ -68,11 +68,11 @@ def test_the_simulators_bytes_are_verified_once_by_the_learner(models, counters)
 
 def test_a_model_that_does_not_verify_is_not_served(models, tmp_path):
     agent = EdgeAgent(AgentConfig("mqtt://unused", "dev-a", state_dir=str(tmp_path)), client=NoBroker())
-    agent._swap_model(models.a.read_bytes())
+    agent.fetch.take_full(models.a.read_bytes(), models.a.stat().st_size, agent.model)
     served = agent.model
     altered = bytearray(models.b.read_bytes())
     altered[len(altered) // 2] ^= 0xFF
-    agent._swap_model(bytes(altered))
+    agent.fetch.take_full(bytes(altered), len(altered), agent.model)
     assert agent.model is served and agent.bad_messages == 1
     assert (tmp_path / "model.onnx").read_bytes() == models.a.read_bytes()
 

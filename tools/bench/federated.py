@@ -42,7 +42,7 @@ def to_markdown(model: str, rows: dict) -> str:
     ours = rows["ours"]["config"]
     lines = [f"### {model} on {cfg['dataset']}: {cfg['clients']} clients, {cfg['partition']}, {cfg['rounds']} rounds, "
              f"seed {cfg['seed']}", "",
-             f"Local training for every row: {cfg['epochs']} epoch over {cfg['samples_per_client']} samples per client, "
+             f"Local training for every row: {cfg['epochs']} epoch over {cfg['samples_per_client'] or 'all its'} samples per client, "
              f"batch {cfg['batch_size']}, lr {cfg['lr']}. fedavg: unpruned, fp32 both ways, plain FedAvg. paper: pruned "
              f"{rows['paper']['config']['prune']:.0%}, int8 model, full int8 upload only when the loss improved. ours: "
              f"pruned {ours['prune']:.0%}, int8 model, {ours['select']} int8 with error feedback, upload rule "

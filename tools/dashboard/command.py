@@ -14,7 +14,7 @@ name); scripts send `Authorization: Bearer TOKEN`.
 examples:
   pqsu dashboard --broker mqtt://127.0.0.1:1883 --fleet local      # then open the URL it prints
   pqsu dashboard --broker mqtts://broker.site:8883 --fleet farm --tls-ca ca.pem \\
-      --bind 0.0.0.0 --port 8780 --token-file /etc/pqsu/dashboard.token
+      --bind 0.0.0.0 --port 8790 --token-file /etc/pqsu/dashboard.token
   pqsu run --dashboard                                             # beside a one-machine fleet
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.identity_args import add_identity_arguments, read_password_file
 
-DEFAULT_PORT = 8780
+DEFAULT_PORT = 8790  # not the agent HTTP API's 8780: a dashboard may run on a board beside its agent
 TOKEN_ENV = "PQSU_DASHBOARD_TOKEN"
 
 

@@ -18,6 +18,9 @@ def systemd_unit(req: FlashRequest) -> str:
     lines += [f"ExecStart={VENV_DIR}/bin/pqsu edge run --config {CONFIG_PATH}",
               f"WorkingDirectory=-{req.state_dir}",
               "Environment=PYTHONUNBUFFERED=1", f"Environment=OMP_NUM_THREADS={b.torch_threads}",
+              # onnxruntime's telemetry otherwise writes a device id and an event store to $HOME/.cache at
+              # import (a warning under this unit, whose home is read-only) for upload over the board's link
+              "Environment=ORT_DISABLE_TELEMETRY=1",
               "Restart=always", "RestartSec=10", "TimeoutStopSec=30",
               f"MemoryMax={b.memory_max}", f"CPUQuota={b.cpu_quota}", "Nice=5",
               "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=read-only", "PrivateTmp=yes",

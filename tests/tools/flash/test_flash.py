@@ -280,7 +280,7 @@ def test_systemd_unit_and_install_script(capsys, tmp_path, wheel, board):
     b = BOARDS[board]
     for line in ("Restart=always", "RestartSec=10", f"MemoryMax={b.memory_max}", f"CPUQuota={b.cpu_quota}",
                  "User=edge", "ExecStart=/opt/pqsu/venv/bin/pqsu edge run --config /etc/pqsu/agent.toml",
-                 "WantedBy=multi-user.target", "ReadWritePaths=-/var/lib/pqsu/state"):
+                 "WantedBy=multi-user.target", "ReadWritePaths=-/var/lib/pqsu/state", "Environment=ORT_DISABLE_TELEMETRY=1"):
         assert line in lines, f"{line!r} not in\n{unit}"
     assert ("SupplementaryGroups=video" in lines) == (board == "jetson-orin")
     script = bundle / "install.sh"
