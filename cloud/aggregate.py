@@ -26,6 +26,7 @@ import numpy as np
 
 from pqsu.cloud.strategies import AggregationError, FedAvgM
 from pqsu.protocol.codec import Update
+from pqsu.protocol.update_batch import FlatBatch, ModelLayout
 
 
 # The server step lives in pqsu.cloud.strategies; plain FedAvg / FedAvgM keeps its old name here.
@@ -47,7 +48,14 @@ def update_norm(update: Update) -> float:
 
 @dataclass
 class FedAvg:
-    """Sample-weighted mean of the updates, streamed into O(model) memory."""
+    """Sample-weighted mean of the updates, streamed into O(model) memory.
+
+    An `Update` is added at once, block by block. A `FlatBatch` (`pqsu.protocol.update_batch`: the
+    server's fast path, many updates decoded together) waits until about one model's worth of entries
+    is pending, which is then scatter-added in one `np.add.at` over the flat model vector: no Python
+    per update or per tensor on the hot path. The weighted sums, weight total and count are also what an aggregator worker hands
+    over (`partial` / `add_partial`, cloud/workers.py), so N workers' partials reduce to this same sum.
+    """
 
     shapes: dict[str, tuple[int, ...]]
     clip_norm: float | None = None
@@ -56,16 +64,61 @@ class FedAvg:
     _acc: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self._acc = {k: np.zeros(s, np.float32) for k, s in self.shapes.items()}
+        self.layout = ModelLayout(self.shapes)
+        self._flat = np.zeros(self.layout.total, np.float32)  # every tensor's accumulator is a view of it
+        self._acc = {k: self._flat[off:off + self.layout.numels[k]].reshape(self.shapes[k])
+                     for k, off in self.layout.offsets.items()}
+        self._pending: list[tuple[FlatBatch, np.ndarray]] = []  # batches and their updates' weights
+        self._pending_entries = 0
+        self._fold_at = max(self.layout.total, 1 << 14)  # entries held before a scatter-add: O(model)
 
-    def add(self, update: Update) -> None:
+    def add(self, update: Update | FlatBatch) -> None:
+        if isinstance(update, FlatBatch):
+            samples = update.num_samples
+            weights = samples
+            if self.clip_norm is not None:
+                norms = update.norms()
+                weights = samples * np.where(norms > self.clip_norm, self.clip_norm / np.maximum(norms, 1e-300), 1.0)
+            self._pending.append((update, weights))
+            self._pending_entries += update.q.size
+            self.count += len(update)
+            self.weight += float(samples.sum())
+            if self._pending_entries >= self._fold_at:
+                self._fold()
+            return
         w = float(update.num_samples) * _clip_factor(update, self.clip_norm)
         for b in update.blocks:
             b.add_to(self._acc[b.name], w)
         self.count += 1
         self.weight += float(update.num_samples)
 
+    def _fold(self) -> None:
+        """Scatter-add the pending batches, one add.at each."""
+        pending, self._pending, self._pending_entries = self._pending, [], 0
+        pending = [(b, w) for b, w in pending if b.index.size]
+        if not pending:
+            return
+        for batch, w in pending:  # each batch is already large: one pass of numpy calls per batch
+            values = batch.q.astype(np.float32)
+            values *= np.repeat(batch.scale * w[batch.owner].astype(np.float32), batch.nnz)
+            # Unbuffered: positions repeat across updates. numpy >= 2 runs add.at on 1-D arrays as a plain
+            # loop, faster here than bincount (a float64 pass over the whole model) or sorting.
+            np.add.at(self._flat, batch.index, values)
+
+    def partial(self) -> tuple[np.ndarray, float, int]:
+        """(flat weighted sums, weight total, count) so far: what a worker hands over."""
+        self._fold()
+        return self._flat, self.weight, self.count
+
+    def add_partial(self, sums: np.ndarray, weight: float, count: int) -> None:
+        """Fold another aggregator's `partial()` in (the coordinator reducing its workers' partials)."""
+        self._fold()
+        self._flat += sums
+        self.weight += float(weight)
+        self.count += int(count)
+
     def result(self) -> dict[str, np.ndarray] | None:
+        self._fold()
         if self.count == 0 or self.weight <= 0:
             return None
         return {k: v / self.weight for k, v in self._acc.items()}

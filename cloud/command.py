@@ -32,7 +32,7 @@ from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.identity_args import add_identity_arguments, read_password_file
 from pqsu.protocol.messages import new_job_id
 from pqsu.protocol.mqtt import BrokerURL
-from pqsu.protocol.topics import Topics
+from pqsu.protocol.topics import MAX_PARTITIONS, Topics
 
 
 def add_coordinator_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +54,12 @@ def add_coordinator_arguments(p: argparse.ArgumentParser) -> None:
                    "and only their signed updates count; re-read at each round start when it changed, so deleting "
                    "a device's entry removes it from the fleet without a restart")
     add_identity_arguments(p.add_argument_group("broker security (the coordinator's own identity)"), "the coordinator's")
+    w = p.add_argument_group("aggregator workers (docs/scale.md)")
+    w.add_argument("--partitions", type=int, default=0, metavar="P", help="devices publish updates under P partitions "
+                   "that `pqsu aggregator` workers read (each partition by one worker); the coordinator only grants "
+                   "their claims and reduces their partials. 0: the coordinator reads every update (default)")
+    w.add_argument("--workers", type=int, default=0, metavar="N", help="also start N local `pqsu aggregator` "
+                   "processes sharing the partitions (default P = N); workers on other machines need none")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,9 +89,45 @@ def check_tls_files(args: argparse.Namespace) -> None:
             raise PqsuError(f"--{name.replace('_', '-')} {path}: no such file")
 
 
+def check_workers(args: argparse.Namespace, cfg) -> int:
+    """The partition count to announce, after checking --workers/--partitions and the aggregator."""
+    if args.workers < 0 or args.partitions < 0:
+        raise PqsuError("--workers and --partitions must be >= 0")
+    partitions = args.partitions or args.workers
+    if args.workers > partitions:
+        raise PqsuError(f"--workers {args.workers} needs at least as many --partitions (got {partitions})")
+    if partitions > MAX_PARTITIONS:
+        raise PqsuError(f"--partitions {partitions}: at most {MAX_PARTITIONS}")
+    if partitions:
+        from pqsu.cloud.workers import check_workers_aggregator
+        check_workers_aggregator(cfg.aggregator, cfg.clip_norm)
+    return partitions
+
+
+def start_workers(args: argparse.Namespace, partitions: int, job: str) -> list:
+    """N local `pqsu aggregator` processes, partitions dealt round robin; they die with this process."""
+    # The lab's process wrapper (own process group, dies with its parent): the one place children are started.
+    from pqsu.tools.lab.process import CLI, Process, pqsu_env
+
+    out = Path(args.out) / "workers"
+    procs = []
+    for i in range(args.workers):
+        mine = ",".join(str(p) for p in range(i, partitions, args.workers))
+        cmd = CLI + ["aggregator", "--broker", args.broker, "--fleet", args.fleet, "--worker",
+                     f"{job.rsplit('-', 1)[-1]}-w{i}", "--partitions", mine, "--protocol", args.protocol]
+        if args.keys:
+            cmd += ["--keys", args.keys]
+        for flag in ("tls_ca", "tls_cert", "tls_key", "username", "password_file"):
+            if getattr(args, flag):
+                cmd += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+        procs.append(Process(cmd, out / f"worker-{i}.log", env=pqsu_env(1)))
+    return procs
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = Path(args.out)
+    partitions = check_workers(args, cfg)
     check_broker(args.broker)  # fail before minutes of model preparation, not after
     check_tls_files(args)
     keys = DeviceKeys(args.keys) if args.keys else None  # a bad keys or password file fails here, before the model
@@ -107,15 +149,20 @@ def run(args: argparse.Namespace) -> int:
     ccfg = CoordinatorConfig(broker=args.broker, fleet=args.fleet, rounds=cfg.rounds, min_devices=args.min_devices,
                              join_timeout_s=args.join_timeout, round_timeout_s=args.round_timeout,
                              fraction=cfg.fraction, chunk_limit=facts.chunk_limit, seed=cfg.seed, job=job,
-                             stale_model_chunks=facts.model_chunks,
+                             stale_model_chunks=facts.model_chunks, partitions=partitions,
                              protocol=args.protocol, out=str(out), tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                              tls_key=args.tls_key, username=args.username, password=password)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    workers = start_workers(args, partitions, job) if args.workers else []
     try:
         summary = Coordinator(ccfg, server, meta=meta).run(stop)
     except KeyboardInterrupt:
         stop.set()
         raise
+    finally:
+        if workers:
+            from pqsu.tools.lab.process import reap
+            reap(workers, 5.0, signal_first=True)
     print(json.dumps(summary, indent=2))
     return 0

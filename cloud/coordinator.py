@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pqsu.cloud.lease import LeaseWatch
 from pqsu.cloud.rounds import RoundRunner, RunnerConfig
 from pqsu.cloud.server import FederatedServer
-from pqsu.cloud.transport import UPDATE, Message
+from pqsu.cloud.transport import COUNTED, UPDATE, Message
+from pqsu.cloud.workers import WorkerPool
 from pqsu.protocol import chunking
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.messages import Lease, MessageError, RoundTask, Status, done_message
@@ -58,6 +59,7 @@ class CoordinatorConfig:
     client_id: str | None = None      # None: pqsu-coordinator-<fleet>-<job suffix>, one per job
     job: str = ""                     # this run's job id (protocol.messages.new_job_id), kept on resume
     stale_model_chunks: int = 0       # retained model frames of an earlier job, cleared with our first model
+    partitions: int = 0               # > 0: aggregator workers read update/<p>/<device> (cloud/workers.py)
     out: str = "runs/cloud"
     tls_ca: str | None = None         # the coordinator's own broker identity, like an agent's
     tls_cert: str | None = None
@@ -98,6 +100,8 @@ class MqttTransport:
         self._known = {d for d, st in self.devices.items() if st.trains}  # resumed: whom to give a moment
         self._early: collections.deque[_Event] = collections.deque(maxlen=1024)  # updates before a round opened
         self._round: RoundTask | None = None  # the open round, between announce and close_round
+        self.workers = WorkerPool(self.client, self.topics, cfg.job) if cfg.partitions else None
+        self._counted: collections.deque[Message] = collections.deque()  # devices a worker counted, to answer
         self.dropped = 0   # complete messages refused because the queue was full
         self.foreign = 0   # messages on topics that are not ours, and undecodable chunks
         # (model id, chunk count) of what is retained; an earlier job's frames count, to be cleared
@@ -189,7 +193,10 @@ class MqttTransport:
         # Subscribed before connecting: what the broker queued in our session while we were away
         # arrives right after CONNACK and needs its handler.
         self.client.subscribe(self.topics.status_filter, self._on_status)
-        self.client.subscribe(self.topics.update_filter, self._on_update)
+        if self.workers is None:
+            self.client.subscribe(self.topics.update_filter, self._on_update)
+        else:  # the workers read the updates; we grant their claims and reduce their partials
+            self.workers.subscribe()
         self.client.subscribe(self.topics.round, self._on_round_echo)
         self.client.connect(timeout_s=30)
         # Published before watching, so the retained lease the watch first sees is ours, not the one replaced.
@@ -246,6 +253,8 @@ class MqttTransport:
         return dict(self._downloads)
 
     def announce(self, task: RoundTask) -> None:
+        if self.workers is not None:
+            task = dataclasses.replace(task, partitions=self.cfg.partitions)
         self._round, self._downloads = task, {}
         self._announced, self._reconnected_at = self._round_message(task), None
         self.client.publish(self.topics.round, self._announced, retain=True)
@@ -265,6 +274,11 @@ class MqttTransport:
         return taken
 
     def poll(self, timeout_s: float) -> Message | None:
+        if self.workers is not None:  # what the workers counted and handed over
+            self.workers.apply()
+            self._counted.extend(Message(d, COUNTED) for d in self.workers.take_counted())
+            if self._counted:
+                return self._counted.popleft()
         message = self._handle(self._next(timeout_s))
         self._republish_if_lost(*self._model)
         self._check_lease()
@@ -272,6 +286,12 @@ class MqttTransport:
 
     def quiet(self) -> bool:
         return False  # a device may always still answer before the deadline
+
+    def hand_over(self, task: RoundTask) -> None:
+        """Before the server closes the round: the workers' last partials, reduced (nothing without workers)."""
+        if self.workers is not None:
+            self.workers.hand_over()
+            self._counted.clear()
 
     def close_round(self, task: RoundTask) -> None:
         self._round, self._announced = None, None
@@ -402,6 +422,18 @@ class Coordinator(MqttTransport):
         super().start()
         if not self.resumed:
             self.clear_earlier_job()
+        if self.workers is not None:
+            self.workers.publish_plan(self.server.shapes, partitions=self.cfg.partitions,
+                                      clip_norm=self.server.cfg.clip_norm)
+
+    def announce(self, task: RoundTask) -> None:
+        if self.workers is not None:
+            self.workers.open(self.server.intake.round, self.server.intake.aggregator)
+            if missing := self.workers.uncovered(self.cfg.partitions):
+                log.warning("round %d: no aggregator worker online reads partitions %s: their devices' updates wait "
+                            "in the broker (start pqsu aggregator --partitions ...)", task.round,
+                            ",".join(map(str, missing)))
+        super().announce(task)
 
     def run(self, stop: threading.Event | None = None) -> dict:
         c = self.cfg

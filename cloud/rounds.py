@@ -23,7 +23,7 @@ from pathlib import Path
 from pqsu.cloud import checkpoint, report
 from pqsu.cloud.device_keys import DeviceKeys
 from pqsu.cloud.server import FederatedServer, RoundReport, choose_devices
-from pqsu.cloud.transport import ANSWERS, UPDATE, Message, Transport
+from pqsu.cloud.transport import ANSWERS, COUNTED, UPDATE, Message, Transport
 from pqsu.protocol.atomic import atomic_write
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,8 @@ class RoundRunner:
             why = "stopped" if stop.is_set() else "deadline passed" if deadline is not None else "closed"
             log.warning("round %d: %s without %s", r, why, ", ".join(sorted(missing)))
 
+        if hand_over := getattr(transport, "hand_over", None):  # aggregator workers' last partials
+            hand_over(task)
         downlink = self._downlink_bytes(transport.downloads())  # before close_round makes the next version
         closed = server.close_round(skipped=sum(v == "skipped" for v in answered.values()))
         closed.bytes_down = downlink["bytes_down"]  # what the devices downloaded, not file x devices
@@ -157,6 +159,9 @@ class RoundRunner:
         if message.kind == UPDATE:
             if self.server.submit(message.payload, sender=message.device).accepted:
                 answered[message.device] = "uploaded"
+            return
+        if message.kind == COUNTED:  # accepted by an aggregator worker
+            answered[message.device] = "uploaded"
             return
         if message.device not in asked or message.device in answered or message.kind not in ANSWERS:
             return

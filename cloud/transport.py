@@ -23,6 +23,7 @@ DEFAULT_CHUNK_LIMIT = 128 * 1024  # the MQTT coordinator's default (the AWS IoT 
 # What a device's answer can say: an update (payload), or its status after being asked.
 UPDATE = "update"
 ANSWERS = ("skipped", "failed", "offline")  # statuses that answer a round without an update
+COUNTED = "counted"  # an update an aggregator worker accepted (cloud/workers.py): the device answered
 
 
 @dataclass(frozen=True)

@@ -227,6 +227,7 @@ class EdgeAgent:
         self.fetch.follow(task.model_id, task.patches)  # every device follows the model, asked or not
         if self.learner is None or not task.asks(self.cfg.device_id):
             return None
+        self._partitions = task.partitions  # updates go under their partition when aggregator workers read them
         if self._is_over(task, received):
             return None  # a round that is over (its announcement is re-published with no time left)
         state = self.learner.state
@@ -314,7 +315,8 @@ class EdgeAgent:
         try:
             # The outbox file stays until a later round is announced: a broker that restarts without its
             # state can lose an update it acknowledged, and a re-announced round sends it again.
-            self.client.publish_chunked(self.topics.update(self.cfg.device_id), payload, self.cfg.chunk_limit,
+            self.client.publish_chunked(self.topics.update(self.cfg.device_id, getattr(self, "_partitions", 0)),
+                                        payload, self.cfg.chunk_limit,
                                         message_expiry_s=expiry)
         except MqttError as exc:  # stays in the outbox; sent again after reconnecting
             log.warning("%s: upload of round %d not confirmed (%s); kept in the outbox", self.cfg.device_id, round_, exc)

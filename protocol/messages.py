@@ -61,6 +61,9 @@ class RoundTask(_JsonMessage):
     # Seconds left when the coordinator published this message. Boards have no real-time clock, so a
     # receiver adds it to its own monotonic clock at receipt (local_deadline) and never reads `deadline`.
     remaining_s: float | None = None
+    # Aggregator workers (docs/protocol.md, "Aggregator workers"): when > 0, a device publishes its update on
+    # update/<crc32(device id) % partitions>/<device>, the partition one worker reads. 0: update/<device>.
+    partitions: int = 0
     # The bases a patch to `model_id` is retained for (on the patch topics): {"base": model id,
     # "bytes": patch length, "sha256": hex digest of the patch}. A device holding one of them downloads
     # that patch; any other device downloads the full model.
@@ -85,6 +88,7 @@ class RoundTask(_JsonMessage):
             (_int(self.model_bytes) and self.model_bytes >= 0, "model_bytes must be an int >= 0"),
             (_job(self.job), "job must be a string of at most 64 characters"),
             (self.remaining_s is None or (_num(self.remaining_s) and self.remaining_s >= 0), "remaining_s must be >= 0"),
+            (_int(self.partitions) and 0 <= self.partitions <= 4096, "partitions must be an int in [0, 4096]"),
         ]
         for ok, why in checks:
             if not ok:

@@ -8,6 +8,7 @@ escape its fleet.
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 from pqsu.protocol.errors import PqsuError
@@ -17,6 +18,10 @@ _FLEET = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _DEVICE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _INDEX = re.compile(r"0|[1-9][0-9]{0,9}")  # canonical decimal: one topic per chunk, never two spellings
 MAX_INDEX = 2**32 - 1                       # chunk indices are u32 in the frame header
+MAX_PARTITIONS = 4096                       # update partitions (aggregator workers own some each)
+
+
+AGG_KINDS = ("claim", "grant", "partial", "status")
 
 
 class TopicError(PqsuError):
@@ -33,6 +38,17 @@ def check_device(device: str) -> str:
     if not isinstance(device, str) or not _DEVICE.fullmatch(device):
         raise TopicError(f"invalid device id {device!r}: 1-64 characters of A-Z a-z 0-9 _ . -")
     return device
+
+
+def partition_of(device: str, partitions: int) -> int:
+    """The update partition of `device` among `partitions`: CRC32 of its id, so every side agrees."""
+    return zlib.crc32(check_device(device).encode()) % partitions
+
+
+def check_partitions(partitions: int) -> int:
+    if not isinstance(partitions, int) or isinstance(partitions, bool) or not 0 <= partitions <= MAX_PARTITIONS:
+        raise TopicError(f"invalid partition count {partitions!r}: an int in [0, {MAX_PARTITIONS}] (0: none)")
+    return partitions
 
 
 _MODEL_ID = re.compile(r"[0-9a-f]{32}")
@@ -83,9 +99,38 @@ class Topics:
     def patch_filter(self, base: str) -> str:
         return f"{self.prefix}/patch/{check_model_id(base)}/+"
 
-    def update(self, device: str) -> str:
-        """Not retained: every frame of `device`'s update."""
+    def update(self, device: str, partitions: int = 0) -> str:
+        """Not retained: every frame of `device`'s update; with `partitions` (the round announcement's),
+        under its partition, `update/<p>/<device>`, which one aggregator worker reads."""
+        if check_partitions(partitions):
+            return f"{self.prefix}/update/{partition_of(device, partitions)}/{device}"
         return f"{self.prefix}/update/{check_device(device)}"
+
+    def partition_filter(self, partition: int) -> str:
+        """What the aggregator worker owning `partition` subscribes to."""
+        if not isinstance(partition, int) or isinstance(partition, bool) or not 0 <= partition < MAX_PARTITIONS:
+            raise TopicError(f"invalid partition {partition!r}: an int in [0, {MAX_PARTITIONS})")
+        return f"{self.prefix}/update/{partition}/+"
+
+    def agg(self, worker: str, kind: str) -> str:
+        """An aggregator worker's topics: `claim`, `partial` (worker -> coordinator), `grant` (back) and
+        `status` (retained; last will: offline). docs/protocol.md, "Aggregator workers"."""
+        if kind not in AGG_KINDS:
+            raise TopicError(f"unknown aggregator topic {kind!r}: one of {', '.join(AGG_KINDS)}")
+        return f"{self.prefix}/agg/{check_device(worker)}/{kind}"
+
+    def agg_filter(self, kind: str) -> str:
+        return f"{self.prefix}/agg/+/{kind}"
+
+    @property
+    def agg_plan(self) -> str:
+        """Retained: what workers need to judge updates (model shapes, aggregator, partitions, job)."""
+        return f"{self.prefix}/agg/plan"
+
+    @property
+    def agg_close(self) -> str:
+        """Not retained: the coordinator asks every worker for its last partial of a round."""
+        return f"{self.prefix}/agg/close"
 
     @property
     def update_filter(self) -> str:
@@ -128,8 +173,9 @@ class Topics:
     def parse(self, topic: str) -> tuple[str, str | int | None]:
         """(kind, arg) of an incoming topic of this fleet.
 
-        ("round", None), ("model", index: int), ("update", device), ("status", device),
-        ("metrics", None), ("lease", None); anything else raises TopicError.
+        ("round", None), ("model", index: int), ("update", device) (also under a partition),
+        ("status", device), ("metrics", None), ("lease", None), ("agg-<kind>", worker); anything else
+        raises TopicError.
         """
         if not isinstance(topic, str):
             raise TopicError(f"topic must be a str, got {type(topic).__name__}")
@@ -143,6 +189,11 @@ class Topics:
             if not _DEVICE.fullmatch(parts[1]):
                 raise TopicError(f"topic {topic!r}: invalid device id {parts[1]!r}")
             return parts[0], parts[1]
+        if len(parts) == 3 and parts[0] == "update" and _INDEX.fullmatch(parts[1]) \
+                and int(parts[1]) < MAX_PARTITIONS and _DEVICE.fullmatch(parts[2]):
+            return "update", parts[2]
+        if len(parts) == 3 and parts[0] == "agg" and parts[2] in AGG_KINDS and _DEVICE.fullmatch(parts[1]):
+            return f"agg-{parts[2]}", parts[1]
         if len(parts) == 3 and parts[0] == "patch":
             if not _MODEL_ID.fullmatch(parts[1]) or not _INDEX.fullmatch(parts[2]) or int(parts[2]) > MAX_INDEX:
                 raise TopicError(f"topic {topic!r}: invalid patch base or chunk index")

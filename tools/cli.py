@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("pqsu.export.command", "prune a model, export it to ONNX, quantize to int8, report"),
     "run": ("pqsu.tools.fleet.run", "the one-machine fleet: broker, coordinator and N agents; the main job"),
     "cloud": ("pqsu.cloud.command", "run the coordinator: rounds through an MQTT broker"),
+    "aggregator": ("pqsu.cloud.aggregator_command", "run an aggregator worker: fold some partitions' updates for the coordinator"),
     "edge": ("pqsu.edge.command", "run an edge agent on a board"),
     "simulate": ("pqsu.tools.fleet.simulate", "federated training in one process (no broker): the round logic, measured"),
     "bench": ("pqsu.tools.bench.command", "run the measured benchmarks and print the ratios"),

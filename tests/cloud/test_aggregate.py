@@ -334,8 +334,9 @@ def _arrays(obj, seen=None) -> list[np.ndarray]:
     if id(obj) in seen:
         return []
     seen.add(id(obj))
-    if isinstance(obj, np.ndarray):
-        return [obj]
+    if isinstance(obj, np.ndarray):  # a view counts as the buffer it views, once
+        base = obj if obj.base is None or not isinstance(obj.base, np.ndarray) else obj.base
+        return [] if id(base) in seen and base is not obj else (seen.add(id(base)) or [base])
     if isinstance(obj, dict):
         return [a for v in obj.values() for a in _arrays(v, seen)]
     if isinstance(obj, (list, tuple, set)):
@@ -362,7 +363,8 @@ def test_fedavg_memory_is_one_accumulator_per_tensor_however_many_updates():
         for k, v in u.to_dense().items():
             reference[k] += v
     held = _arrays(agg)
-    assert sum(a.nbytes for a in held) == model_nbytes
+    # the accumulator (one flat buffer, viewed per tensor) and the layout's offsets and sizes per tensor
+    assert model_nbytes <= sum(a.nbytes for a in held) <= model_nbytes + 64 * len(shapes)
     assert agg.count == 200
     _close(agg.result(), {k: v / 200 for k, v in reference.items()}, "streamed")
 

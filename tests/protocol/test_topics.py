@@ -108,3 +108,21 @@ def test_invalid_model_index(index):
 def test_invalid_share_group(group):
     with pytest.raises(TopicError):
         Topics("f").shared_update_filter(group)
+
+
+def test_update_partitions_put_a_device_under_one_partition_every_side_computes():
+    from pqsu.protocol.topics import partition_of
+
+    t = Topics("f")
+    topic = t.update("pi-7", 8)
+    p = partition_of("pi-7", 8)
+    assert topic == f"pqsu/f/update/{p}/pi-7" and t.parse(topic) == ("update", "pi-7")
+    assert t.update("pi-7", 0) == "pqsu/f/update/pi-7"
+    assert t.partition_filter(p) == f"pqsu/f/update/{p}/+"
+    assert sorted({partition_of(f"dev-{i}", 8) for i in range(200)}) == list(range(8))  # every partition used
+    assert t.parse(t.agg("w-1", "partial")) == ("agg-partial", "w-1")
+    for bad in ("pqsu/f/update/01/pi", "pqsu/f/update/4096/pi", "pqsu/f/agg/w/other"):
+        with pytest.raises(TopicError):
+            t.parse(bad)
+    with pytest.raises(TopicError):
+        t.update("pi-7", 4097)

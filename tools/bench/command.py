@@ -16,6 +16,8 @@ suites:
   federated  (earlier table) FedAvg vs the paper's scheme vs ours on Fashion-MNIST (cnn 20 rounds, alexnet)
   sensors    the same three schemes on a sensor time series: cnn1d on ItalyPowerDemand (smart-meter days)
   fleet      real MQTT rounds through Mosquitto: round latency and coordination overhead with 100 agents
+  scale      updates/s/core before vs after the batch path, 1 vs 2 aggregator workers through Mosquitto, and a
+             100,000-device round aggregated by workers (peak worker memory)
 
 With --docs, docs/results.md is regenerated, the plots are copied to docs/img/ and README.md's
 generated results block (between its results markers) is rewritten.
@@ -39,7 +41,7 @@ README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suites", nargs="*", default=["export", "codec", "paper", "fleet"],
+    p.add_argument("suites", nargs="*", default=["export", "codec", "paper", "fleet", "scale"],
                    help="suites to run (default: all)")
     p.add_argument("--quick", action="store_true", help="small smoke version (used by the tests)")
     p.add_argument("--out", help="output folder (default: runs/bench-<date>); suites run into the same folder "
@@ -62,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     suites = {"export": _export_suite, "codec": _codec_suite, "federated": _federated_suite, "fleet": _fleet_suite,
+              "scale": _scale_suite,
               "sensors": _sensors_suite,
               "paper": lambda quick, out: _paper_suite(quick, out, args.mnist, args.cifar10, args.seeds),
               "recovery": lambda quick, out: _recovery_suite(quick, out, args.seeds, models),
@@ -204,6 +207,12 @@ def _fleet_suite(quick: bool, out: Path) -> dict:
     return result
 
 
+def _scale_suite(quick: bool, out: Path) -> dict:
+    from pqsu.tools.bench import scale as bench_scale
+
+    return bench_scale.run(quick=quick, out=out)
+
+
 def write_docs(results: dict, plots: list[Path], docs: Path = Path("docs"), readme: Path = Path("README.md")) -> None:
     """docs/results.md, the plots in docs/img/ and README.md's generated block (only between its markers)."""
     img = docs / "img"
@@ -299,6 +308,10 @@ def to_markdown(results: dict, images: dict[str, str] | None = None) -> str:
                          f"{run['overhead_max_s']:.3f} | {uploads} |")
         lines += ["", f"Target: coordination overhead below {f['target_s']} s per round with 20 agents and a ~1 MB model: "
                   + ("met" if f["overhead_median_s"] < f["target_s"] else "missed") + f" (median {f['overhead_median_s']:.3f} s).", ""]
+    if "scale" in results:
+        from pqsu.tools.bench.scale import to_markdown as scale_markdown
+
+        lines += [scale_markdown(results["scale"])]
     if "codec" in results:
         codec = {k: v for k, v in results["codec"].items() if k != "scaling"}
         lines += [f"## Update codec (measured {codec.get('measured_at', '?')})", "", "```", json.dumps(codec, indent=2),

@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds the first round waits for every agent to come online (default: 300)")
     g.add_argument("--chunk-limit", type=int, default=128 * 1024, metavar="BYTES",
                    help="largest MQTT payload; bigger messages are chunked (default: 131072, the AWS IoT cap)")
+    g.add_argument("--workers", type=int, default=0, metavar="N", help="aggregator worker processes that read the "
+                   "updates instead of the coordinator (pqsu cloud --workers; docs/scale.md). 0: none (default)")
     g.add_argument("--agent-threads", type=int, default=1, metavar="N",
                    help="torch threads per agent process (default: 1)")
     g.add_argument("--force", action="store_true", help="start --clients agents even when this machine's free "
@@ -154,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
         cli = [sys.executable, "-m", "pqsu.tools.cli"]
         procs.append(_spawn(cli + ["cloud", "--config", str(settings), "--broker", url, "--fleet", args.fleet,
                                    "--min-devices", str(cfg.clients), "--join-timeout", str(args.join_timeout), "--round-timeout", str(args.round_timeout),
-                                   "--chunk-limit", str(args.chunk_limit), "--out", str(out)],
+                                   "--chunk-limit", str(args.chunk_limit), "--out", str(out)]
+                            + (["--workers", str(args.workers)] if args.workers else []),
                             out / "logs" / "cloud.log", threads=None))
         for device in devices:
             procs.append(_spawn(cli + ["edge", "run", "--broker", url, "--fleet", args.fleet, "--device-id", device,
