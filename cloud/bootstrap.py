@@ -49,6 +49,7 @@ def build_server(cfg: FederatedConfig, *, checkpoint_dir: str | Path | None = No
         meta["round0"] = resumed.meta.get("round0")
         server.rounds_done = resumed.round
         server.optimizer.velocity = {k: np.asarray(v) for k, v in resumed.velocity.items()}
+        server.downlink.resume(resumed.files, resumed.meta.get("downlink") or {})
         meta["reports"] = resumed.meta.get("reports", [])
         meta["devices"] = resumed.meta.get("devices", {})
         if "initial_accuracy" in resumed.meta:

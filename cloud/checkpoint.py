@@ -33,6 +33,7 @@ class Checkpoint:
     master: dict[str, np.ndarray]
     velocity: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)  # spec, model info, reports so far, config
+    files: dict[str, bytes] = field(default_factory=dict)  # the downlink's versions by model id (patches' bases)
 
 
 def save(directory: str | Path, ckpt: Checkpoint) -> Path:
@@ -41,6 +42,7 @@ def save(directory: str | Path, ckpt: Checkpoint) -> Path:
     path = directory / f"round-{ckpt.round:06d}.npz"
     arrays = {f"master/{k}": v for k, v in ckpt.master.items()}
     arrays.update({f"velocity/{k}": v for k, v in ckpt.velocity.items()})
+    arrays.update({f"file/{k}": np.frombuffer(v, dtype=np.uint8) for k, v in ckpt.files.items()})
     arrays["meta"] = np.frombuffer(json.dumps({"round": ckpt.round, **ckpt.meta}).encode(), dtype=np.uint8)
     with atomic_file(path) as f:
         np.savez(f, **arrays)
@@ -55,11 +57,12 @@ def load(path: str | Path) -> Checkpoint:
             meta = json.loads(bytes(z["meta"]).decode())
             master = {k[len("master/"):]: z[k] for k in z.files if k.startswith("master/")}
             velocity = {k[len("velocity/"):]: z[k] for k in z.files if k.startswith("velocity/")}
+            files = {k[len("file/"):]: z[k].tobytes() for k in z.files if k.startswith("file/")}
     except Exception as exc:  # zipfile, json and numpy raise many types for a damaged file
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
     if not master or not isinstance(meta.get("round"), int):
         raise CheckpointError(f"checkpoint {path} is incomplete")
-    return Checkpoint(meta.pop("round"), master, velocity, meta)
+    return Checkpoint(meta.pop("round"), master, velocity, meta, files)
 
 
 def load_latest(directory: str | Path) -> Checkpoint | None:

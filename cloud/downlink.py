@@ -200,6 +200,34 @@ class Downlink:
         while len(self.versions) > self.cfg.patch_bases + 1:
             self.versions.popitem(last=False)
 
+    def state(self) -> tuple[dict[str, bytes], dict]:
+        """(files by model id, chain facts) for a checkpoint: a coordinator resumed from it announces the file it
+        announced before, so the updates devices made on it still count, and patches still start from theirs."""
+        if not self.patching or self.current is None:
+            return {}, {}  # a full export of the same master gives the same file again
+        return dict(self.versions), {"order": list(self.versions), "since_keyframe": self.since_keyframe,
+                                     "origin": self.origin}
+
+    def resume(self, files: Mapping[str, bytes], state: Mapping) -> None:
+        """The chain as `state()` saved it. The model info (widths, shapes) comes from one export of the
+        master; the files are verified against the ids they are saved under."""
+        order = [i for i in state.get("order", []) if i in files] if self.patching else []
+        if not order:
+            return
+        like = self._export()
+        for model_id_ in order:
+            exported = self._with(files[model_id_], like)
+            if exported.info.model_id != model_id_:
+                log.warning("checkpointed model %s does not verify: starting the chain with a keyframe", model_id_[:12])
+                self.versions.clear()
+                return
+            self.versions[model_id_] = exported.data
+        self.current = exported
+        self.layout = QdqLayout.of(exported.data)  # a file's held scales are in the file itself
+        self.since_keyframe = int(state.get("since_keyframe", 0))
+        self.origin = state.get("origin") or order[0]
+        self.step, self._patches = Step("resumed", 0.0), None
+
     def patches(self) -> dict[str, bytes]:
         """Base id -> the patch from that version to the current one (empty after a full keyframe)."""
         if self._patches is None:

@@ -172,10 +172,11 @@ class RoundRunner:
         if self.out is None:
             return
         o = self.server.optimizer
+        files, chain = self.server.downlink.state()
         try:  # a full disk keeps the previous checkpoint valid; the run goes on and tries again next round
             checkpoint.save(self.out / "checkpoints", checkpoint.Checkpoint(
                 r, {k: v.copy() for k, v in self.server.master.items()}, o.velocity,
-                {**self.meta, "reports": self.rounds, **self.transport.state()}))
+                {**self.meta, "reports": self.rounds, **self.transport.state(), "downlink": chain}, files))
         except OSError as exc:
             log.error("round %d: checkpoint not written (%s); a restart resumes from the previous one", r, exc)
         report.append_metrics(self.out, rep)
