@@ -143,3 +143,21 @@ def test_a_capped_patch_fits_its_cap_and_the_rest_follows_later(trained_cnn, cap
     for rep in runner.rounds[1:]:
         assert rep["bytes_down"] <= wire_bytes(cap, LIMIT)
     assert runner.rounds[-1]["downlink"]["left_out"] > 0  # the master is ahead of the devices' model
+
+
+def test_a_checkpointed_chain_resumes_on_the_same_file_with_its_patches(trained_cnn):
+    """A coordinator killed mid-round announces the same file again once resumed: updates made on it count."""
+    server = PatchingServer(trained_cnn, DownlinkConfig(policy="hard", patch_bases=2))
+    run(server, ["dev-a"], rounds=3)
+    files, chain = server.downlink.state()
+    before = server.downlink.model()
+    resumed = Downlink(server.downlink.cfg, server.export, server.master)
+    resumed.resume(files, chain)
+    assert resumed.model().info.model_id == before.info.model_id and resumed.model().data == before.data
+    assert resumed.patches() == server.downlink.patches() and resumed.patches()
+    damaged = bytearray(files[chain["order"][-1]])
+    damaged[len(damaged) // 2] ^= 0xFF
+    files[chain["order"][-1]] = bytes(damaged)  # a damaged file: start over with a keyframe, never serve it
+    fresh = Downlink(server.downlink.cfg, server.export, server.master)
+    fresh.resume(files, chain)
+    assert fresh.current is None and not fresh.versions

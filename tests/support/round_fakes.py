@@ -101,6 +101,9 @@ class FakeDownlink:
     def offers(self) -> tuple:
         return ()
 
+    def state(self) -> tuple[dict, dict]:
+        return {}, {}  # nothing to checkpoint: the full file every round
+
     def wire_cost(self, base, limit) -> int:
         data, info = self.server.model_message()
         return 0 if base == info.model_id else wire_bytes(len(data), limit)
