@@ -8,10 +8,11 @@ counted and ignored, so one bad publisher cannot stop the page.
 What the messages can and cannot tell (docs/protocol.md):
 - bytes up per device: the update frames seen on `update/<device>` since the dashboard started,
   less the chunk header (what the coordinator counts as `bytes_up`, re-sends included);
-- bytes down per device: the model file of every round that asked the device, as the coordinator
-  counts `bytes_down` (an inference-only device is never asked, so it shows none);
-- refusals: the coordinator reports them by reason only (metrics `rejected`), never by device,
-  so a device row shows its own failures and skips, and the refusals panel the reasons.
+- bytes down per device: what the device says it downloaded (`download_bytes` of its statuses: a
+  patch or the full file, chunk headers included); from a device that does not say, the model file
+  of every round that asked it, as an older coordinator counted `bytes_down`;
+- refusals: the coordinator reports updates it refused by reason only (metrics `rejected`), never by
+  device; a device reports the patches it refused (status `refusals`), shown in its row.
 Metrics keys are read defensively: a key an older or newer coordinator does not write is None
 (shown as "-").
 """
@@ -41,6 +42,8 @@ class Device:
     updates: int = 0               # update messages seen (frame index 0)
     counts: dict = field(default_factory=lambda: {"uploaded": 0, "skipped": 0, "failed": 0})
     counted: set = field(default_factory=set)  # (round, state) already counted: a retained repeat is not new
+    downloaded: dict = field(default_factory=dict)  # (job, round) -> bytes the device said it downloaded
+    refusals: dict = field(default_factory=dict)    # patches it refused, by reason (its own running count)
 
 
 @dataclass
@@ -96,6 +99,10 @@ class FleetState:
             entry = self.devices[device] = Device(status, seen)
         else:
             entry.status, entry.seen_at = status, seen if seen is not None else entry.seen_at
+        if status.download and (not self.job or status.job == self.job):
+            entry.downloaded[(status.job, status.round)] = status.download_bytes
+        if status.refusals:
+            entry.refusals = dict(status.refusals)
         key = (status.job, status.round, status.state)
         if status.state in entry.counts and key not in entry.counted and (not self.job or status.job == self.job):
             entry.counted.add(key)
@@ -216,7 +223,8 @@ class FleetState:
             "device": device, "online": online, "state": s.state, "trains": s.trains,
             "round": s.round if s.round >= 0 else None, "detail": s.detail,
             "last_seen_s": None if e.seen_at is None else max(0.0, now - e.seen_at),
-            "bytes_up": e.bytes_up, "bytes_down": e.bytes_down, "updates": e.updates,
+            "bytes_up": e.bytes_up, "bytes_down": sum(e.downloaded.values()) if e.downloaded else e.bytes_down,
+            "updates": e.updates, "patch_refusals": sum(e.refusals.values()), "refusal_reasons": e.refusals,
             # a training device holds the model of the round it last worked on; an inference-only one follows them all
             "model_id": task.model_id if task else (latest if online and not s.trains else None),
             "uploaded": e.counts["uploaded"], "skipped": e.counts["skipped"], "failed": e.counts["failed"],

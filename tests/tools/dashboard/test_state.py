@@ -95,6 +95,24 @@ def test_bytes_down_are_the_model_of_each_round_a_device_was_asked_and_bytes_up_
     assert d["pi-1"]["bytes_up"] == len(update) and d["pi-1"]["updates"] == 1
 
 
+def test_a_device_that_reports_its_downloads_shows_them_and_the_patches_it_refused():
+    s = fleet(("status", "pi-1", status("pi-1", "online")),
+              ("round", None, task(1, devices=("pi-1",), model_bytes=700)),
+              ("status", "pi-1", status("pi-1", "training", 1, download="full", download_bytes=760)),
+              ("status", "pi-1", status("pi-1", "uploaded", 1)),
+              ("round", None, task(2, devices=("pi-1",), model_bytes=700)),
+              ("status", "pi-1", status("pi-1", "training", 2, download="full", download_bytes=760,
+                                        refusals={"target-mismatch": 1})),
+              ("status", "pi-1", status("pi-1", "training", 2, download="full", download_bytes=760,  # a repeat
+                                        refusals={"target-mismatch": 1})),
+              ("round", None, task(3, devices=("pi-1",), model_bytes=700)),
+              ("status", "pi-1", status("pi-1", "training", 3, download="patch", download_bytes=90,
+                                        refusals={"target-mismatch": 1})))
+    d = devices(s.view(20.0))["pi-1"]
+    assert d["bytes_down"] == 760 + 760 + 90  # what it downloaded, not 3 x the file
+    assert d["patch_refusals"] == 1 and d["refusal_reasons"] == {"target-mismatch": 1}
+
+
 def test_rounds_keep_missing_metric_keys_as_none_and_the_new_ones_as_they_come():
     old = metrics(1)
     new = metrics(2, bytes_down_flashed=5000, downloads={"patch": 2, "full": 1}, rejected={"late": 2, "forged": 1})

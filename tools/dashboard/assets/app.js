@@ -60,6 +60,8 @@ function renderDevices(devices) {
     cell(tr, dash(d.uploaded), "num");
     cell(tr, dash(d.skipped), "num");
     cell(tr, dash(d.failed), "num");
+    cell(tr, dash(d.patch_refusals), "num").title = Object.entries(d.refusal_reasons || {})
+      .map(([k, v]) => `${k}: ${v}`).join(", ");
     cell(tr, d.detail || "", "detail");
     return tr;
   });
