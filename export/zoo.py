@@ -85,12 +85,7 @@ class PlainNet(nn.Module):
         self.flatten = nn.Flatten()
         with torch.no_grad():  # the flattened size depends on the input shape: measure it
             n_flat = self.flatten(self.features(torch.zeros(1, *spec.in_shape))).shape[1]
-        head: list[nn.Module] = []
-        for width in fc_widths:
-            head += [nn.Linear(n_flat, width), nn.ReLU()]
-            n_flat = width
-        head.append(nn.Linear(n_flat, spec.num_classes))
-        self.classifier = nn.Sequential(*head)
+        self.classifier = classifier_head(n_flat, fc_widths, spec.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.flatten(self.features(x)))
@@ -99,6 +94,16 @@ class PlainNet(nn.Module):
         convs = [m.out_channels for m in self.features if isinstance(m, nn.Conv2d)]
         fcs = [m.out_features for m in self.classifier if isinstance(m, nn.Linear)][:-1]
         return tuple(convs + fcs)
+
+
+def classifier_head(n_in: int, widths, num_classes: int) -> nn.Sequential:
+    """(linear, relu) per hidden width, then the linear layer to the classes."""
+    head: list[nn.Module] = []
+    for width in widths:
+        head += [nn.Linear(n_in, width), nn.ReLU()]
+        n_in = width
+    head.append(nn.Linear(n_in, num_classes))
+    return nn.Sequential(*head)
 
 
 class SensorNet(nn.Module):
@@ -125,12 +130,7 @@ class SensorNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool1d(1)
         self.flatten = nn.Flatten()
-        head: list[nn.Module] = []
-        for width in fc_widths:
-            head += [nn.Linear(cin, width), nn.ReLU()]
-            cin = width
-        head.append(nn.Linear(cin, spec.num_classes))
-        self.classifier = nn.Sequential(*head)
+        self.classifier = classifier_head(cin, fc_widths, spec.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.flatten(self.pool(self.features(x))))

@@ -50,6 +50,13 @@ def _style(label: str) -> dict:
                 markersize=3, label=label)
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _legend_outside(ax) -> None:
     """Right of the axes: with up to nine rows a legend inside covers the lines it names."""
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
@@ -72,11 +79,7 @@ def accuracy_per_round(name: str, table: dict, out: Path) -> Path:
     ax.set_title(_title("accuracy per round", name, table), fontsize=10)
     ax.grid(True, alpha=0.3)
     _legend_outside(ax)
-    fig.tight_layout()
-    path = out / f"accuracy-per-round-{_slug(name)}.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / f"accuracy-per-round-{_slug(name)}.png")
 
 
 def accuracy_vs_time(name: str, table: dict, out: Path, profile: str = "nbiot") -> Path:
@@ -97,11 +100,7 @@ def accuracy_vs_time(name: str, table: dict, out: Path, profile: str = "nbiot") 
     ax.set_title(_title(f"accuracy against simulated {profile} time", name, table), fontsize=10)
     ax.grid(True, alpha=0.3)
     _legend_outside(ax)
-    fig.tight_layout()
-    path = out / f"accuracy-vs-{profile}-{_slug(name)}.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / f"accuracy-vs-{profile}-{_slug(name)}.png")
 
 
 def bytes_per_round(name: str, table: dict, out: Path) -> Path:
@@ -122,11 +121,7 @@ def bytes_per_round(name: str, table: dict, out: Path) -> Path:
     ax.set_title(_title("bytes per client per round", name, table), fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = out / f"bytes-{_slug(name)}.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / f"bytes-{_slug(name)}.png")
 
 
 def aggregator_memory(scaling: dict, out: Path) -> Path:
@@ -142,11 +137,7 @@ def aggregator_memory(scaling: dict, out: Path) -> Path:
     ax.set_title(f"coordinator memory, {scaling['model']}, top-{scaling['density']:.0%} updates")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = out / "aggregator-memory.png"
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "aggregator-memory.png")
 
 
 def all_plots(results: dict, out: Path) -> list[Path]:
