@@ -19,12 +19,17 @@ from __future__ import annotations
 import io
 import json
 import struct
+import threading
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 from pqsu.protocol.errors import PqsuError
+
+# numpy parses a .npy header with ast.literal_eval, which on CPython 3.11 can fail with "AST constructor
+# recursion depth mismatch" when threads (the HTTP API's) parse at once: one header at a time.
+_HEADER_LOCK = threading.Lock()
 
 NPY_MAGIC = b"\x93NUMPY"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -44,13 +49,14 @@ def from_npy(data: bytes) -> np.ndarray:
     # allocate whatever shape a (hostile) header declares, then find the data missing.
     buf = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(buf)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
-        else:
-            raise InputError(f"unsupported .npy format version {version[0]}.{version[1]}")
+        with _HEADER_LOCK:
+            version = np.lib.format.read_magic(buf)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+            else:
+                raise InputError(f"unsupported .npy format version {version[0]}.{version[1]}")
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
         raise InputError(f"unreadable .npy header: {str(exc)[:160]}") from None
     if dtype.hasobject:
