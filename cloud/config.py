@@ -66,6 +66,7 @@ class FederatedConfig:
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.0
+    local_prox: float = 0.0          # FedProx mu (0: plain local SGD)
     aggregator: str = "fedavg"
     clip_norm: float | str | None = None  # a bound, or "median[:F]": F x the round's median update norm
     server_lr: float = 1.0
@@ -89,6 +90,8 @@ class FederatedConfig:
             check_type(name, getattr(self, name), kind)
         if self.precision not in ("int8", "fp32"):
             raise PqsuError(f"precision must be int8 or fp32, got {self.precision!r}")
+        if not 0 <= self.local_prox <= 1000:
+            raise PqsuError(f"local_prox must be in [0, 1000], got {self.local_prox}")
         if self.rounds < 1 or self.clients < 1 or not 0 < self.fraction <= 1:
             raise PqsuError("rounds and clients must be >= 1 and fraction in (0, 1]")
         if self.downlink not in DOWNLINKS:
@@ -134,7 +137,8 @@ class FederatedConfig:
         return ServerConfig(aggregator=self.aggregator, clip_norm=self.clip_norm, server_lr=self.server_lr,
                             server_momentum=self.server_momentum, server_opt=self.server_opt,
                             precision=self.precision, epochs=self.epochs,
-                            batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, seed=self.seed,
+                            batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+                            local_prox=self.local_prox, seed=self.seed,
                             downlink=downlink)
 
     def prepare_config(self) -> PrepareConfig:
@@ -262,6 +266,9 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
     "batch_size": ("N", "mini-batch size of the devices' training and of the cloud's round-0 training"),
     "lr": ("LR", "learning rate of the devices' local SGD"),
     "momentum": ("M", "momentum of the devices' local SGD"),
+    "local_prox": ("MU", "FedProx: the devices add mu/2 ||w - w_received||^2 to their local loss, which holds "
+                   "non-IID devices' updates near the global model (sent in every round task; 0 turns it off; "
+                   "try 0.01 to 1)"),
     # Against poisoning (an enrolled device sending scaled or sign-flipped updates): docs/reliability.md.
     "aggregator": ("SPEC", "how the round's updates are combined: fedavg, median or trimmed:F (per coordinate, "
                    "drop the largest and smallest fraction F). Against poisoning use median or trimmed:0.1 "

@@ -119,6 +119,7 @@ class MqttTransport:
         self._patches: dict[str, bytes] = {}        # and the patches to it, by base
         self._published_patches: dict[str, tuple[str, int]] = {}  # base -> (target id, frames) retained
         self._downloads: dict[str, dict] = {}       # this round's, from the devices' "training" statuses
+        self._evaluations: dict[str, dict] = {}     # this round's, from their "uploaded" / "skipped" statuses
         self.client.on_connect.append(self._on_connect)
 
     # -- network thread --------------------------------------------------------------
@@ -252,10 +253,13 @@ class MqttTransport:
     def downloads(self) -> dict[str, dict]:
         return dict(self._downloads)
 
+    def evaluations(self) -> dict[str, dict]:
+        return dict(self._evaluations)
+
     def announce(self, task: RoundTask) -> None:
         if self.workers is not None:
             task = dataclasses.replace(task, partitions=self.cfg.partitions)
-        self._round, self._downloads = task, {}
+        self._round, self._downloads, self._evaluations = task, {}, {}
         self._announced, self._reconnected_at = self._round_message(task), None
         self.client.publish(self.topics.round, self._announced, retain=True)
 
@@ -394,6 +398,8 @@ class MqttTransport:
             if ours and status.state == "training" and self._round is not None and status.round == self._round.round:
                 self._downloads[event.device] = {"kind": status.download, "bytes": status.download_bytes,
                                                  "first": status.first_download}
+            if ours and status.evaluation and self._round is not None and status.round == self._round.round:
+                self._evaluations[event.device] = status.evaluation
             return Message(event.device, status.state, round=status.round if ours else -1)
         if self._round is None:
             if len(self._early) == self._early.maxlen:

@@ -42,6 +42,8 @@ def summarize(rounds: list[dict], *, arch: str, in_shape: tuple[int, ...], num_c
         "initial_accuracy": initial_accuracy,  # the round-0 model (pre-trained on the proxy split, pruned)
         "final_accuracy": rounds[-1]["accuracy"] if rounds else float("nan"),
         "best_accuracy": max((r["accuracy"] for r in rounds), default=float("nan")),
+        # the devices' own held-out evaluation of the last round's model that any reported (federated evaluation)
+        "final_device_eval": next((r["device_eval"] for r in reversed(rounds) if r.get("device_eval")), None),
         "rounds": len(rounds),
         "bytes_up_total": up,
         "bytes_down_total": sum(r["bytes_down"] for r in rounds),
@@ -54,6 +56,39 @@ def summarize(rounds: list[dict], *, arch: str, in_shape: tuple[int, ...], num_c
         "rejected": sum(sum(r["rejected"].values()) for r in rounds),
         "wall_seconds": round(seconds, 1),
     }
+
+
+def device_evaluation(evaluations: dict[str, dict]) -> dict | None:
+    """A round's federated evaluation from each device's report ({"accuracy", "loss", "samples"}): the
+    mean accuracy and loss weighted by the devices' held-out samples, the spread over devices (min, max
+    and the unweighted standard deviation of their accuracies) and how many reported; None for none."""
+    reports = list(evaluations.values())
+    if not reports:
+        return None
+    total = sum(e["samples"] for e in reports)
+    acc = [e["accuracy"] for e in reports]
+    mean = sum(acc) / len(acc)
+    return {"devices": len(reports), "samples": total,
+            "accuracy": sum(e["accuracy"] * e["samples"] for e in reports) / total,
+            "loss": sum(e["loss"] * e["samples"] for e in reports) / total,
+            "accuracy_min": min(acc), "accuracy_max": max(acc),
+            "accuracy_std": (sum((a - mean) ** 2 for a in acc) / len(acc)) ** 0.5}
+
+
+def device_eval_text(ev: dict | None, lead: str = "  ") -> str:
+    """`ev` (device_evaluation) for a round's line: "  devices acc 0.8123 (0.7000..0.9000, 4 devices)"."""
+    if not ev:
+        return ""
+    return (f"{lead}devices acc {ev['accuracy']:.4f} ({ev['accuracy_min']:.4f}..{ev['accuracy_max']:.4f}, "
+            f"{ev['devices']} device{'s' if ev['devices'] != 1 else ''})")
+
+
+def round_line(r: dict, rounds: int | None = None) -> str:
+    """What `pqsu run` and `pqsu simulate` print for a finished round (a metrics.jsonl record)."""
+    of = f"/{rounds}" if rounds else ""
+    return (f"round {r['round']:3d}{of}  acc {r['accuracy']:.4f}  uploads {r['uploads']}/{r['selected']}"
+            f"  up {r['bytes_up']:,} B  down {r['bytes_down']:,} B  {r['seconds']:.1f}s"
+            + device_eval_text(r.get("device_eval")))
 
 
 def append_metrics(out: Path, report: dict) -> None:

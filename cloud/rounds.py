@@ -122,6 +122,8 @@ class RoundRunner:
         downlink = self._downlink_bytes(transport.downloads())  # before close_round makes the next version
         closed = server.close_round(skipped=sum(v == "skipped" for v in answered.values()))
         closed.bytes_down = downlink["bytes_down"]  # what the devices downloaded, not file x devices
+        # the devices' evaluation of the model they received this round (the one before this close's step)
+        closed.device_eval = report.device_evaluation(getattr(transport, "evaluations", dict)())
         transport.close_round(task)
         rep = closed.to_dict()
         rep.update(downlink)
@@ -137,8 +139,8 @@ class RoundRunner:
         self.rounds.append(rep)
         self._save(r, rep)
         transport.publish_report(rep)
-        log.info("round %d: accuracy %.4f, %d/%d uploads, %d bytes up", r, rep["accuracy"], rep["uploads"],
-                 rep["selected"], rep["bytes_up"])
+        log.info("round %d: accuracy %.4f, %d/%d uploads, %d bytes up%s", r, rep["accuracy"], rep["uploads"],
+                 rep["selected"], rep["bytes_up"], report.device_eval_text(rep.get("device_eval"), ", "))
         if self.on_round:
             self.on_round(closed)
         return rep

@@ -47,6 +47,7 @@ class ServerConfig:
     batch_size: int = 32
     lr: float = 0.01
     momentum: float = 0.0
+    local_prox: float = 0.0             # FedProx mu, sent in every round task
     time_budget_s: float | None = None
     seed: int = 0
     limits: codec.Limits | None = None  # None: sized to the model (a dense fp32 update fits, nothing much larger)
@@ -68,6 +69,9 @@ class RoundReport:
     model_bytes: int
     seconds: float
     train_loss: float = float("nan")
+    # federated evaluation: the devices' own held-out accuracy of this round's model (cloud/report.py
+    # device_evaluation); None when no device reported one. Set by the round runner.
+    device_eval: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -115,7 +119,7 @@ class FederatedServer:
         data, info = self.model_message()
         c = self.cfg
         task = RoundTask(round=round_, model_id=info.model_id, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
-                         momentum=c.momentum, time_budget_s=c.time_budget_s, seed=c.seed)
+                         momentum=c.momentum, time_budget_s=c.time_budget_s, seed=c.seed, prox=c.local_prox)
         self.intake.open(Round(task, tuple(sorted(set(devices))), time.perf_counter()))
         return task
 

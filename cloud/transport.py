@@ -79,6 +79,10 @@ class Transport(Protocol):
         """What each device that took part in the round downloaded for its model, as the device
         counted it: {"kind": "patch" | "full" | "", "bytes": on the wire, "first": its first model}."""
 
+    def evaluations(self) -> dict[str, dict]:
+        """Federated evaluation: each device's report of the round's model on its held-out samples, before it
+        trained ({"accuracy", "loss", "samples"}, from its "uploaded" or "skipped" status), by device."""
+
     def round_extras(self) -> dict:
         """Transport-specific keys for the round's report (e.g. per-device timings)."""
 
@@ -125,6 +129,7 @@ class InProcessTransport:
         self._model = b""
         self._patches: dict[str, bytes] = {}
         self._downloads: dict[str, dict] = {}
+        self._evaluations: dict[str, dict] = {}
         self._task: RoundTask | None = None
         self._queue: list[str] = []
         self._timings: dict[str, dict] = {}
@@ -146,7 +151,7 @@ class InProcessTransport:
 
     def announce(self, task: RoundTask) -> None:
         self._task, self._queue, self._timings = task, [d for d in task.devices if d in self.learners], {}
-        self._downloads = {}
+        self._downloads, self._evaluations = {}, {}
 
     def backlog(self) -> list[Message]:
         return []
@@ -162,6 +167,8 @@ class InProcessTransport:
         outcome = self.learners[device].run_round(self._task, file, how.nbytes)
         self._timings[device] = {"seconds": time.perf_counter() - t0,
                                  "bytes_up": len(outcome.payload) if outcome.payload else 0}
+        if getattr(outcome, "evaluation", None):
+            self._evaluations[device] = outcome.evaluation
         if outcome.payload is None:
             return Message(device, "skipped", round=self._task.round)
         payload = self.tamper(device, outcome.payload) if self.tamper else outcome.payload
@@ -178,6 +185,9 @@ class InProcessTransport:
 
     def downloads(self) -> dict[str, dict]:
         return dict(self._downloads)
+
+    def evaluations(self) -> dict[str, dict]:
+        return dict(self._evaluations)
 
     def close_round(self, task: RoundTask) -> None:
         self._task = None

@@ -302,11 +302,15 @@ class EdgeAgent:
         self.learner.save()
         self.rounds_joined += 1
         seconds = time.perf_counter() - started
+        evaluation = outcome.evaluation
         if outcome.payload is None:
-            self._publish_status("skipped", task.round, outcome.reason, seconds)
+            self._publish_status("skipped", task.round, outcome.reason, seconds, evaluation=evaluation)
             return
+        # The status before the update: the update can close the round, and the coordinator takes the
+        # device's evaluation from this status (MQTT keeps one client's messages in order).
+        self._publish_status("uploaded", task.round, f"{len(outcome.payload)} bytes, {outcome.nnz} entries", seconds,
+                             evaluation=evaluation)
         self._send(task.round, outcome.payload, task.local_deadline(announced))
-        self._publish_status("uploaded", task.round, f"{len(outcome.payload)} bytes, {outcome.nnz} entries", seconds)
 
     def _send(self, round_: int, payload: bytes, deadline: float | None = None) -> None:
         """`deadline` on the perf_counter clock. On MQTT 5 the broker drops an update still queued after its
@@ -338,17 +342,18 @@ class EdgeAgent:
         return self.state_dir / f"outbox-{round_:06d}.bin"
 
     def _status(self, state: str, round_: int = -1, detail: str = "", seconds: float = 0.0,
-                download=None) -> Status:
+                download=None, evaluation: dict | None = None) -> Status:
         return Status(self.cfg.device_id, state, round_, detail, trains=self.learner is not None, seconds=seconds,
+                      evaluation=evaluation,
                       job=self.learner.state.job if self.learner else "",
                       download=download.kind if download else "", download_bytes=download.nbytes if download else 0,
                       first_download=download.first if download else False, refusals=dict(self.fetch.follower.refusals))
 
     def _publish_status(self, state: str, round_: int = -1, detail: str = "", seconds: float = 0.0,
-                        download=None) -> None:
+                        download=None, evaluation: dict | None = None) -> None:
         try:
             self.client.publish(self.topics.status(self.cfg.device_id),
-                                self._status(state, round_, detail, seconds, download).to_json(), retain=True)
+                                self._status(state, round_, detail, seconds, download, evaluation).to_json(), retain=True)
         except MqttError as exc:
             log.warning("%s: status %s not published: %s", self.cfg.device_id, state, exc)
 
@@ -364,4 +369,3 @@ class EdgeAgent:
                 "models_received": self.models_received, "connected": self.client.connected,
                 "patch_refusals": dict(self.fetch.follower.refusals),
                 "trains": self.learner is not None}
-

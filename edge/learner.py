@@ -20,13 +20,16 @@ from pqsu.edge.selective import RoundContext, SelectivePolicy
 from pqsu.edge.state import DeviceState
 from pqsu.export.bridge import torch_model_from_onnx
 from pqsu.export.datasets import ArrayDataset
-from pqsu.export.training import TrainConfig, train
+from pqsu.export.training import Evaluation, TrainConfig, evaluate, train
 from pqsu.protocol.codec import Update, encode
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.messages import RoundTask
 from pqsu.protocol.model_id import VerifiedModel, as_verified
 
 log = logging.getLogger(__name__)
+# Federated evaluation: the fraction of a device's samples it never trains on and evaluates each received
+# model on, so the fleet reports accuracy on the devices' own data, which the cloud has no copy of.
+HOLDOUT = 0.1
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class RoundOutcome:
     samples: int
     train_seconds: float
     nnz: int
+    # the received model on the device's held-out samples before training, as the status carries it
+    # ({"accuracy", "loss", "samples"}; None: nothing held out)
+    evaluation: dict | None = None
 
 
 class EdgeLearner:
@@ -66,23 +72,39 @@ class EdgeLearner:
 
     def __init__(self, device_id: str, x: np.ndarray, y: np.ndarray, policy: SelectivePolicy, *,
                  state_path: str | Path | None = None, key: bytes | None = None,
-                 allow_custom: bool | Collection[str] = False, budget: TrainingBudget = TrainingBudget()):
+                 allow_custom: bool | Collection[str] = False, budget: TrainingBudget = TrainingBudget(),
+                 holdout: float = HOLDOUT):
         # `allow_custom`: the custom architectures (package.module:factory) this device may import to
         # rebuild a model it was sent, or True for any (the in-process simulator's own configured model).
+        # `holdout`: the fraction of samples kept out of training for federated evaluation (held_out_mask).
         if len(x) != len(y) or x.ndim < 2:
             raise PqsuError(f"{device_id}: local data must be samples, batch first (N, C, ...), with one label each")
-        self.device_id, self.x, self.y, self.policy = device_id, x, y, policy
+        if not 0 <= holdout < 1:
+            raise PqsuError(f"{device_id}: the evaluation holdout must be a fraction in [0, 1), got {holdout}")
+        held = held_out_mask(device_id, len(x), holdout)
+        if held.all():  # too few samples to spare any: train on all of them, evaluate nothing
+            held[:] = False
+        self.device_id, self.x, self.y, self.policy = device_id, x[~held], y[~held], policy
+        self.held_x, self.held_y = x[held], y[held]
         self.state_path = Path(state_path) if state_path else None
         self.state = DeviceState.load(self.state_path) if self.state_path else DeviceState()
         self.key, self.allow_custom, self.budget = key, allow_custom, budget
-        self._normalized: tuple[tuple, np.ndarray] | None = None
+        self._normalized: tuple[tuple, np.ndarray, np.ndarray] | None = None
 
     def inputs(self, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-        """The local images normalized for a model (cached while the normalization is unchanged)."""
+        """The local training samples normalized for a model (cached while the normalization is unchanged)."""
+        return self._normalize(mean, std)[0]
+
+    def held_inputs(self, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+        """The held-out samples, normalized the same way."""
+        return self._normalize(mean, std)[1]
+
+    def _normalize(self, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
         if self._normalized is None or self._normalized[0] != (mean, std):
-            data = ArrayDataset(self.x, self.y, name="local", classes=[], mean=mean, std=std)
-            self._normalized = ((mean, std), data.normalized())
-        return self._normalized[1]
+            parts = [ArrayDataset(x, y, name="local", classes=[], mean=mean, std=std).normalized()
+                     for x, y in ((self.x, self.y), (self.held_x, self.held_y))]
+            self._normalized = ((mean, std), *parts)
+        return self._normalized[1], self._normalized[2]
 
     def save(self) -> None:
         """Persist the device state; call once the round's payload is safe (sent or in the outbox)."""
@@ -104,18 +126,22 @@ class EdgeLearner:
 
         task = self.budget.apply(task)
         cfg = TrainConfig(epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, momentum=task.momentum,
-                          time_budget_s=task.time_budget_s, seed=_seed(task.seed, self.device_id, task.round))
+                          time_budget_s=task.time_budget_s, seed=_seed(task.seed, self.device_id, task.round),
+                          prox=task.prox)
         x = self.inputs(info.mean, info.std)
         if x.shape[1:] != tuple(info.in_shape):
             raise PqsuError(f"{self.device_id}: local samples are {x.shape[1:]}, "
                             f"the model takes {tuple(info.in_shape)}")
+        # Before training: the model as received, on samples it was never trained on here.
+        evaluation = _report(evaluate(model, self.held_inputs(info.mean, info.std), self.held_y)) \
+            if len(self.held_y) else None
         stats = train(model, x, self.y, cfg)
         delta = {k: v.detach().numpy() - received[k] for k, v in model.state_dict().items()}
         if not (np.isfinite(stats.loss) and all(np.isfinite(d).all() for d in delta.values())):
             # A diverged run must not reach the residual: that would poison every later round.
             log.warning("%s: local training diverged in round %d; nothing sent, residual kept", self.device_id, task.round)
             return RoundOutcome(task.round, None, "local training diverged", stats.loss, stats.samples,
-                                stats.seconds, 0)
+                                stats.seconds, 0, evaluation)
         update = {k: d + self.state.residual[k] if k in self.state.residual else d for k, d in delta.items()}
         previous = self.state.previous
         ctx = RoundContext(update=update, delta=delta, weights=received, loss=stats.loss,
@@ -136,7 +162,27 @@ class EdgeLearner:
         self.state.last_round, self.state.rounds_joined = task.round, self.state.rounds_joined + 1
         self.state.bytes_down += len(model_file) if downloaded is None else downloaded
         return RoundOutcome(task.round, payload, prepared.decision.reason, stats.loss, stats.samples,
-                            stats.seconds, nnz)
+                            stats.seconds, nnz, evaluation)
+
+
+def _report(ev: Evaluation) -> dict | None:
+    """An evaluation in the status's form; None when its loss is not finite (a diverged model), which
+    JSON cannot carry."""
+    if not np.isfinite(ev.loss):
+        return None
+    return {"accuracy": float(ev.accuracy), "loss": float(ev.loss), "samples": int(ev.samples)}
+
+
+def held_out_mask(device_id: str, n: int, fraction: float) -> np.ndarray:
+    """Which of a device's `n` samples are held out: a fixed seeded choice of round(fraction * n) of them
+    (seeded by the device id alone, so it is the same in every round and every restart, and no held-out
+    sample is ever trained on)."""
+    mask = np.zeros(n, bool)
+    k = int(round(fraction * n))
+    if k:
+        seed = int.from_bytes(hashlib.sha256(f"holdout/{device_id}".encode()).digest()[:8], "little")
+        mask[np.random.default_rng(seed).choice(n, size=k, replace=False)] = True
+    return mask
 
 
 def _seed(base: int, device_id: str, round_: int) -> int:

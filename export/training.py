@@ -27,6 +27,9 @@ class TrainConfig:
     seed: int = 0
     distill: float = 0.0         # weight of the teacher's soft targets in the loss (with `teacher`)
     temperature: float = 4.0     # softens both distributions, so the teacher's ranking of wrong classes shows
+    # FedProx (Li et al. 2020): mu/2 ||w - w_start||^2 added to the loss holds a non-IID device's
+    # fine-tune near the model it received, so its update drifts less towards its own labels.
+    prox: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig = Tra
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad] if cfg.prox > 0 else []
     steps_total = max(1, math.ceil(cfg.epochs * len(x) / cfg.batch_size))
     order = np.concatenate([rng.permutation(len(x)) for _ in range(math.ceil(cfg.epochs) or 1)])
     model.train()
@@ -73,6 +77,12 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig = Tra
         if teacher is not None and cfg.distill > 0:
             loss = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(logits, teacher, xb, cfg.temperature)
         loss.backward()
+        # the proximal term's gradient, mu (w - w_start), added directly (no graph over every weight); it is
+        # not in the reported loss: the loss gate (upload=loss) compares data losses
+        with torch.no_grad():
+            for p, p0 in anchor:
+                if p.grad is not None:
+                    p.grad.add_(p - p0, alpha=cfg.prox)
         opt.step()
         loss_sum, steps, seen = loss_sum + loss.item(), steps + 1, seen + len(idx)
         bar.update(1)

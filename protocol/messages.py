@@ -68,6 +68,8 @@ class RoundTask(_JsonMessage):
     # "bytes": patch length, "sha256": hex digest of the patch}. A device holding one of them downloads
     # that patch; any other device downloads the full model.
     patches: tuple[dict, ...] = ()
+    # FedProx: mu of the proximal term mu/2 ||w - w_received||^2 in the local fine-tune; 0 is plain SGD.
+    prox: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.devices, (list, tuple)):  # a bare string would become one id per letter
@@ -81,6 +83,7 @@ class RoundTask(_JsonMessage):
             (_int(self.batch_size) and 0 < self.batch_size <= 65536, "batch_size out of range"),
             (_num(self.lr) and self.lr > 0, "lr must be > 0"),
             (_num(self.momentum) and 0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (_num(self.prox) and 0 <= self.prox <= 1000, "prox must be a number in [0, 1000]"),
             (self.time_budget_s is None or (_num(self.time_budget_s) and self.time_budget_s > 0), "bad time budget"),
             (_int(self.seed), "seed must be an int"),
             (all(isinstance(d, str) and 0 < len(d) <= 64 for d in self.devices), "devices must be short strings"),
@@ -130,10 +133,15 @@ class Status(_JsonMessage):
     download_bytes: int = 0
     first_download: bool = False
     refusals: dict = field(default_factory=dict)  # patches refused since the device started, by reason
+    # Federated evaluation (on "uploaded" and "skipped"): the round's model as received, before training,
+    # on the device's held-out samples: {"accuracy": [0, 1], "loss": >= 0, "samples": int >= 1}; None: none.
+    evaluation: dict | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.device, str) and 0 < len(self.device) <= 64):
             raise MessageError("invalid status: bad device id")
+        if self.evaluation is not None and not _evaluation(self.evaluation):
+            raise MessageError("invalid status: evaluation must be {accuracy in [0, 1], loss >= 0, samples >= 1}")
         if (self.download not in DOWNLOADS or not (_int(self.download_bytes) and self.download_bytes >= 0)
                 or not isinstance(self.first_download, bool) or not isinstance(self.refusals, dict)
                 or not all(isinstance(k, str) and _int(v) for k, v in self.refusals.items())):
@@ -221,6 +229,11 @@ def message_type(data: bytes) -> str:
 
 def _int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not a round number
+
+
+def _evaluation(x: object) -> bool:
+    return (isinstance(x, dict) and _num(x.get("accuracy")) and 0 <= x["accuracy"] <= 1
+            and _num(x.get("loss")) and x["loss"] >= 0 and _int(x.get("samples")) and x["samples"] >= 1)
 
 
 def _job(x: object) -> bool:

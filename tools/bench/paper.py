@@ -86,6 +86,10 @@ STRATEGY_ROWS: dict[str, tuple[str, dict]] = {
     "ours@m0": ("ours", {"server_momentum": 0.0}),
     "ours@fedadam": ("ours", {"server_opt": "fedadam", "server_lr": 0.01, "server_momentum": 0.0}),
     "ours@fedyogi": ("ours", {"server_opt": "fedyogi", "server_lr": 0.01, "server_momentum": 0.0}),
+    # FedProx (Li et al. 2020): each step also pulls the weights back towards the received model by lr * mu of
+    # their drift; with these short local rounds (a tenth of an epoch) only a large mu changes much.
+    "ours@prox0.1": ("ours", {"local_prox": 0.1}),
+    "ours@prox1": ("ours", {"local_prox": 1.0}),
     "ours@global": ("ours", {"ranking": "global"}),
     # A longer round-0 fine-tune is more cloud training, so FedAvg gets it too: the fair reference.
     "ours@ft3": ("ours", {"finetune_epochs": 3.0}),
@@ -181,7 +185,7 @@ def _row(scheme: str, cfg: FederatedConfig, result, ort_ms: float, ft: float) ->
     return {
         "scheme": scheme, "prune": cfg.prune, "precision": cfg.precision, "upload": cfg.upload, "select": cfg.select,
         "error_feedback": cfg.error_feedback, "server_momentum": cfg.server_momentum, "server_opt": cfg.server_opt,
-        "server_lr": cfg.server_lr, "importance": cfg.importance, "ranking": cfg.ranking, "distill": cfg.distill,
+        "server_lr": cfg.server_lr, "local_prox": cfg.local_prox, "importance": cfg.importance, "ranking": cfg.ranking, "distill": cfg.distill,
         "prune_steps": cfg.prune_steps, "finetune_epochs": ft,
         "initial_accuracy": result.summary["initial_accuracy"],
         "accuracy_per_round": [r["accuracy"] for r in rounds],

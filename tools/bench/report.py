@@ -129,7 +129,8 @@ def _describe(row: dict) -> str:
     elif row["select"].startswith("topk"):
         opt = row.get("server_opt", "fedavgm")
         server = f"FedAvgM {row['server_momentum']}" if opt == "fedavgm" else f"{opt} lr {row.get('server_lr')}"
-        parts.append(f"{row['select']} int8 + error feedback, {row['upload']}, {server}")
+        prox = f", FedProx mu {row['local_prox']:g}" if row.get("local_prox") else ""
+        parts.append(f"{row['select']} int8 + error feedback, {row['upload']}, {server}{prox}")
     else:
         parts.append(f"dense {row['select'] if row['select'] != 'dense' else 'int8'} upload every round")
     return ", ".join(parts)

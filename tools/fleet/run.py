@@ -226,14 +226,15 @@ def _spawn(cmd: list[str], log_path: Path, threads: int | None) -> Process:
 
 def _follow(coordinator: Process, out: Path, rounds: int) -> int:
     """Print each round as the coordinator finishes it; return its exit status."""
+    from pqsu.cloud import report  # zoo and plots: not for building the parser
+
     metrics, seen = out / "metrics.jsonl", 0
     while True:
         code = coordinator.poll()
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         for line in lines[seen:]:
             r = json.loads(line)
-            print(f"round {r['round']:3d}/{rounds}  acc {r['accuracy']:.4f}  uploads {r['uploads']}/{r['selected']}"
-                  f"  up {r['bytes_up']:,} B  down {r['bytes_down']:,} B  {r['seconds']:.1f}s", flush=True)
+            print(report.round_line(r, rounds), flush=True)
         seen = len(lines)
         if code is not None:
             return code

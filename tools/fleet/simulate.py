@@ -81,8 +81,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
 
     def show(r: RoundReport) -> None:
-        print(f"round {r.round:3d}  acc {r.accuracy:.4f}  uploads {r.uploads}/{r.selected}  "
-              f"up {r.bytes_up:,} B  down {r.bytes_down:,} B  {r.seconds:.1f}s", flush=True)
+        print(report.round_line(r.to_dict()), flush=True)
         if out:
             report.append_metrics(out, r.to_dict())
     result = simulate(cfg, show)

@@ -157,7 +157,8 @@ def control_messages(model_id: str, model_bytes: int) -> dict[str, tuple[str, by
         "round-unknown-keys": ("round", future),
         "status-online": ("status", Status(DEMO_DEVICE, "online").to_json()),
         "status-training": st("training", 3, download="patch", download_bytes=245, refusals={"bad-checksum": 1}),
-        "status-uploaded": st("uploaded", 3, "1234 bytes, 56 entries", seconds=4.25),
+        "status-uploaded": st("uploaded", 3, "1234 bytes, 56 entries", seconds=4.25,
+                              evaluation={"accuracy": 0.75, "loss": 0.625, "samples": 20}),
         "status-skipped": st("skipped", 3, "loss 0.5000 did not improve on 0.4000", seconds=3.5),
         "status-failed": st("failed", 3, "local images are (3, 32, 32), the model takes (1, 8, 8)"),
         "status-offline": st("offline", 3),
@@ -186,6 +187,8 @@ BAD_MESSAGES: dict[str, tuple[str, dict | bytes, bool]] = {
                                         "trains": "yes"}, True),
     "status-negative-seconds": ("status", {"v": 1, "type": "status", "device": "d", "state": "online",
                                            "seconds": -1}, True),
+    "status-bad-evaluation": ("status", {"v": 1, "type": "status", "device": "d", "state": "uploaded",
+                                         "evaluation": {"accuracy": 1.5, "loss": 0.5, "samples": 20}}, True),
     "lease-empty-job": ("lease", {"v": 1, "type": "lease", "job": "", "coordinator": "c"}, True),
     "lease-no-coordinator": ("lease", {"v": 1, "type": "lease", "job": "j"}, True),
     "not-json": ("round", b"{\"v\": 1, \"type\": \"round\",", False),
@@ -203,7 +206,9 @@ def metrics_example(model_id: str, model_bytes: int) -> dict:
 
     rep = RoundReport(round=3, model_id=model_id, accuracy=0.8125, loss=0.53125, selected=3, uploads=2, skipped=1,
                       rejected={"duplicate": 1, "chunk-hash-mismatch": 2}, bytes_up=4096,
-                      bytes_down=3 * model_bytes, model_bytes=model_bytes, seconds=12.5, train_loss=0.75).to_dict()
+                      bytes_down=3 * model_bytes, model_bytes=model_bytes, seconds=12.5, train_loss=0.75,
+                      device_eval={"devices": 2, "samples": 40, "accuracy": 0.75, "loss": 0.625, "accuracy_min": 0.7,
+                                   "accuracy_max": 0.8, "accuracy_std": 0.05}).to_dict()
     return {**rep, "missing": 0, "collect_seconds": 9.25, "server_seconds": 3.0, "job": DEMO_JOB}
 
 
