@@ -154,7 +154,7 @@ def _learner(s: AgentSettings):
     b = s.board  # a flashed board's caps on what a round asks
     budget = TrainingBudget(max_epochs=b.max_epochs, max_batch_size=b.max_batch_size, time_budget_s=b.time_budget_s)
     return EdgeLearner(s.device_id, x, y, s.policy(), state_path=Path(s.state_dir) / "state.npz", key=key,
-                       allow_custom=s.allow_model_code, budget=budget)
+                       allow_custom=s.allow_model_code, budget=budget, holdout=s.eval_holdout)
 
 
 def allow_model_code(s: AgentSettings) -> None:

@@ -66,6 +66,7 @@ class AgentSettings:
     allow_model_code: tuple[str, ...] = ()  # package.module:factory names this device may import and run
     model_code_dir: str | None = None       # a folder put on the import path for them (a flashed bundle's)
     torch_threads: int = 0              # 0: torch's choice
+    eval_holdout: float = 0.1           # pqsu.edge.learner.HOLDOUT (not imported here: it brings torch)
     stay: bool = False
     tls_ca: str | None = None
     tls_cert: str | None = None
@@ -135,6 +136,8 @@ class AgentSettings:
         out += [msg for arch in self.allow_model_code for msg in _failure(lambda a=arch: check_custom_name(a))]
         if self.model_code_dir and not Path(self.model_code_dir).is_dir():
             out.append(f"model_code_dir {self.model_code_dir} is not a folder")
+        if not 0 <= self.eval_holdout < 1:
+            out.append(f"eval_holdout {self.eval_holdout} must be a fraction in [0, 1)")
         for key in ("torch_threads", "inference_threads"):
             if getattr(self, key) < 0:
                 out.append(f"{key} {getattr(self, key)} is negative (0: the library's choice)")
@@ -308,6 +311,8 @@ _HELP: dict[str, tuple[str | None, str]] = {
                                  "a custom architecture is served for inference but never trained on"),
     "model_code_dir": ("DIR", "folder put on the import path for --allow-model-code (a flashed bundle's model code)"),
     "torch_threads": ("N", "torch CPU threads for training (default: 0, torch's choice)"),
+    "eval_holdout": ("F", "fraction of the local samples never trained on: each round the device evaluates the "
+                          "model it received on them and reports it (federated evaluation; default: 0.1; 0: off)"),
     "stay": ("BOOL", "keep running after the coordinator says training is over (inference-only devices always stay)"),
     "http_port": ("PORT", f"port of POST /predict, GET /healthz, GET /metrics (default: {DEFAULT_HTTP_PORT}, "
                           "skipped when busy; 0: any free port; -1: off)"),

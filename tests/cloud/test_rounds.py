@@ -24,8 +24,10 @@ REPORT_KEYS = {f.name for f in dataclasses.fields(RoundReport)} | {"missing", "c
 class ScriptedTransport:
     """Devices as a script: `answers(round, task)` gives the messages of a round, delivered one per poll."""
 
-    def __init__(self, devices=DEVICES, answers=None, *, quiet_when_empty=False, refused=None, backlog=()):
+    def __init__(self, devices=DEVICES, answers=None, *, quiet_when_empty=False, refused=None, backlog=(),
+                 evaluated=None):
         self.devices, self.answers = list(devices), answers or (lambda r, task: [])
+        self.evaluated = evaluated  # round -> {device: evaluation}, what the devices' statuses reported
         self.quiet_when_empty, self.refused = quiet_when_empty, dict(refused or {})
         self.calls: list[tuple] = []
         self.pending: list[Message] = []
@@ -53,6 +55,9 @@ class ScriptedTransport:
 
     def downloads(self):
         return {}
+
+    def evaluations(self):
+        return self.evaluated(self.tasks[-1].round) if self.evaluated else {}
 
     def announce(self, task):
         self.tasks.append(task)
@@ -300,3 +305,29 @@ def test_in_process_tamper_replaces_the_payload_before_the_server_sees_it():
     rep = runner.rounds[0]
     assert (rep["uploads"], rep["missing"], rep["rejected"]) == (1, 1, {"corrupt": 1})
     assert rep["devices"]["dev-b"]["bytes_up"] == len(update("dev-b", 1))  # what the device sent, not the tampered
+
+
+def test_the_devices_evaluations_are_summarized_in_the_report_weighted_by_their_samples():
+    def evaluated(r):
+        return {"dev-a": {"accuracy": 0.5, "loss": 1.0, "samples": 10},
+                "dev-b": {"accuracy": 0.8, "loss": 0.5, "samples": 30}} if r == 1 else {}
+    transport = ScriptedTransport(answers=lambda r, t: [up(d, r) for d in DEVICES], evaluated=evaluated)
+    runner, _, summary = run(transport)
+    ev = runner.rounds[0]["device_eval"]
+    assert ev == {"devices": 2, "samples": 40, "accuracy": pytest.approx(0.725), "loss": pytest.approx(0.625),
+                  "accuracy_min": 0.5, "accuracy_max": 0.8, "accuracy_std": pytest.approx(0.15)}
+    assert runner.rounds[1]["device_eval"] is None  # nobody reported: nothing made up
+    assert summary["final_device_eval"] == ev       # the last round any device evaluated
+    assert transport.reports[0]["device_eval"] == ev  # what the metrics topic gets
+
+
+def test_in_process_devices_evaluations_reach_the_report():
+    class Evaluating(FakeLearner):
+        def run_round(self, task, model_file, downloaded=None):
+            out = super().run_round(task, model_file, downloaded)
+            out.evaluation = {"accuracy": 0.25, "loss": 2.0, "samples": 4}
+            return out
+    learners = {d: Evaluating(d) for d in ("dev-a", "dev-b")}
+    runner = RoundRunner(RunnerConfig(rounds=1, round_timeout_s=None), FakeServer(), InProcessTransport(learners))
+    runner.run()
+    assert runner.rounds[0]["device_eval"]["devices"] == 2 and runner.rounds[0]["device_eval"]["samples"] == 8

@@ -151,6 +151,14 @@ def test_run_with_embedded_mosquitto_trains_and_leaves_every_output(mosquitto_ru
     assert config["precision"] == "int8" and config["clients"] == 3
     assert summary["uploads"] + summary["skipped"] == 9 and summary["rejected"] == 0
     assert "pqsu run: finished" in mosquitto_run.proc.stdout
+    # Federated evaluation: every device reported its held-out accuracy of the model it received, over MQTT
+    for m in metrics:
+        ev = m["device_eval"]
+        assert ev["devices"] == 3 and ev["samples"] > 0, ev
+        assert 0 <= ev["accuracy_min"] <= ev["accuracy"] <= ev["accuracy_max"] <= 1 and ev["loss"] > 0, ev
+    assert summary["final_device_eval"] == metrics[-1]["device_eval"]
+    printed = [line for line in mosquitto_run.proc.stdout.splitlines() if line.startswith("round ")]
+    assert len(printed) == 3 and all("devices acc" in line and "3 devices" in line for line in printed), printed
 
 
 @needs_mosquitto
@@ -176,6 +184,10 @@ def test_mqtt_run_gives_the_numbers_of_the_in_process_simulator(mosquitto_run):
     assert [r["downloads"]["patch"] for r in metrics[1:]] == [3] * (len(metrics) - 1)
     for mqtt_round, sim_round in zip(metrics, sim.rounds):
         assert mqtt_round["accuracy"] == pytest.approx(sim_round["accuracy"], abs=0.02)
+        # the devices' own evaluation: the same held-out samples and received model, through the same code
+        mqtt_ev, sim_ev = mqtt_round["device_eval"], sim_round["device_eval"]
+        assert (mqtt_ev["devices"], mqtt_ev["samples"]) == (sim_ev["devices"], sim_ev["samples"]) == (3, sim_ev["samples"])
+        assert mqtt_ev["accuracy"] == pytest.approx(sim_ev["accuracy"], abs=0.02)
 
 
 # -- 2: the in-process amqtt broker (MQTT 3.1.1) -----------------------------------------------

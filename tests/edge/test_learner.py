@@ -15,7 +15,9 @@ pytest.importorskip("torch")
 from tests.support.edge_models import int8_models  # noqa: E402
 from tests.support.nets import single_torch_thread  # noqa: E402
 
-from pqsu.edge.learner import EdgeLearner, TrainingBudget  # noqa: E402
+from pqsu.edge.learner import EdgeLearner, TrainingBudget, held_out_mask  # noqa: E402
+from pqsu.export.bridge import torch_model_from_onnx  # noqa: E402
+from pqsu.export.training import evaluate  # noqa: E402
 from pqsu.edge.selective import SelectivePolicy  # noqa: E402
 from pqsu.protocol import model_id  # noqa: E402
 from pqsu.protocol.codec import SignatureError, decode  # noqa: E402
@@ -41,9 +43,9 @@ def task(model, round_=1, **kw) -> RoundTask:
     return RoundTask(round=round_, model_id=model[1], epochs=1, batch_size=16, lr=0.05, seed=7, **kw)
 
 
-def run(lrn: EdgeLearner, model, round_=1):
+def run(lrn: EdgeLearner, model, round_=1, **kw):
     with single_torch_thread():
-        return lrn.run_round(task(model, round_), model[0])
+        return lrn.run_round(task(model, round_, **kw), model[0])
 
 
 def exact_delta(model, round_=1) -> dict[str, np.ndarray]:
@@ -58,7 +60,7 @@ def test_the_uploaded_update_names_round_model_and_device(model):
     assert out.payload is not None and out.round == 3 and np.isfinite(out.loss)
     update = decode(out.payload)
     assert (update.round, update.model_id, update.device_id) == (3, model[1], DEVICE)
-    assert update.num_samples == 48 and out.samples > 0
+    assert update.num_samples == 48 - 5 and out.samples > 0  # the FedAvg weight: the samples it trains on
     assert out.nnz == sum(b.nnz for b in update.blocks) > 0
     names = {b.name for b in update.blocks}
     assert names and names == set(lrn.state.residual)  # one block per tensor of the model
@@ -133,3 +135,41 @@ def test_the_board_budget_caps_what_a_round_asks():
     small = RoundTask(round=1, model_id="m", epochs=1, batch_size=16, time_budget_s=30)
     assert TrainingBudget(max_epochs=2, max_batch_size=32, time_budget_s=60).apply(small) == small
     assert TrainingBudget().apply(ask) == ask
+
+
+def test_the_held_out_samples_are_fixed_never_trained_on_and_evaluate_the_received_model(model):
+    _, _, x, y = model
+    held = held_out_mask(DEVICE, len(x), 0.1)
+    assert held.sum() == 5 and (held_out_mask(DEVICE, len(x), 0.1) == held).all()  # the same in every process
+    assert not (held_out_mask("pi-learn-02", len(x), 0.1) == held).all()           # each device its own
+    lrn = learner(model)
+    assert len(lrn.x) == 43 and (lrn.held_x == x[held]).all() and (lrn.x == x[~held]).all()
+    net, info = torch_model_from_onnx(model_id.as_verified(model[0]))
+    expected = evaluate(net, lrn.held_inputs(info.mean, info.std), y[held])
+    first = run(lrn, model, 1).evaluation
+    assert first == {"accuracy": expected.accuracy, "loss": pytest.approx(expected.loss, rel=1e-5), "samples": 5}
+    # the same model again after a round of training: the same figures, so it was evaluated before training
+    assert run(lrn, model, 2).evaluation["loss"] == pytest.approx(first["loss"], rel=1e-5)
+
+
+def test_without_a_holdout_a_device_trains_on_everything_and_reports_no_evaluation(model):
+    out = run(learner(model, holdout=0.0), model)
+    assert out.evaluation is None and decode(out.payload).num_samples == 48
+    with pytest.raises(PqsuError, match="holdout"):
+        learner(model, holdout=1.0)
+
+
+def test_fedprox_holds_the_update_near_the_received_model(model):
+    def delta_norm(**kw) -> float:
+        out = run(learner(model, "always", "fp32", False), model, **kw)
+        return float(np.sqrt(sum((b.dequantize() ** 2).sum() for b in decode(out.payload).blocks)))
+    plain, prox = delta_norm(), delta_norm(prox=10.0)
+    assert prox < 0.8 * plain, (plain, prox)
+
+
+def test_the_agent_settings_default_holdout_is_the_learners():
+    from pqsu.edge.learner import HOLDOUT
+    from pqsu.edge.settings import AgentSettings
+
+    assert AgentSettings().eval_holdout == HOLDOUT
+    assert any("eval_holdout" in msg for msg in AgentSettings(eval_holdout=1.0).problems(trains=True))
