@@ -127,3 +127,17 @@ def test_a_coordinator_option_in_the_settings_file_is_used_and_a_flag_wins(tmp_p
     assert code == 2 and "broker mqtt://127.0.0.1:1 is unreachable" in err, err
     code, err = _cli("cloud", "--config", path, "--broker", "mqtt://127.0.0.1:2", "--out", tmp_path / "out")
     assert code == 2 and "broker mqtt://127.0.0.1:2 is unreachable" in err, err
+
+
+def test_local_prox_reaches_every_round_task_and_a_bad_value_is_one_line():
+    from pqsu.protocol.messages import RoundTask
+
+    args = argparse.ArgumentParser()
+    add_config_arguments(args)
+    cfg = config_from_args(args.parse_args(["--local-prox", "0.25"]))
+    assert cfg.local_prox == 0.25 and cfg.server_config().local_prox == 0.25
+    task = RoundTask(1, "m", prox=cfg.server_config().local_prox)
+    assert RoundTask.from_json(task.to_json()).prox == 0.25
+    assert RoundTask.from_json(RoundTask(1, "m").to_json()).prox == 0.0  # an older coordinator's task: plain SGD
+    with pytest.raises(PqsuError, match="local_prox"):
+        FederatedConfig(local_prox=-1.0)

@@ -7,6 +7,7 @@ its own round and compares against a snapshot taken at its start.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
@@ -278,3 +279,15 @@ def test_with_keys_only_correctly_signed_updates_from_known_devices_count(world)
     assert report.rejected == dict(Counter(reason for _, reason in bad.values()))
     assert (report.uploads, report.bytes_up) == (1, len(good))
     assert _snapshot(server) != before
+
+
+def test_the_round_task_carries_the_fleet_wide_fedprox_mu(server):
+    cfg = server.cfg
+    try:
+        server.cfg = dataclasses.replace(cfg, local_prox=0.5)
+        assert server.open_round(1, ["dev-a"]).prox == 0.5
+    finally:
+        server.cfg = cfg
+        server.close_round()
+    assert server.open_round(2, ["dev-a"]).prox == 0.0  # off by default
+    server.close_round()

@@ -180,6 +180,7 @@ BAD_MESSAGES: dict[str, tuple[str, dict | bytes, bool]] = {
     "round-negative-remaining": ("round", {"v": 1, "type": "round", "round": 1, "model_id": "m",
                                            "remaining_s": -1}, True),
     "round-long-job": ("round", {"v": 1, "type": "round", "round": 1, "model_id": "m", "job": "j" * 65}, True),
+    "round-negative-prox": ("round", {"v": 1, "type": "round", "round": 1, "model_id": "m", "prox": -0.1}, True),
     "round-version-2": ("round", {"v": 2, "type": "round", "round": 1, "model_id": "m"}, True),
     "status-bad-state": ("status", {"v": 1, "type": "status", "device": "d", "state": "sleeping"}, True),
     "status-no-device": ("status", {"v": 1, "type": "status", "state": "online"}, True),
