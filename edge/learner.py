@@ -1,6 +1,7 @@
 """One device's part of a round: model bytes in, an encoded update (or a skip) out.
 
-model (int8 ONNX) -> torch via the bridge -> fine-tune on local data -> delta ->
+model (int8 ONNX) -> torch via the bridge -> evaluated on the held-out samples (federated
+evaluation) -> fine-tune on the other local samples -> delta ->
 selective policy with error feedback -> sparse int8 update -> bytes. The in-process
 simulator and the MQTT agent both call `EdgeLearner.run_round`, so the two give the
 same bytes for the same seed.
