@@ -19,8 +19,10 @@ suites:
   scale      updates/s/core before vs after the batch path, 1 vs 2 aggregator workers through Mosquitto, and a
              100,000-device round aggregated by workers (peak worker memory)
 
-With --docs, docs/results.md is regenerated, the plots are copied to docs/img/ and README.md's
-generated results block (between its results markers) is rewritten.
+With --docs, this run's suites replace theirs in docs/results.json (the committed measurements, so
+one suite can be remeasured without rerunning the others), and docs/results.md, the plots in
+docs/img/ and README.md's generated results block (between its results markers) are rendered
+from that file.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from pqsu.tools.lab import results as results_runner
 
 log = logging.getLogger(__name__)
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+DOCS_RESULTS = Path("docs/results.json")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,9 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small smoke version (used by the tests)")
     p.add_argument("--out", help="output folder (default: runs/bench-<date>); suites run into the same folder "
                    "are merged into one results.json")
-    p.add_argument("--docs", action="store_true", help="also regenerate docs/results.md from the merged results")
+    p.add_argument("--docs", action="store_true", help="also lay this run's suites over docs/results.json and "
+                   "regenerate docs/results.md, docs/img/ and README.md's results block from it")
     p.add_argument("--render", action="store_true", help="run nothing: re-render results.md (and --docs) from "
-                   "the results.json in --out")
+                   "the results.json in --out (with --docs and no results there: docs/results.json alone)")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="paper suite: run every table over N seeds and report the mean and spread (default: 1)")
     p.add_argument("--models", metavar="NAMES", help="recovery and strategies suites: only these models, comma "
@@ -88,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     plots = bench_plots.all_plots(results, out)
     (out / "results.md").write_text(to_markdown(results, {p.name: p.name for p in plots}))
     if args.docs:
-        write_docs(results, plots)
+        documented = merge_into_docs(results, DOCS_RESULTS)
+        write_docs(documented, bench_plots.all_plots(documented, out / "docs-img"))
     print(to_markdown(results))
     print(f"written: {out / 'results.json'}, {out / 'results.md'}")
     return 0
@@ -211,6 +216,19 @@ def _scale_suite(quick: bool, out: Path) -> dict:
     from pqsu.tools.bench import scale as bench_scale
 
     return bench_scale.run(quick=quick, out=out)
+
+
+def merge_into_docs(results: dict, docs_json: Path) -> dict:
+    """docs_json's suites with the suites of `results` laid over them, saved back. A --quick run is a
+    smoke test of the code, not a measurement, so it is refused before anything is written."""
+    suites = {k: v for k, v in results.items() if k not in ("machine", "quick")}
+    if results.get("quick") and suites:
+        raise PqsuError("--docs: a --quick run is a smoke test; its figures do not go into docs/results.json")
+    documented = results_runner.load(docs_json)
+    documented.update(suites, machine=results["machine"], quick=False)
+    docs_json.parent.mkdir(parents=True, exist_ok=True)
+    results_runner.save(docs_json, documented)
+    return documented
 
 
 def write_docs(results: dict, plots: list[Path], docs: Path = Path("docs"), readme: Path = Path("README.md")) -> None:
