@@ -57,8 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="paper suite: run every table over N seeds and report the mean and spread (default: 1)")
     p.add_argument("--models", metavar="NAMES", help="recovery and strategies suites: only these models, comma "
                    "separated (default: cnn,alexnet)")
-    p.add_argument("--rows", metavar="LABELS", help="strategies suite: only these rows (comma separated, of "
-                   "tools/bench/paper.py STRATEGY_ROWS; fedavg is always run, as the reference)")
+    p.add_argument("--rows", metavar="LABELS", help="paper and strategies suites: only these rows (comma separated, "
+                   "of tools/bench/paper.py ROWS or STRATEGY_ROWS; fedavg, and in the paper suite the paper's scheme, "
+                   "always run as the references)")
     p.add_argument("--mnist", metavar="DIR", default=os.environ.get("PQSU_DATA_MNIST"),
                    help="paper suite: also run alexnet on MNIST from these IDX files (default: $PQSU_DATA_MNIST)")
     p.add_argument("--cifar10", metavar="DIR", default=os.environ.get("PQSU_DATA_CIFAR10"),
@@ -70,12 +71,12 @@ def run(args: argparse.Namespace) -> int:
     suites = {"export": _export_suite, "codec": _codec_suite, "federated": _federated_suite, "fleet": _fleet_suite,
               "scale": _scale_suite,
               "sensors": _sensors_suite,
-              "paper": lambda quick, out: _paper_suite(quick, out, args.mnist, args.cifar10, args.seeds),
+              "paper": lambda quick, out: _paper_suite(quick, out, args.mnist, args.cifar10, args.seeds, rows),
               "recovery": lambda quick, out: _recovery_suite(quick, out, args.seeds, models),
               "strategies": lambda quick, out: _strategies_suite(quick, out, args.seeds, models, rows)}
     models = tuple(m.strip() for m in args.models.split(",")) if getattr(args, "models", None) else None
     rows = tuple(r.strip() for r in args.rows.split(",")) if getattr(args, "rows", None) else None
-    _check_rows(rows)
+    _check_rows(rows, [n for n in args.suites if n in ("paper", "strategies")])
     unknown = [m for m in models or () if m not in ("cnn", "alexnet")]
     if unknown:
         raise PqsuError(f"--models: {', '.join(unknown)} not in the recovery and strategies plans (cnn, alexnet)")
@@ -171,20 +172,25 @@ def _sensors_suite(quick: bool, out: Path) -> dict:
     return {"cnn1d/italy-power": table}
 
 
-def _paper_suite(quick: bool, out: Path, mnist: str | None, cifar10: str | None, seeds: int = 1) -> dict:
+def _paper_suite(quick: bool, out: Path, mnist: str | None, cifar10: str | None, seeds: int = 1,
+                 rows: tuple[str, ...] | None = None) -> dict:
     from pqsu.tools.bench import paper as bench_paper
 
-    return bench_paper.run(quick, mnist, cifar10, out=out, seeds=seeds)
+    return bench_paper.run(quick, mnist, cifar10, out=out, seeds=seeds, rows=rows)
 
 
-def _check_rows(rows: tuple[str, ...] | None) -> None:
+def _check_rows(rows: tuple[str, ...] | None, suites: list[str]) -> None:
+    """--rows names rows of every suite it applies to, before anything runs."""
     if not rows:
         return
-    from pqsu.tools.bench.paper import STRATEGY_ROWS
+    from pqsu.tools.bench.paper import ROWS, STRATEGY_ROWS
 
-    unknown = [r for r in rows if r not in STRATEGY_ROWS]
-    if unknown:
-        raise PqsuError(f"--rows: unknown {', '.join(unknown)}; choose among {', '.join(STRATEGY_ROWS)}")
+    if not suites:
+        raise PqsuError("--rows applies to the paper and strategies suites only")
+    for suite, known in (("paper", ROWS), ("strategies", STRATEGY_ROWS)):
+        unknown = [r for r in rows if r not in known]
+        if suite in suites and unknown:
+            raise PqsuError(f"--rows: {', '.join(unknown)} not a {suite} row; choose among {', '.join(known)}")
 
 
 def _strategies_suite(quick: bool, out: Path, seeds: int = 1, models: tuple[str, ...] | None = None,
