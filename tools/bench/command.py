@@ -41,6 +41,7 @@ from pqsu.tools.lab import results as results_runner
 log = logging.getLogger(__name__)
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 DOCS_RESULTS = Path("docs/results.json")
+MODEL_PLANS = {"paper": ("alexnet", "vgg16"), "recovery": ("cnn", "alexnet"), "strategies": ("cnn", "alexnet")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,8 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the results.json in --out (with --docs and no results there: docs/results.json alone)")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="paper suite: run every table over N seeds and report the mean and spread (default: 1)")
-    p.add_argument("--models", metavar="NAMES", help="recovery and strategies suites: only these models, comma "
-                   "separated (default: cnn,alexnet)")
+    p.add_argument("--models", metavar="NAMES", help="paper, recovery and strategies suites: only these models, comma "
+                   "separated (default: every model of the suite: paper alexnet,vgg16; recovery and strategies cnn,alexnet)")
     p.add_argument("--rows", metavar="LABELS", help="paper and strategies suites: only these rows (comma separated, "
                    "of tools/bench/paper.py ROWS or STRATEGY_ROWS; fedavg, and in the paper suite the paper's scheme, "
                    "always run as the references)")
@@ -71,15 +72,17 @@ def run(args: argparse.Namespace) -> int:
     suites = {"export": _export_suite, "codec": _codec_suite, "federated": _federated_suite, "fleet": _fleet_suite,
               "scale": _scale_suite,
               "sensors": _sensors_suite,
-              "paper": lambda quick, out: _paper_suite(quick, out, args.mnist, args.cifar10, args.seeds, rows),
+              "paper": lambda quick, out: _paper_suite(quick, out, args.mnist, args.cifar10, args.seeds, rows,
+                                                        models),
               "recovery": lambda quick, out: _recovery_suite(quick, out, args.seeds, models),
               "strategies": lambda quick, out: _strategies_suite(quick, out, args.seeds, models, rows)}
     models = tuple(m.strip() for m in args.models.split(",")) if getattr(args, "models", None) else None
     rows = tuple(r.strip() for r in args.rows.split(",")) if getattr(args, "rows", None) else None
     _check_rows(rows, [n for n in args.suites if n in ("paper", "strategies")])
-    unknown = [m for m in models or () if m not in ("cnn", "alexnet")]
-    if unknown:
-        raise PqsuError(f"--models: {', '.join(unknown)} not in the recovery and strategies plans (cnn, alexnet)")
+    for suite, known in MODEL_PLANS.items():
+        unknown = [m for m in models or () if m not in known]
+        if suite in args.suites and unknown:
+            raise PqsuError(f"--models: {', '.join(unknown)} not in the {suite} plans ({', '.join(known)})")
     if args.seeds < 1:
         raise PqsuError("--seeds must be at least 1")
     names = results_runner.choose(args.suites, suites, "suite")
@@ -173,10 +176,10 @@ def _sensors_suite(quick: bool, out: Path) -> dict:
 
 
 def _paper_suite(quick: bool, out: Path, mnist: str | None, cifar10: str | None, seeds: int = 1,
-                 rows: tuple[str, ...] | None = None) -> dict:
+                 rows: tuple[str, ...] | None = None, models: tuple[str, ...] | None = None) -> dict:
     from pqsu.tools.bench import paper as bench_paper
 
-    return bench_paper.run(quick, mnist, cifar10, out=out, seeds=seeds, rows=rows)
+    return bench_paper.run(quick, mnist, cifar10, out=out, seeds=seeds, rows=rows, models=models)
 
 
 def _check_rows(rows: tuple[str, ...] | None, suites: list[str]) -> None:
