@@ -112,16 +112,20 @@ def decode_flat(payload: bytes, layout: ModelLayout, *, key: bytes | None = None
     return batch if batch is not None else codec.decode(payload, key=key, limits=limits)
 
 
-def scan(buf: bytes, layout: ModelLayout, *, key: bytes | None = None, limits: Limits = Limits()) -> Scanned | None:
+def scan(buf: bytes, layout: ModelLayout, *, key: bytes | None = None, limits: Limits = Limits(),
+         head: tuple[UpdateHeader, int] | None = None) -> Scanned | None:
     """Header, trailer (CRC, HMAC) and block table of a sparse/skip update to `layout`. None whenever
-    anything is unusual: the caller then asks `codec.decode`, which says why."""
+    anything is unusual: the caller then asks `codec.decode`, which says why. `head`: the header and where
+    the blocks start, when the caller has already read them (`codec.read_header(buf)`)."""
     if not isinstance(buf, bytes) or len(buf) > limits.max_payload_bytes \
             or (key is not None and (not isinstance(key, bytes) or not key)):
         return None
-    try:
-        header, pos = codec._read_header(buf)
-    except codec.CodecError:
-        return None
+    if head is None:
+        try:
+            head = codec.read_header(buf)
+        except codec.CodecError:
+            return None
+    header, pos = head
     if not math.isfinite(header.loss):
         return None
     body_end = len(buf) - codec._CRC_BYTES - (codec._MAC_BYTES if header.signed else 0)
@@ -244,6 +248,7 @@ def _indices(scanned: list[Scanned], group: list[tuple], layout: ModelLayout) ->
         if buf.max() >= 0x80:
             return None
         steps, ends, first = buf.astype(np.int64), None, (np.cumsum(nnz) - nnz)[nonempty]
+        steps += 1
     else:
         last = buf < 0x80
         ends = np.flatnonzero(last)  # the last byte of every varint

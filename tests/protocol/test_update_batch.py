@@ -42,7 +42,7 @@ def batch_values(batch: FlatBatch, which: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("density", [0.001, 0.05, 0.5])  # 1-byte gaps, multi-byte gaps, bitmaps
+@pytest.mark.parametrize("density", [0.001, 0.05, 0.1, 0.5])  # 1-2 byte gaps, mostly 1, only 1, bitmaps
 def test_a_batch_decodes_to_the_values_codec_decode_gives(density):
     rng = np.random.default_rng(1)
     updates = [sparse_update(rng, f"d{i}", density, skip=("fc.b",) if i % 3 == 0 else ()) for i in range(7)]
