@@ -7,10 +7,13 @@ Every figure is measured in this run, side by side; on a shared machine the rati
    (`codec.decode`, a block at a time: the code before issue 16, still the fallback) and by the batch
    path (`submit_many`: scan, one vectorized decode per batch, one scatter-add), for the cnn through
    `FederatedServer` and for a ~1M-parameter model at 1% density through `RoundIntake`. The two
-   aggregates are compared (largest difference, and relative to the largest entry).
+   aggregates are compared (largest difference, and relative to the largest entry). Rates per CPU second
+   of this process (the per-core rate) and per wall second.
 2. Workers: the round's updates are queued in Mosquitto for `pqsu aggregator` processes (persistent
-   sessions primed beforehand), then 1 or 2 workers drain them; the rate is devices granted per second
-   between the first and the last grant (the coordinator's clock), broker delivery included.
+   sessions primed beforehand), then 1 or 2 workers, one pinned per core, drain them; the rate is devices
+   granted per second between the first and the last grant (the coordinator's clock), broker delivery
+   included. A warm-up round, then alternated repeats (median and range), with the CPU share of every
+   process of the drain (workers, Mosquitto, coordinator) from /proc, to say which one is the limit.
 3. A 100,000-device round (or --quick: 5,000) of a small model through 2 workers, checked against the
    exact FedAvg of the updates sent (tools/lab/loadgen.py), with each worker's peak RSS.
 """
