@@ -118,8 +118,9 @@ def load_export_data(cfg: ExportConfig) -> tuple[ArrayDataset, ArrayDataset, np.
         raise LabelledDataError(f"{cfg.dataset}: no evaluation samples (give --eval-data FILE.npz)")
     if cfg.calib_data:
         x = checked_samples(read_npz(cfg.calib_data, required=("x",))["x"], cfg.calib_data)
+        channels = x.shape[1]  # the shape is checked by `_like`, after the per-channel statistics are made
         unlabelled = ArrayDataset(x, np.zeros(len(x), np.int64), "calibration", list(train_data.classes),
-                                  train_data.mean, train_data.std)
+                                  (0.0,) * channels, (1.0,) * channels)
         calib_set = _like(train_data, unlabelled, cfg.calib_data)
     else:
         calib_set = train_data
