@@ -201,6 +201,12 @@ def test_export_finds_the_users_module_in_the_current_folder(italy_files, capsys
     assert "module 'my_folder_nets' has no attribute 'smal_net'" in line  # found the module, named the typo
 
 
+def test_a_model_that_cannot_train_is_refused_before_pre_training(italy_files, capsys, tmp_path):
+    line = bad_export(capsys, tmp_path, "--model", "tests.support.bad_models:eval_only_net",
+                      "--data", str(italy_files / "train.npz"))
+    assert "cannot be trained on data set" in line and "in training mode RuntimeError: eval only" in line
+
+
 def test_a_module_that_raises_on_import_is_one_line(italy_files, capsys, tmp_path):
     line = bad_export(capsys, tmp_path, "--model", "tests.support.broken_model_module:net",
                       "--data", str(italy_files / "train.npz"))
