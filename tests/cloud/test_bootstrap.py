@@ -9,8 +9,8 @@ from tests.support.nets import FMNIST_ROOT
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.skipif(not FMNIST_ROOT.is_dir(), reason=f"{FMNIST_ROOT} missing")]
 
-SMALL_RUN = ["--clients", "2", "--rounds", "1", "--proxy-samples", "100", "--pretrain-epochs", "0",
-             "--finetune-epochs", "0", "--eval-samples", "50"]
+SMALL_RUN = ["--clients", "2", "--rounds", "1", "--proxy-samples", "100", "--samples-per-client", "20",
+             "--prune", "none", "--pretrain-epochs", "0", "--finetune-epochs", "0", "--eval-samples", "50"]
 
 
 def test_a_model_the_devices_cannot_rebuild_stops_the_run_at_round_0(capsys, tmp_path):
