@@ -127,3 +127,11 @@ def test_a_coordinator_option_in_the_settings_file_is_used_and_a_flag_wins(tmp_p
     assert code == 2 and "broker mqtt://127.0.0.1:1 is unreachable" in err, err
     code, err = _cli("cloud", "--config", path, "--broker", "mqtt://127.0.0.1:2", "--out", tmp_path / "out")
     assert code == 2 and "broker mqtt://127.0.0.1:2 is unreachable" in err, err
+
+
+def test_none_on_the_command_line_overrides_the_scheme():
+    """`--prune none` keeps the model unpruned, as its help says, though the scheme prunes 0.5."""
+    assert _config().prune == 0.5 and _config().keyframe_clip == 0.01
+    cfg = _config("--prune", "none", "--keyframe-clip", "none")
+    assert cfg.prune is None and cfg.keyframe_clip is None
+    assert cfg.prepare_config().prune is None
