@@ -40,7 +40,7 @@ from pqsu.protocol.topics import Topics
 from pqsu.tools.bench.codec import MODEL_SHAPES as MODEL_1M
 from pqsu.tools.lab.broker import Mosquitto
 from pqsu.tools.lab.loadgen import FleetUpdates, LoadGenerator, device_ids
-from pqsu.tools.lab.process import CLI, Process, pqsu_env, reap
+from pqsu.protocol.process import CLI, Process, pqsu_env, reap
 
 log = logging.getLogger(__name__)
 JOB = "20261202T000000Z-bench0"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pqsu.cloud.config import add_config_arguments, config_from_args
 from pqsu.protocol.errors import PqsuError
-from pqsu.tools.lab.process import Process, pqsu_env, reap
+from pqsu.protocol.process import Process, pqsu_env, reap
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
