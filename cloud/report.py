@@ -40,8 +40,8 @@ def summarize(rounds: list[dict], *, arch: str, in_shape: tuple[int, ...], num_c
     dense = None if per_upload is None else per_upload * sum(r["selected"] for r in rounds)
     return {
         "initial_accuracy": initial_accuracy,  # the round-0 model (pre-trained on the proxy split, pruned)
-        "final_accuracy": rounds[-1]["accuracy"] if rounds else float("nan"),
-        "best_accuracy": max((r["accuracy"] for r in rounds), default=float("nan")),
+        "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
+        "best_accuracy": max((r["accuracy"] for r in rounds), default=None),
         "rounds": len(rounds),
         "bytes_up_total": up,
         "bytes_down_total": sum(r["bytes_down"] for r in rounds),
@@ -59,7 +59,7 @@ def summarize(rounds: list[dict], *, arch: str, in_shape: tuple[int, ...], num_c
 def append_metrics(out: Path, report: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(report) + "\n")
+        f.write(json.dumps(report, allow_nan=False) + "\n")  # NaN is not JSON: a reader in any language must parse it
 
 
 def write_outputs(out: Path, *, config: dict, rounds: list[dict], summary: dict, model: bytes | None) -> None:
@@ -67,7 +67,7 @@ def write_outputs(out: Path, *, config: dict, rounds: list[dict], summary: dict,
     appended round by round (`append_metrics`) so a crash leaves every finished round on disk."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     if model is not None:
         (out / f"model.{config.get('precision', 'int8')}.onnx").write_bytes(model)
     write_run_plots(out, rounds, config, summary)
