@@ -12,10 +12,11 @@ from pqsu.cloud.config import FederatedConfig
 from pqsu.cloud.data import CloudData, cloud_data  # noqa: F401  (CloudData re-exported for callers)
 from pqsu.cloud.prepare import prepare_master_with_report
 from pqsu.cloud.server import FederatedServer
-from pqsu.export.bridge import load_weights
+from pqsu.export.bridge import BridgeError, check_bridge, load_weights
 from pqsu.export.pipeline import model_info
 from pqsu.export.custom import build_any
 from pqsu.export.zoo import ModelSpec
+from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.model_info import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def build_server(cfg: FederatedConfig, *, checkpoint_dir: str | Path | None = No
         master, round0 = prepare_master_with_report(cfg.prepare_config(), proxy)
         info = model_info(master, proxy)
     server = FederatedServer(master, info, data.calibration, data.test_x, data.test_y, cfg.server_config(), keys=keys)
+    if resumed is None:
+        check_devices_can_train(server, proxy.head(FINE_TUNE_CHECK_SAMPLES))
     meta = {"config": cfg.to_dict(), "model_info": info.to_metadata()}
     if resumed is None:
         # What round 0 pruned: for prune = auto:PT the ratio it chose, in the run's config.json and checkpoints.
@@ -55,3 +58,25 @@ def build_server(cfg: FederatedConfig, *, checkpoint_dir: str | Path | None = No
         if "initial_accuracy" in resumed.meta:
             meta["initial_accuracy"] = resumed.meta["initial_accuracy"]
     return server, meta
+
+
+FINE_TUNE_CHECK_SAMPLES = 8
+
+
+class Round0Error(PqsuError):
+    """Round 0's model is one the devices could not rebuild or fine-tune."""
+
+
+def check_devices_can_train(server: FederatedServer, samples) -> None:
+    """Round 0's int8 file rebuilt as a device rebuilds it, checked against the master and stepped once on
+    `samples` (an ArrayDataset of the proxy's), before any device is asked to train on it: a model the
+    devices cannot train fails the run here, in one line, not every round on every device."""
+    if server.cfg.precision != "int8":
+        return  # the FedAvg baseline's fp32 file: no quantizer between the master and the devices' tensors
+    exported = server.downlink.model()  # the first version devices get (made now, not at the first round)
+    try:
+        check_bridge(server.master, exported.file, fine_tune_on=(samples.normalized(), samples.y))
+    except BridgeError as exc:
+        raise Round0Error(f"round 0: the devices could not rebuild and fine-tune {server.info.spec.get('arch')} "
+                          f"from its int8 file: {exc}") from None
+    log.info("round 0: devices can rebuild %s from its int8 file and fine-tune it", server.info.spec.get("arch"))

@@ -106,8 +106,8 @@ def check_workers(args: argparse.Namespace, cfg) -> int:
 
 def start_workers(args: argparse.Namespace, partitions: int, job: str) -> list:
     """N local `pqsu aggregator` processes, partitions dealt round robin; they die with this process."""
-    # The lab's process wrapper (own process group, dies with its parent): the one place children are started.
-    from pqsu.tools.lab.process import CLI, Process, pqsu_env
+    # The one process wrapper (own process group, dies with its parent): the one place children are started.
+    from pqsu.protocol.process import CLI, Process, pqsu_env
 
     out = Path(args.out) / "workers"
     procs = []
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     finally:
         if workers:
-            from pqsu.tools.lab.process import reap
+            from pqsu.protocol.process import reap
             reap(workers, 5.0, signal_first=True)
     print(json.dumps(summary, indent=2))
     return 0

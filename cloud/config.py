@@ -320,7 +320,8 @@ def config_from_args(args: argparse.Namespace) -> FederatedConfig:
                          values.get("distill", 0.0), values.get("prune_steps", 1))
     except PqsuError as exc:
         raise PqsuError(f"settings file {path}: {exc}") from None
-    values.update({n: getattr(args, n) for n in hints if getattr(args, n, None) is not None})
+    given = {n: getattr(args, n) for n in hints if getattr(args, n, None) is not None}
+    values.update({n: None if v is NONE_GIVEN else v for n, v in given.items()})
     others = {k: v for k, v in settings.items() if k not in hints}
     if others:
         apply_command_settings(others, args, path)
@@ -387,8 +388,18 @@ def _number_or_text(text: str) -> float | str:
         return text
 
 
+class _NoneGiven:
+    """`--prune none` typed on the command line: None, but given (an untyped flag is None too)."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+NONE_GIVEN = _NoneGiven()
+
+
 def _optional(kind: type):
     def parse(text: str):
-        return None if text.lower() == "none" else kind(text)
+        return NONE_GIVEN if text.lower() == "none" else kind(text)
     parse.__name__ = kind.__name__
     return parse

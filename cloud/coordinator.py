@@ -451,4 +451,4 @@ class Coordinator(MqttTransport):
 
 
 def _json(obj: dict) -> bytes:
-    return json.dumps(obj).encode()
+    return json.dumps(obj, allow_nan=False).encode()  # NaN is not JSON: the dashboard's browser could not parse it

@@ -28,6 +28,9 @@ from pqsu.protocol.messages import RoundTask
 from pqsu.protocol.update_batch import ModelLayout, decode_batch, scan
 
 log = logging.getLogger(__name__)
+# Payload bytes decoded together: enough that numpy's per-call cost is small beside the work, few enough
+# that the batch's arrays stay in a core's L2 cache (a batch of 256 cnn updates was ~1.5x slower per update).
+_DECODE_BYTES = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -107,12 +110,12 @@ class RoundIntake:
         rnd = self.round
         batched = self.fast and type(self.aggregator) is FedAvg  # the robust aggregators need whole blocks
         for i, (payload, sender) in enumerate(items):
-            verdict, slot, key = self._admit(payload, sender)
+            verdict, slot, key, head = self._admit(payload, sender)
             if verdict is None and slot in taken:
                 later.append(i)
                 continue
             if verdict is None:
-                scanned = scan(payload, self.layout, key=key, limits=self.limits) if batched else None
+                scanned = scan(payload, self.layout, key=key, limits=self.limits, head=head) if batched else None
                 if scanned is None:
                     verdict = self._decode_and_add(payload, key, slot)
                 else:
@@ -132,15 +135,21 @@ class RoundIntake:
                 verdicts[i] = verdict
         return verdicts
 
-    def _admit(self, payload: bytes, sender: str | None) -> tuple[Verdict | None, int | None, bytes | None]:
-        """(refusal or None, the device's slot, its key) from the header alone."""
+    def _admit(self, payload: bytes, sender: str | None) -> tuple[Verdict | None, int | None, bytes | None, tuple]:
+        """(refusal or None, the device's slot, its key, (header, where its blocks start)) from the header alone."""
         rnd = self.round
         if rnd is None:
-            return Verdict(False, "no-round", "no round is open"), None, None
+            return Verdict(False, "no-round", "no round is open"), None, None, None
         try:
-            header = codec.peek_header(payload)
+            head = codec.read_header(payload)
         except CodecError as exc:
-            return Verdict(False, codec_reason(exc), str(exc)), None, None
+            return Verdict(False, codec_reason(exc), str(exc)), None, None, None
+        header = head[0]
+        refusal, slot, key = self._admit_header(header, sender)
+        return refusal, slot, key, head
+
+    def _admit_header(self, header, sender: str | None) -> tuple[Verdict | None, int | None, bytes | None]:
+        rnd = self.round
         if sender is not None and header.device_id != sender:
             return Verdict(False, "topic-mismatch", f"update from {sender!r} names device {header.device_id!r}"), None, None
         # Who sends before what it sends: a device removed from the keys is refused as unknown in any round.
@@ -174,34 +183,50 @@ class RoundIntake:
         return ACCEPTED
 
     def _add_batch(self, ready: list[tuple]) -> list[tuple[int, Verdict]]:
-        batch = decode_batch([r[2] for r in ready], self.layout)
-        if batch is None:  # someone in it is invalid: each alone, so only that one is refused
-            if len(ready) == 1:
-                (i, slot, s, key), = ready
-                return [(i, self._decode_and_add(s.buf, key, slot))]
-            return [v for r in ready for v in self._add_batch([r])]
-        out, keep = {}, []
-        for j, (i, slot, s, _) in enumerate(ready):
-            h = s.header
-            problem = self._mismatch(h.model_id, h.num_samples, ())
-            if problem:
-                out[i] = Verdict(False, *problem)
-            else:
-                keep.append(j)
+        """Decode `ready` (slices of about `_DECODE_BYTES`), judge it, claim what passed at once (one round
+        trip to the coordinator for a worker), count and fold what was granted."""
+        out, decoded = {}, []  # decoded: (entries of `ready`, their FlatBatch)
+        for part in _slices(ready):
+            batch = decode_batch([r[2] for r in part], self.layout)
+            if batch is not None:
+                decoded.append((part, batch))
+                continue
+            for r in part:  # someone in it is invalid: each alone, so only that one is refused
+                one = decode_batch([r[2]], self.layout)
+                if one is not None:
+                    decoded.append(([r], one))
+                else:
+                    i, slot, s, key = r
+                    out[i] = self._decode_and_add(s.buf, key, slot)
+        keep = []  # (which decoded part, position in it)
+        for d, (part, _) in enumerate(decoded):
+            for j, (i, _, s, _) in enumerate(part):
+                problem = self._mismatch(s.header.model_id, s.header.num_samples, ())
+                if problem:
+                    out[i] = Verdict(False, *problem)
+                else:
+                    keep.append((d, j))
         if keep and self.claim is not None:
-            refusals = self.claim([ready[j][2].header.device_id for j in keep])
-            for j, why in zip(list(keep), refusals):
-                if why is not None:
-                    out[ready[j][0]] = Verdict(False, why, f"device {ready[j][2].header.device_id!r}: not granted ({why})")
-                    keep.remove(j)
-        for j in keep:
-            i, slot, s, _ = ready[j]
+            refusals = self.claim([decoded[d][0][j][2].header.device_id for d, j in keep])
+            granted = []
+            for (d, j), why in zip(keep, refusals):
+                if why is None:
+                    granted.append((d, j))
+                else:
+                    i, _, s, _ = decoded[d][0][j]
+                    out[i] = Verdict(False, why, f"device {s.header.device_id!r}: not granted ({why})")
+            keep = granted
+        kept = collections.defaultdict(list)
+        for d, j in keep:
+            i, slot, s, _ = decoded[d][0][j]
             self.round.count(slot, len(s.buf), s.header.loss)
             out[i] = ACCEPTED
-        if len(keep) < len(ready):
-            batch = decode_batch([ready[j][2] for j in keep], self.layout) if keep else None
-        if batch is not None:
-            self.aggregator.add(batch)
+            kept[d].append(j)
+        for d, (part, batch) in enumerate(decoded):
+            if len(kept[d]) < len(part):  # some refused after decoding: fold only the others
+                batch = decode_batch([part[j][2] for j in kept[d]], self.layout) if kept[d] else None
+            if batch is not None:
+                self.aggregator.add(batch)
         return list(out.items())
 
     def _mismatch(self, model_id: str, num_samples: int, blocks) -> tuple[str, str] | None:
@@ -216,6 +241,17 @@ class RoundIntake:
             if tuple(b.shape) != tuple(self.shapes[b.name]):
                 return "shape-mismatch", f"tensor {b.name!r} has shape {b.shape}, model has {self.shapes[b.name]}"
         return None
+
+
+def _slices(ready: list[tuple]) -> list[list[tuple]]:
+    """`ready` cut into runs of about `_DECODE_BYTES` of payload (at least one update each)."""
+    out, start, size = [], 0, 0
+    for j, r in enumerate(ready):
+        size += len(r[2].buf)
+        if size >= _DECODE_BYTES or j == len(ready) - 1:
+            out.append(ready[start:j + 1])
+            start, size = j + 1, 0
+    return out
 
 
 def limits_for(shapes: dict[str, tuple[int, ...]]) -> codec.Limits:

@@ -40,8 +40,8 @@ def summarize(rounds: list[dict], *, arch: str, in_shape: tuple[int, ...], num_c
     dense = None if per_upload is None else per_upload * sum(r["selected"] for r in rounds)
     return {
         "initial_accuracy": initial_accuracy,  # the round-0 model (pre-trained on the proxy split, pruned)
-        "final_accuracy": rounds[-1]["accuracy"] if rounds else float("nan"),
-        "best_accuracy": max((r["accuracy"] for r in rounds), default=float("nan")),
+        "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
+        "best_accuracy": max((r["accuracy"] for r in rounds), default=None),
         # the devices' own held-out evaluation of the last round's model that any reported (federated evaluation)
         "final_device_eval": next((r["device_eval"] for r in reversed(rounds) if r.get("device_eval")), None),
         "rounds": len(rounds),
@@ -94,7 +94,7 @@ def round_line(r: dict, rounds: int | None = None) -> str:
 def append_metrics(out: Path, report: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(report) + "\n")
+        f.write(json.dumps(report, allow_nan=False) + "\n")  # NaN is not JSON: a reader in any language must parse it
 
 
 def write_outputs(out: Path, *, config: dict, rounds: list[dict], summary: dict, model: bytes | None) -> None:
@@ -102,7 +102,7 @@ def write_outputs(out: Path, *, config: dict, rounds: list[dict], summary: dict,
     appended round by round (`append_metrics`) so a crash leaves every finished round on disk."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     if model is not None:
         (out / f"model.{config.get('precision', 'int8')}.onnx").write_bytes(model)
     write_run_plots(out, rounds, config, summary)

@@ -68,7 +68,7 @@ class RoundReport:
     bytes_down: int           # the model file once per selected device; the round runner counts real downloads
     model_bytes: int
     seconds: float
-    train_loss: float = float("nan")
+    train_loss: float | None = None  # None: no upload carried a loss (JSON has no NaN)
     # federated evaluation: the devices' own held-out accuracy of this round's model (cloud/report.py
     # device_evaluation); None when no device reported one. Set by the round runner.
     device_eval: dict | None = None
@@ -162,7 +162,7 @@ class FederatedServer:
             selected=len(rnd.devices), uploads=rnd.uploads, skipped=skipped, rejected=dict(rnd.rejected),
             bytes_up=rnd.bytes_up, bytes_down=len(old_bytes) * len(rnd.devices),
             model_bytes=len(data), seconds=time.perf_counter() - rnd.started,
-            train_loss=rnd.loss_sum / rnd.uploads if rnd.uploads else float("nan"))
+            train_loss=rnd.loss_sum / rnd.uploads if rnd.uploads else None)
 
 def choose_devices(devices: list[str], fraction: float, seed: int, round_: int) -> list[str]:
     """The devices asked in a round: a seeded sample of `fraction` of them, the same for every driver."""

@@ -164,7 +164,16 @@ def allow_model_code(s: AgentSettings) -> None:
         folder = str(Path(s.model_code_dir).resolve())
         if folder not in sys.path:
             sys.path.append(folder)
-    from pqsu.export.model_check import check_importable
+    from pqsu.export.model_check import check_custom_name, check_importable
 
     for arch in s.allow_model_code:
-        check_importable(arch)
+        check_custom_name(arch)
+        try:
+            check_importable(arch)
+        except PqsuError as exc:
+            top = arch.partition(":")[0].split(".")[0]
+            if s.model_code_dir or importlib.util.find_spec(top) is not None:
+                raise
+            # An agent does not look in the folder it was started from (it would run whatever is there).
+            raise PqsuError(f"{exc}; an agent imports model code from its path or from --model-code-dir DIR, the "
+                            f"folder that holds {top}") from None

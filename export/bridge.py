@@ -24,7 +24,8 @@ from onnx import numpy_helper
 from torch import nn
 
 from pqsu.export.custom import build_any
-from pqsu.export.zoo import ModelSpec, ZooError
+from pqsu.export.training import TrainConfig, train  # the board's own fine-tune loop
+from pqsu.export.zoo import ModelSpec
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.model_id import ModelIdError, VerifiedModel, as_verified
 from pqsu.protocol.model_info import ModelInfo, ModelInfoError
@@ -128,10 +129,14 @@ class BridgeCheck:
     constants: tuple[str, ...]  # initializers of the graph's own (shapes, InstanceNorm's ones), no parameter
 
 
-def check_bridge(reference: dict[str, np.ndarray], source: Source, *, allow_custom: bool = True) -> BridgeCheck:
+def check_bridge(reference: dict[str, np.ndarray], source: Source, *, allow_custom: bool = True,
+                 fine_tune_on: tuple[np.ndarray, np.ndarray] | None = None) -> BridgeCheck:
     """Rebuild the model from an int8 file as a board does and compare it with `reference` (the state
     dict it was exported from). A BridgeError, one line, when the file cannot be loaded back, when
-    a parameter is missing on either side, or when an error exceeds half a quantization step."""
+    a parameter is missing on either side, or when an error exceeds half a quantization step.
+
+    With `fine_tune_on` (normalized samples, labels), the rebuilt model also takes one SGD step on them,
+    as a board's fine-tune does: a BridgeError if that raises or its loss is not finite."""
     file = as_verified(source if isinstance(source, (bytes, VerifiedModel)) else _read(source))
     weights = read_int8_weights(file)
     model, _ = _rebuild(weights, allow_custom)
@@ -159,9 +164,23 @@ def check_bridge(reference: dict[str, np.ndarray], source: Source, *, allow_cust
     if worst_abs > 0:
         raise BridgeError(f"bridge check failed: a parameter the file keeps in fp32 differs from the exported one "
                           f"by {worst_abs:.3g}")
+    if fine_tune_on is not None:
+        _check_fine_tune_step(model, *fine_tune_on)
     inits = _initializer_roles(file.data, set(reference))
     return BridgeCheck(worst_steps, worst_abs, len(reference), quantized, inits["quantization"],
                        tuple(sorted(inits["constants"])))
+
+
+def _check_fine_tune_step(model: nn.Module, x: np.ndarray, y: np.ndarray) -> None:
+    try:
+        with torch.random.fork_rng(devices=[]):  # `train` seeds torch: the caller's random stream goes on as it was
+            stats = train(model, x, y, TrainConfig(epochs=1, batch_size=max(len(x), 1)))
+    except Exception as exc:  # the user's forward in training mode can raise anything
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise BridgeError(f"the model rebuilt from the int8 file cannot take a fine-tune step: "
+                          f"{type(exc).__name__}: {first}"[:400]) from None
+    if not np.isfinite(stats.loss):
+        raise BridgeError(f"the model rebuilt from the int8 file cannot take a fine-tune step: its loss is {stats.loss}")
 
 
 def _initializer_roles(data: bytes, params: set[str]) -> dict:
@@ -193,7 +212,7 @@ def _rebuild(weights: Int8Weights, allow_custom: bool | Collection[str]) -> tupl
     try:
         spec = dataclasses.replace(ModelSpec.from_dict(weights.info.spec), batchnorm=False)
         model = build_any(spec, allow_custom=allow_custom)
-    except ZooError as exc:  # the file declares an architecture this board cannot build
+    except PqsuError as exc:  # the file declares an architecture this board cannot build (or shrink to its widths)
         raise BridgeError(f"cannot rebuild the model the file declares: {exc}") from None
     load_weights(model, weights.values)
     return model.eval(), weights.info

@@ -101,6 +101,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if ":" in args.model:  # the user's own architecture: found in the current folder too, as `pqsu simulate` finds it
+        from pqsu.export.model_check import check_importable, find_module_in_cwd
+
+        find_module_in_cwd(args.model)
+        check_importable(args.model)  # one line for a name that is not there, or a module that raises on import
     from pqsu.export.report import ExportConfig, run_export  # torch is imported only when exporting
 
     for name in ("calib_samples", "latency_repeats", "batch_size"):

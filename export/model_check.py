@@ -71,12 +71,28 @@ def check_model(arch: str, in_shape: tuple[int, ...], num_classes: int, data_nam
     find_module_in_cwd(arch)
     check_importable(arch)
     try:
-        custom_model(arch, tuple(in_shape), num_classes)
+        model = custom_model(arch, tuple(in_shape), num_classes)
     except PqsuError as exc:  # not a module, or the wrong number of outputs: the message names both
         raise ModelCheckError(f"{exc} (data set {data_name})") from None
     except Exception as exc:  # the user's factory or forward raised
         raise ModelCheckError(f"model {arch} cannot be built for data set {data_name} (input {tuple(in_shape)}, "
                               f"{num_classes} classes): {_first_line(exc)}") from None
+    check_trainable(model, arch, tuple(in_shape), data_name)
+
+
+def check_trainable(model, arch: str, in_shape: tuple[int, ...], data_name: str) -> None:
+    """One training-mode forward and backward pass on two blank samples: a forward that differs in training
+    (an extra head's outputs, a branch that raises) fails here, not minutes into round 0's pre-training.
+    `model` is a throw-away copy: its BatchNorm statistics move."""
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        logits = model.train()(torch.zeros(2, *in_shape))
+        F.cross_entropy(logits, torch.zeros(2, dtype=torch.long)).backward()
+    except Exception as exc:  # the user's forward in training mode can raise anything
+        raise ModelCheckError(f"model {arch} cannot be trained on data set {data_name} (input {in_shape}): in "
+                              f"training mode {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:

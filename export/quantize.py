@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 import onnx
+import onnxruntime
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -70,8 +71,7 @@ def quantize(fp32: bytes, info: ModelInfo, calibration: CalibrationDataReader, *
     with tempfile.TemporaryDirectory() as tmp:
         src, pre, out = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(fp32)
-        # Shape inference and graph clean-up first: the quantizer needs shapes to pick per-channel axes.
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        _preprocess(src, pre, Path(tmp) / "optimized.onnx")
         try:
             quantize_static(str(pre), str(out), calibration, quant_format=QuantFormat.QDQ, per_channel=True,
                             weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
@@ -80,6 +80,27 @@ def quantize(fp32: bytes, info: ModelInfo, calibration: CalibrationDataReader, *
         except ValueError as exc:  # e.g. "No data is collected." from a reader that yields nothing
             raise QuantizeError(f"calibration failed: {exc}") from None
         return onnx.load(str(out)), dataclasses.replace(info, precision="int8")
+
+
+# onnxruntime's pass that makes equal small initializers one: two freshly initialized layers' zero
+# biases would become a single tensor under one of their names, and the other parameter would be
+# gone from the file (no bridge, no requantizer, no update codec could find it).
+SHARING_PASS = "ConstantSharing"
+
+
+def _preprocess(src: Path, pre: Path, optimized: Path) -> None:
+    """`quant_pre_process` (graph clean-up, then shape inference: the quantizer needs shapes to pick
+    per-channel axes), but its optimizer run without SHARING_PASS, so every parameter keeps its own
+    initializer under its own name whatever its values."""
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(optimized)
+    try:
+        onnxruntime.InferenceSession(str(src), options, providers=["CPUExecutionProvider"],
+                                     disabled_optimizers=[SHARING_PASS])
+    except Exception as exc:  # onnxruntime's load errors have no common public type
+        raise QuantizeError(f"onnxruntime cannot load the exported graph: {str(exc).strip().splitlines()[0]}") from None
+    quant_pre_process(str(optimized), str(pre), skip_optimization=True, skip_symbolic_shape=True)
 
 
 def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration: CalibrationDataReader,

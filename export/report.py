@@ -14,10 +14,11 @@ import numpy as np
 
 from pqsu.export import measure
 from pqsu.export.bridge import check_bridge
-from pqsu.export.custom import spec_of
+from pqsu.export.custom import is_custom, spec_of
 from pqsu.export.datasets import ArrayDataset, load_dataset
 from pqsu.export.folding import fold_batchnorm
 from pqsu.export.labelled import LabelledDataError, checked_samples, is_labelled_file, read_labelled, read_npz
+from pqsu.export.model_check import check_model
 from pqsu.export.pipeline import (PrepareConfig, check_arch, export_model, export_pair, finish, finish_with_report,
                                   initial_model, model_info, pretrain)
 from pqsu.export.runtime import OrtModel
@@ -118,8 +119,9 @@ def load_export_data(cfg: ExportConfig) -> tuple[ArrayDataset, ArrayDataset, np.
         raise LabelledDataError(f"{cfg.dataset}: no evaluation samples (give --eval-data FILE.npz)")
     if cfg.calib_data:
         x = checked_samples(read_npz(cfg.calib_data, required=("x",))["x"], cfg.calib_data)
+        channels = x.shape[1]  # the shape is checked by `_like`, after the per-channel statistics are made
         unlabelled = ArrayDataset(x, np.zeros(len(x), np.int64), "calibration", list(train_data.classes),
-                                  train_data.mean, train_data.std)
+                                  (0.0,) * channels, (1.0,) * channels)
         calib_set = _like(train_data, unlabelled, cfg.calib_data)
     else:
         calib_set = train_data
@@ -148,6 +150,8 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     x_test = test_data.normalized()
 
     prep = cfg.prepare_config()
+    if is_custom(cfg.model):  # it builds for this data and trains, or one line names what it does instead
+        check_model(cfg.model, train_data.input_shape, train_data.num_classes, cfg.dataset)
     initial_model(prep, train_data)  # the model is built for this data (input shape, classes, BN) before any training
     if prep.pretrain_epochs > 0:
         log.info("[2/6] pre-training %s for %g epoch(s) on %d samples", cfg.model, prep.pretrain_epochs, len(train_data))

@@ -26,7 +26,7 @@ from pqsu.protocol.errors import (ChecksumError, CodecError, OversizeError, Sign
 from pqsu.protocol.update import (_MAX_SCALE, Limits, TensorBlock, Update, UpdateHeader,
                                   _frozen, _scales_ok)
 
-__all__ = ["TensorBlock", "Update", "UpdateHeader", "Limits", "encode", "decode", "peek_header"]
+__all__ = ["TensorBlock", "Update", "UpdateHeader", "Limits", "encode", "decode", "peek_header", "read_header"]
 
 MAGIC = b"PQSU"
 FORMAT_VERSION = 1
@@ -135,6 +135,11 @@ def _as_bytes(payload: object) -> bytes:
 def peek_header(payload: bytes) -> UpdateHeader:
     """Read round, ids, samples, loss, version and signed flag; checks nothing past the header."""
     return _read_header(_as_bytes(payload))[0]
+
+
+def read_header(payload: bytes) -> tuple[UpdateHeader, int]:
+    """`peek_header`'s header and the offset of the first tensor block (the batch decoder starts there)."""
+    return _read_header(_as_bytes(payload))
 
 
 def _decode_block(r: _Reader, i: int, limits: Limits, total: int) -> tuple[TensorBlock, int]:

@@ -112,16 +112,20 @@ def decode_flat(payload: bytes, layout: ModelLayout, *, key: bytes | None = None
     return batch if batch is not None else codec.decode(payload, key=key, limits=limits)
 
 
-def scan(buf: bytes, layout: ModelLayout, *, key: bytes | None = None, limits: Limits = Limits()) -> Scanned | None:
+def scan(buf: bytes, layout: ModelLayout, *, key: bytes | None = None, limits: Limits = Limits(),
+         head: tuple[UpdateHeader, int] | None = None) -> Scanned | None:
     """Header, trailer (CRC, HMAC) and block table of a sparse/skip update to `layout`. None whenever
-    anything is unusual: the caller then asks `codec.decode`, which says why."""
+    anything is unusual: the caller then asks `codec.decode`, which says why. `head`: the header and where
+    the blocks start, when the caller has already read them (`codec.read_header(buf)`)."""
     if not isinstance(buf, bytes) or len(buf) > limits.max_payload_bytes \
             or (key is not None and (not isinstance(key, bytes) or not key)):
         return None
-    try:
-        header, pos = codec._read_header(buf)
-    except codec.CodecError:
-        return None
+    if head is None:
+        try:
+            head = codec.read_header(buf)
+        except codec.CodecError:
+            return None
+    header, pos = head
     if not math.isfinite(header.loss):
         return None
     body_end = len(buf) - codec._CRC_BYTES - (codec._MAC_BYTES if header.signed else 0)
@@ -239,46 +243,76 @@ def _indices(scanned: list[Scanned], group: list[tuple], layout: ModelLayout) ->
     if total == 0:
         return np.empty(0, np.int64)
     nonempty = nnz > 0
+    block_end = np.cumsum([b[4] - b[3] for _, b in group])
     if buf.size == total:  # every gap < 128: one byte each, nothing to reassemble
         if buf.max() >= 0x80:
             return None
-        gaps = buf.astype(np.int64)
+        steps, ends, first = buf.astype(np.int64), None, (np.cumsum(nnz) - nnz)[nonempty]
+        steps += 1
     else:
-        block_end = np.cumsum([b[4] - b[3] for _, b in group])
-        cont = buf >= 0x80
-        ends = np.flatnonzero(~cont)  # the last byte of every varint
-        if ends.size != total or cont[block_end[nonempty] - 1].any():
+        last = buf < 0x80
+        ends = np.flatnonzero(last)  # the last byte of every varint
+        if ends.size != total or not last[block_end[nonempty] - 1].all():
             return None  # a varint runs across a block boundary, or a stream ends inside one
         if (np.searchsorted(ends, block_end) != np.cumsum(nnz)).any():
             return None
-        starts = np.empty_like(ends)
-        starts[0] = 0
-        np.add(ends[:-1], 1, out=starts[1:])
-        multi = np.flatnonzero(cont[starts])  # varints longer than one byte (most gaps take one)
-        if not buf[ends[multi]].all():
-            return None  # non-canonical: a redundant trailing zero byte
-        low = buf & 0x7F
-        gaps = low[starts].astype(np.int64)
-        k = 1
-        while multi.size:  # byte k of the varints that have one; the set shrinks with k
-            if k == 5:  # u32 indices: at most 5 bytes (codec.decode refuses each tensor's own bound)
-                return None
-            at = starts[multi] + k
-            gaps[multi] |= low[at].astype(np.int64) << (7 * k)
-            multi = multi[cont[at]]
-            k += 1
+        cont = ~last
+        if (cont[:-1] & cont[1:]).any():  # a varint of 3 bytes or more (a gap of 2^14 or more): rare
+            steps = _gaps(buf, cont, ends)
+            ends, first = None, (np.cumsum(nnz) - nnz)[nonempty]
+        else:
+            steps = _two_byte_steps(buf, cont, last)
+            first = np.concatenate(([0], block_end[:-1]))[nonempty]  # each block's first byte
+        if steps is None:
+            return None
     # out[j] = offset of its tensor + its index = a running sum of (gap + 1) restarted at each block, made
     # one cumsum by giving each block's first step what takes the sum from the last block's end to its
-    # start. Gaps < 2^35 and fewer than 2^26 of them per payload: no int64 overflow.
-    gaps += 1
-    first = (np.cumsum(nnz) - nnz)[nonempty]
-    sums = np.add.reduceat(gaps, first)
+    # start. `steps` holds each gap + 1, or (`_two_byte_steps`) per byte, parts summing to it over each
+    # varint, so that the running sum at a varint's last byte (`ends`) is its position. Gaps < 2^35 and
+    # fewer than 2^26 of them per payload: no int64 overflow.
+    sums = np.add.reduceat(steps, first)
     offset = layout._offset[tensors[nonempty]]
     begin = offset - 1  # the running sum just before each block's first entry
     end = begin + sums
-    gaps[first] += begin - np.concatenate(([0], end[:-1]))
-    out = np.cumsum(gaps, out=gaps)
+    steps[first] += begin - np.concatenate(([0], end[:-1]))
+    out = np.cumsum(steps, out=steps)
     # Indices increase within a block, so its last one bounds them all (and every gap).
     if (end >= offset + layout._numel[tensors[nonempty]]).any():
         return None
-    return out
+    return out if ends is None else out[ends]
+
+
+def _two_byte_steps(buf: np.ndarray, cont: np.ndarray, last: np.ndarray) -> np.ndarray | None:
+    """For a stream of 1- and 2-byte varints, what each byte adds to the running position: a first byte
+    its low 7 bits, a last byte its bits shifted past the first byte's (by 7 if there is one) plus 1 (the
+    gap's + 1). Summed over a varint, its gap + 1, with no per-varint gather. None if a 2-byte varint is not
+    canonical (its last byte 0)."""
+    after_cont = cont[:-1]
+    if ((buf[1:] == 0) & after_cont).any():
+        return None
+    steps = (buf & 0x7F).astype(np.int64)
+    np.left_shift(steps[1:], after_cont.view(np.uint8) * np.uint8(7), out=steps[1:])
+    steps += last
+    return steps
+
+
+def _gaps(buf: np.ndarray, cont: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+    """Each varint's gap + 1, for streams with varints of 3 to 5 bytes (gaps of 2^14 and more: rare)."""
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    np.add(ends[:-1], 1, out=starts[1:])
+    multi = np.flatnonzero(cont[starts])  # varints longer than one byte (most gaps take one)
+    if not buf[ends[multi]].all():
+        return None  # non-canonical: a redundant trailing zero byte
+    low = buf & 0x7F
+    gaps = low[starts].astype(np.int64)
+    k = 1
+    while multi.size:  # byte k of the varints that have one; the set shrinks with k
+        if k == 5:  # u32 indices: at most 5 bytes (codec.decode refuses each tensor's own bound)
+            return None
+        at = starts[multi] + k
+        gaps[multi] |= low[at].astype(np.int64) << (7 * k)
+        multi = multi[cont[at]]
+        k += 1
+    gaps += 1
+    return gaps

@@ -129,6 +129,14 @@ def test_a_coordinator_option_in_the_settings_file_is_used_and_a_flag_wins(tmp_p
     assert code == 2 and "broker mqtt://127.0.0.1:2 is unreachable" in err, err
 
 
+def test_none_on_the_command_line_overrides_the_scheme():
+    """`--prune none` keeps the model unpruned, as its help says, though the scheme prunes 0.5."""
+    assert _config().prune == 0.5 and _config().keyframe_clip == 0.01
+    cfg = _config("--prune", "none", "--keyframe-clip", "none")
+    assert cfg.prune is None and cfg.keyframe_clip is None
+    assert cfg.prepare_config().prune is None
+
+
 def test_local_prox_reaches_every_round_task_and_a_bad_value_is_one_line():
     from pqsu.protocol.messages import RoundTask
 

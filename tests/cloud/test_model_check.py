@@ -36,6 +36,8 @@ BAD_MODELS = [
                                               "tests.support.broken_model_module:net failed: RuntimeError: "
                                               "this module is broken at import"),
     ("tests.support:bad models", "model code 'tests.support:bad models' is not package.module:factory"),
+    (f"{BAD}:eval_only_net", f"model {BAD}:eval_only_net cannot be trained on data set fashion-mnist (input "
+                             "(1, 28, 28)): in training mode RuntimeError: eval only"),
 ]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from collections import Counter
 from dataclasses import dataclass
 
@@ -192,6 +193,8 @@ def test_rejections_are_counted_by_reason_and_leave_the_master_bit_identical(ser
     assert (report.uploads, report.bytes_up, report.selected) == (0, 0, 3)
     assert report.bytes_down == 3 * len(data)
     assert report.model_id == info.model_id and server.model_message()[0] is data  # nothing to re-export
+    # no upload, no training loss: null in the metrics, which a strict JSON reader (the browser's) must parse
+    assert report.train_loss is None and '"train_loss": null' in json.dumps(report.to_dict(), allow_nan=False)
 
 
 def test_submit_never_raises_for_payloads_of_the_wrong_type(server):

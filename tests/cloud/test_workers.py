@@ -18,7 +18,7 @@ from pqsu.protocol.messages import RoundTask
 from pqsu.protocol.mqtt import MqttClient
 from pqsu.protocol.topics import Topics, partition_of
 from pqsu.tools.lab.loadgen import FleetUpdates, LoadGenerator, device_ids
-from pqsu.tools.lab.process import Process
+from pqsu.protocol.process import Process
 from tests.support.mosquitto import Mosquitto, require_mosquitto
 
 SHAPES = {"conv.w": (16, 8, 3, 3), "conv.b": (16,), "fc.w": (10, 300), "fc.b": (10,)}

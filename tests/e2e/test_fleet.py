@@ -25,7 +25,7 @@ from pqsu.cloud.config import FederatedConfig
 from pqsu.protocol import model_id
 from pqsu.protocol.errors import PqsuError
 from pqsu.protocol.mqtt import MqttClient
-from pqsu.tools.lab.process import Process
+from pqsu.protocol.process import Process
 from tests.support.procs import flags, kill_mentioning, logs_tail, processes_mentioning, start_pqsu
 
 from pqsu.tools.lab.broker import Mosquitto, mosquitto_path

@@ -24,7 +24,7 @@ from pqsu.protocol.topics import Topics
 from pqsu.tools.lab.broker import Mosquitto, free_port, mosquitto_path
 from pqsu.tools.lab.fleet_lab import TINY, read_metrics, write_shards
 from pqsu.tools.lab.observer import Observer, round_announced, status_is
-from pqsu.tools.lab.process import Process, reap
+from pqsu.protocol.process import Process, reap
 from tests.support.procs import flags, kill_mentioning, logs_tail, processes_mentioning, start_pqsu
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -17,7 +17,7 @@ from pqsu.protocol.topics import Topics
 from pqsu.tools.lab.broker import Mosquitto, mosquitto_path
 from pqsu.tools.lab.fleet_lab import CLI, TINY, Lab, flags, pqsu, read_metrics, write_shards
 from pqsu.tools.lab.observer import wait_until
-from pqsu.tools.lab.process import Process, pqsu_env, reap
+from pqsu.protocol.process import Process, pqsu_env, reap
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     mosquitto_path() is None or not Path("/usr/share/datasets/fashion-mnist").is_dir(),

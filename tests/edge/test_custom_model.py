@@ -83,6 +83,8 @@ def test_an_inference_only_board_serves_a_custom_model_without_torch(custom, tmp
     ("tests.support.no_such_module:net", "cannot import architecture 'tests.support.no_such_module:net'"),
     ("tests.support.bad_models:no_such_factory", "has no attribute 'no_such_factory'"),
     ("not a name", "model code 'not a name' is not package.module:factory"),
+    ("nowhere_pkg.nets:net", "an agent imports model code from its path or from --model-code-dir DIR, the folder "
+                             "that holds nowhere_pkg"),
 ])
 def test_edge_run_checks_the_allowed_code_at_start_before_connecting(allow, message, tmp_path, capsys):
     np.savez(tmp_path / "data.npz", x=np.zeros((4, 1, 28, 28), np.uint8), y=np.zeros(4, np.int64))

@@ -185,6 +185,35 @@ def test_calibration_data_of_another_shape(italy_files, capsys, tmp_path):
     assert "samples are float32 (1, 20), the training data's float32 (1, 24)" in line
 
 
+def test_calibration_data_with_another_channel_count(italy_files, capsys, tmp_path):
+    np.savez(tmp_path / "c.npz", x=np.zeros((8, 3, 24), np.float32))
+    line = bad_export(capsys, tmp_path, "--model", CONV1D, "--data", str(italy_files / "train.npz"),
+                      "--calib-data", str(tmp_path / "c.npz"))
+    assert f"{tmp_path / 'c.npz'}: samples are float32 (3, 24), the training data's float32 (1, 24)" in line
+
+
+def test_export_finds_the_users_module_in_the_current_folder(italy_files, capsys, tmp_path, monkeypatch):
+    """As `pqsu simulate` does: the console script's import path does not hold the folder it runs in."""
+    (tmp_path / "my_folder_nets.py").write_text("def small_net():\n    raise NotImplementedError\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    line = bad_export(capsys, tmp_path, "--model", "my_folder_nets:smal_net", "--data", str(italy_files / "train.npz"))
+    assert "module 'my_folder_nets' has no attribute 'smal_net'" in line  # found the module, named the typo
+
+
+def test_a_model_that_cannot_train_is_refused_before_pre_training(italy_files, capsys, tmp_path):
+    line = bad_export(capsys, tmp_path, "--model", "tests.support.bad_models:eval_only_net",
+                      "--data", str(italy_files / "train.npz"))
+    assert "cannot be trained on data set" in line and "in training mode RuntimeError: eval only" in line
+
+
+def test_a_module_that_raises_on_import_is_one_line(italy_files, capsys, tmp_path):
+    line = bad_export(capsys, tmp_path, "--model", "tests.support.broken_model_module:net",
+                      "--data", str(italy_files / "train.npz"))
+    assert "importing tests.support.broken_model_module for model tests.support.broken_model_module:net failed: " \
+           "RuntimeError: this module is broken at import" in line
+
+
 @pytest.mark.parametrize("name, match", [("c.txt", "give an .npz file"), ("nope.npz", "does not exist")])
 def test_calibration_file_that_is_not_one(italy_files, capsys, tmp_path, name, match):
     (tmp_path / "c.txt").write_text("x")

@@ -215,3 +215,22 @@ def test_fresh_groupnorms_with_equal_values_each_get_their_own_tensor():
     import onnxruntime as ort
     logits = ort.InferenceSession(proto.SerializeToString()).run(None, {"input": x})[0]
     np.testing.assert_allclose(logits, predict_logits(model, x), atol=1e-4, rtol=1e-4)  # real values went back in
+
+
+@pytest.mark.parametrize("factory", ["mobilenet_net", "groupnorm_resnet"])
+def test_an_untrained_model_with_equal_parameters_rebuilds_from_its_int8_file(factory):
+    """Freshly initialized: the folded conv biases are all zeros, GroupNorms all ones and zeros, so several
+    parameters hold the same small tensor. onnxruntime's optimizer would make them one initializer; each
+    must stay its own, or the board cannot rebuild the model to fine-tune it."""
+    if not FMNIST_ROOT.is_dir():
+        pytest.skip(f"{FMNIST_ROOT} missing")
+    torch.manual_seed(0)
+    model = fold_batchnorm(custom_model(f"{MODULE}:{factory}", (1, 28, 28), 10).eval())
+    data = load_dataset("fashion-mnist", "train").head(16)
+    int8 = export_model(model, model_info(model, data), data.normalized()).data
+    check = check_bridge(state(model), int8)
+    assert check.parameters == len(model.state_dict()) and check.worst_steps <= 0.5 + 1e-3
+    rebuilt, _ = torch_model_from_int8(int8, allow_custom=True)
+    x = torch.from_numpy(data.normalized())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x), atol=0.05, rtol=0.05)

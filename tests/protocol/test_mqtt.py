@@ -501,3 +501,23 @@ def test_mqtt311_broker_that_drops_large_publishes_is_found_by_the_echo_check(cl
         assert c.max_packet_size is None
         assert c.echoes("pqsu/f/probe/probe", 2000, timeout_s=5)
         assert not c.echoes("pqsu/f/probe/probe", 8000, timeout_s=2)
+
+
+def test_topic_matching_agrees_with_paho_on_wildcards_dollar_topics_and_shared_filters():
+    """The client matches each message against its subscriptions itself (cached filters); it must route
+    exactly as paho's own matcher would."""
+    import itertools
+    import re
+
+    import paho.mqtt.client as paho
+
+    from pqsu.protocol.mqtt import _filter_levels, _matches
+
+    levels = ["a", "+", "$SYS", "", "u"]
+    filters = ["/".join(p) for n in (1, 2, 3) for p in itertools.product(levels, repeat=n)]
+    filters = [f for f in filters for f in (f, f + "/#", "$share/g/" + f)] + ["#", "$share/g/#"]
+    topics = ["/".join(p) for n in (1, 2, 3) for p in itertools.product(["a", "$SYS", "", "u"], repeat=n)]
+    for f in filters:
+        bare = re.sub(r"^\$share/[^/]+/", "", f)
+        for t in topics:
+            assert _matches(_filter_levels(f), t.split("/")) == paho.topic_matches_sub(bare, t), (f, t)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pqsu.protocol.messages import STATES, Lease, MessageError, RoundTask, Status, done_message, new_job_id
-from pqsu.tools.lab.process import CLI, pqsu_env
+from pqsu.protocol.process import CLI, pqsu_env
 
 jsonschema = pytest.importorskip("jsonschema")
 

@@ -42,7 +42,7 @@ def batch_values(batch: FlatBatch, which: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("density", [0.001, 0.05, 0.5])  # 1-byte gaps, multi-byte gaps, bitmaps
+@pytest.mark.parametrize("density", [0.001, 0.05, 0.1, 0.5])  # 1-2 byte gaps, mostly 1, only 1, bitmaps
 def test_a_batch_decodes_to_the_values_codec_decode_gives(density):
     rng = np.random.default_rng(1)
     updates = [sparse_update(rng, f"d{i}", density, skip=("fc.b",) if i % 3 == 0 else ()) for i in range(7)]
@@ -121,3 +121,20 @@ def test_one_bad_update_makes_the_batch_none_so_the_caller_can_find_it():
     assert scanned[1] is not None and decode_batch(scanned, LAYOUT) is None
     with pytest.raises(CodecError):
         decode(bytes(bad))
+
+
+def test_gaps_of_three_bytes_and_more_decode_as_codec_decode_decodes_them():
+    """Varints of 1 and 2 bytes take a per-byte path; a batch with one of 3 bytes or more takes another."""
+    shapes = {"big": (3_000_000,), "small": (300,)}
+    layout = ModelLayout(shapes)
+    rng = np.random.default_rng(6)
+    for count in (3, 40, 4000):  # gaps of ~2^20, ~2^16 and ~2^9 (then every gap has 1 or 2 bytes)
+        updates = [Update(3, f"d{i}", "m1", 7, 0.1, (
+            TensorBlock.sparse("big", (3_000_000,), np.sort(rng.choice(3_000_000, count, replace=False)),
+                               rng.normal(0, 1, count)),
+            TensorBlock.sparse("small", (300,), np.sort(rng.choice(300, 30, replace=False)), rng.normal(0, 1, 30))))
+            for i in range(3)]
+        batch = decode_batch([scan(encode(u), layout) for u in updates], layout)
+        want = np.concatenate([np.concatenate([b.indices + layout.offsets[b.name] for b in decode(encode(u)).blocks])
+                               for u in updates])
+        np.testing.assert_array_equal(np.sort(batch.index), np.sort(want))

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 
 from pqsu.tools.lab.fleet_lab import flags, pqsu  # noqa: F401  (re-exported for tests)
-from pqsu.tools.lab.process import Process
+from pqsu.protocol.process import Process
 
 
 def start_pqsu(args: list[str], logdir: Path, name: str) -> Process:

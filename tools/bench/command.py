@@ -19,8 +19,10 @@ suites:
   scale      updates/s/core before vs after the batch path, 1 vs 2 aggregator workers through Mosquitto, and a
              100,000-device round aggregated by workers (peak worker memory)
 
-With --docs, docs/results.md is regenerated, the plots are copied to docs/img/ and README.md's
-generated results block (between its results markers) is rewritten.
+With --docs, this run's suites replace theirs in docs/results.json (the committed measurements, so
+one suite can be remeasured without rerunning the others), and docs/results.md, the plots in
+docs/img/ and README.md's generated results block (between its results markers) are rendered
+from that file once it holds every default suite (until then the page is left as it is).
 """
 from __future__ import annotations
 
@@ -38,23 +40,29 @@ from pqsu.tools.lab import results as results_runner
 
 log = logging.getLogger(__name__)
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+DOCS_RESULTS = Path("docs/results.json")
+# docs/results.md is rendered only once docs/results.json holds all of these (the default suites)
+DOCS_SUITES = ("export", "codec", "paper", "fleet", "scale")
+MODEL_PLANS = {"paper": ("alexnet", "vgg16"), "recovery": ("cnn", "alexnet"), "strategies": ("cnn", "alexnet")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suites", nargs="*", default=["export", "codec", "paper", "fleet", "scale"],
+    p.add_argument("suites", nargs="*", default=list(DOCS_SUITES),
                    help="suites to run (default: all)")
     p.add_argument("--quick", action="store_true", help="small smoke version (used by the tests)")
     p.add_argument("--out", help="output folder (default: runs/bench-<date>); suites run into the same folder "
                    "are merged into one results.json")
-    p.add_argument("--docs", action="store_true", help="also regenerate docs/results.md from the merged results")
+    p.add_argument("--docs", action="store_true", help="also lay this run's suites over docs/results.json and "
+                   "regenerate docs/results.md, docs/img/ and README.md's results block from it")
     p.add_argument("--render", action="store_true", help="run nothing: re-render results.md (and --docs) from "
-                   "the results.json in --out")
+                   "the results.json in --out (with --docs and no results there: docs/results.json alone)")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="paper suite: run every table over N seeds and report the mean and spread (default: 1)")
-    p.add_argument("--models", metavar="NAMES", help="recovery and strategies suites: only these models, comma "
-                   "separated (default: cnn,alexnet)")
-    p.add_argument("--rows", metavar="LABELS", help="strategies suite: only these rows (comma separated, of "
-                   "tools/bench/paper.py STRATEGY_ROWS; fedavg is always run, as the reference)")
+    p.add_argument("--models", metavar="NAMES", help="paper, recovery and strategies suites: only these models, comma "
+                   "separated (default: every model of the suite: paper alexnet,vgg16; recovery and strategies cnn,alexnet)")
+    p.add_argument("--rows", metavar="LABELS", help="paper and strategies suites: only these rows (comma separated, "
+                   "of tools/bench/paper.py ROWS or STRATEGY_ROWS; fedavg, and in the paper suite the paper's scheme, "
+                   "always run as the references)")
     p.add_argument("--mnist", metavar="DIR", default=os.environ.get("PQSU_DATA_MNIST"),
                    help="paper suite: also run alexnet on MNIST from these IDX files (default: $PQSU_DATA_MNIST)")
     p.add_argument("--cifar10", metavar="DIR", default=os.environ.get("PQSU_DATA_CIFAR10"),
@@ -66,15 +74,17 @@ def run(args: argparse.Namespace) -> int:
     suites = {"export": _export_suite, "codec": _codec_suite, "federated": _federated_suite, "fleet": _fleet_suite,
               "scale": _scale_suite,
               "sensors": _sensors_suite,
-              "paper": lambda quick, out: _paper_suite(quick, out, args.mnist, args.cifar10, args.seeds),
+              "paper": lambda quick, out: _paper_suite(quick, out, args.mnist, args.cifar10, args.seeds, rows,
+                                                        models),
               "recovery": lambda quick, out: _recovery_suite(quick, out, args.seeds, models),
               "strategies": lambda quick, out: _strategies_suite(quick, out, args.seeds, models, rows)}
     models = tuple(m.strip() for m in args.models.split(",")) if getattr(args, "models", None) else None
     rows = tuple(r.strip() for r in args.rows.split(",")) if getattr(args, "rows", None) else None
-    _check_rows(rows)
-    unknown = [m for m in models or () if m not in ("cnn", "alexnet")]
-    if unknown:
-        raise PqsuError(f"--models: {', '.join(unknown)} not in the recovery and strategies plans (cnn, alexnet)")
+    _check_rows(rows, [n for n in args.suites if n in ("paper", "strategies")])
+    for suite, known in MODEL_PLANS.items():
+        unknown = [m for m in models or () if m not in known]
+        if suite in args.suites and unknown:
+            raise PqsuError(f"--models: {', '.join(unknown)} not in the {suite} plans ({', '.join(known)})")
     if args.seeds < 1:
         raise PqsuError("--seeds must be at least 1")
     names = results_runner.choose(args.suites, suites, "suite")
@@ -88,7 +98,13 @@ def run(args: argparse.Namespace) -> int:
     plots = bench_plots.all_plots(results, out)
     (out / "results.md").write_text(to_markdown(results, {p.name: p.name for p in plots}))
     if args.docs:
-        write_docs(results, plots)
+        documented = merge_into_docs(results, DOCS_RESULTS)
+        missing = [name for name in DOCS_SUITES if name not in documented]
+        if missing:  # a page without the paper's table and its Targets would read as if they had gone
+            print(f"docs/results.md left as it is: {DOCS_RESULTS} has no {', '.join(missing)} measurements yet "
+                  f"(this run's suites are kept there; run those suites with --docs to render the page)")
+        else:
+            write_docs(documented, bench_plots.all_plots(documented, out / "docs-img"))
     print(to_markdown(results))
     print(f"written: {out / 'results.json'}, {out / 'results.md'}")
     return 0
@@ -166,20 +182,25 @@ def _sensors_suite(quick: bool, out: Path) -> dict:
     return {"cnn1d/italy-power": table}
 
 
-def _paper_suite(quick: bool, out: Path, mnist: str | None, cifar10: str | None, seeds: int = 1) -> dict:
+def _paper_suite(quick: bool, out: Path, mnist: str | None, cifar10: str | None, seeds: int = 1,
+                 rows: tuple[str, ...] | None = None, models: tuple[str, ...] | None = None) -> dict:
     from pqsu.tools.bench import paper as bench_paper
 
-    return bench_paper.run(quick, mnist, cifar10, out=out, seeds=seeds)
+    return bench_paper.run(quick, mnist, cifar10, out=out, seeds=seeds, rows=rows, models=models)
 
 
-def _check_rows(rows: tuple[str, ...] | None) -> None:
+def _check_rows(rows: tuple[str, ...] | None, suites: list[str]) -> None:
+    """--rows names rows of every suite it applies to, before anything runs."""
     if not rows:
         return
-    from pqsu.tools.bench.paper import STRATEGY_ROWS
+    from pqsu.tools.bench.paper import ROWS, STRATEGY_ROWS
 
-    unknown = [r for r in rows if r not in STRATEGY_ROWS]
-    if unknown:
-        raise PqsuError(f"--rows: unknown {', '.join(unknown)}; choose among {', '.join(STRATEGY_ROWS)}")
+    if not suites:
+        raise PqsuError("--rows applies to the paper and strategies suites only")
+    for suite, known in (("paper", ROWS), ("strategies", STRATEGY_ROWS)):
+        unknown = [r for r in rows if r not in known]
+        if suite in suites and unknown:
+            raise PqsuError(f"--rows: {', '.join(unknown)} not a {suite} row; choose among {', '.join(known)}")
 
 
 def _strategies_suite(quick: bool, out: Path, seeds: int = 1, models: tuple[str, ...] | None = None,
@@ -211,6 +232,19 @@ def _scale_suite(quick: bool, out: Path) -> dict:
     from pqsu.tools.bench import scale as bench_scale
 
     return bench_scale.run(quick=quick, out=out)
+
+
+def merge_into_docs(results: dict, docs_json: Path) -> dict:
+    """docs_json's suites with the suites of `results` laid over them, saved back. A --quick run is a
+    smoke test of the code, not a measurement, so it is refused before anything is written."""
+    suites = {k: v for k, v in results.items() if k not in ("machine", "quick")}
+    if results.get("quick") and suites:
+        raise PqsuError("--docs: a --quick run is a smoke test; its figures do not go into docs/results.json")
+    documented = results_runner.load(docs_json)
+    documented.update(suites, machine=results["machine"], quick=False)
+    docs_json.parent.mkdir(parents=True, exist_ok=True)
+    results_runner.save(docs_json, documented)
+    return documented
 
 
 def write_docs(results: dict, plots: list[Path], docs: Path = Path("docs"), readme: Path = Path("README.md")) -> None:

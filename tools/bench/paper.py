@@ -297,12 +297,17 @@ def _server(cfg: FederatedConfig, pretrained: torch.nn.Module, data: CloudData,
 
 
 def run(quick: bool = False, mnist: str | None = None, cifar10: str | None = None, out: Path | None = None,
-        seeds: int = 1) -> dict:
+        seeds: int = 1, rows: tuple[str, ...] | None = None, models: tuple[str, ...] | None = None) -> dict:
     """Every table; each is kept in `out` as soon as it is measured and reused (re-analyzed) from there
-    by a later run, so a failure in one table does not cost the others (delete the file to measure again)."""
+    by a later run, so a failure in one table does not cost the others (delete the file to measure again).
+    `rows`: only these ROWS, beside the references every verdict needs (fedavg and the paper's scheme);
+    `models`: only the tables of these models (a --quick run has its one cnn table whatever they are)."""
+    chosen = {k: ROWS[k] for k in dict.fromkeys(("fedavg", "paper", *rows))} if rows else ROWS
     tables = {}
     for name, overrides in plans(quick, mnist, cifar10):
-        tag = ("-quick" if quick else "") + (f"-{seeds}seeds" if seeds > 1 else "")
+        if models and not quick and overrides["model"] not in models:
+            continue
+        tag = ("-quick" if quick else "") + (f"-{seeds}seeds" if seeds > 1 else "") + ("-" + "+".join(chosen) if rows else "")
         saved = out / f"paper-{name.replace('/', '-')}{tag}.json" if out else None
         if saved and saved.exists():
             log.info("paper %s: reusing %s (delete it to measure again)", name, saved)
@@ -310,7 +315,7 @@ def run(quick: bool = False, mnist: str | None = None, cifar10: str | None = Non
             tables[name].setdefault("measured_at", dt.datetime.fromtimestamp(saved.stat().st_mtime).isoformat("T", "minutes"))
             analyze(tables[name])
             continue
-        tables[name] = run_table(overrides, latency_repeats=5 if quick else 30, seeds=seeds)
+        tables[name] = run_table(overrides, chosen, latency_repeats=5 if quick else 30, seeds=seeds)
         tables[name]["measured_at"] = dt.datetime.now().isoformat(timespec="minutes")
         if saved:
             saved.write_text(json.dumps(tables[name], indent=2) + "\n")

@@ -141,6 +141,7 @@ def aggregator_memory(scaling: dict, out: Path) -> Path:
 
 
 def all_plots(results: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, table in results.get("paper", {}).get("tables", {}).items():
         paths += [accuracy_per_round(name, table, out), accuracy_vs_time(name, table, out),

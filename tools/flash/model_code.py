@@ -8,9 +8,12 @@ import (`allow_model_code`): nothing else a model file names is ever imported on
 Checked before anything is written: the path is a .py file or a folder with Python files, every
 allowed factory lives in the module or package shipped (or, without --model-code, is installed on the
 board some other way), and only Python sources are copied (no caches, no hidden files, no symlinks).
+That a factory is there is read from the module's source, not by importing it: flashing runs none
+of the user's code.
 """
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 from dataclasses import dataclass
@@ -55,7 +58,50 @@ def check_model_code(path: str | None, allowed: list[str], trains: bool) -> Mode
     if outside:
         raise FlashError(f"--allow-model-code {outside[0]} is not in --model-code {path}, which the board imports "
                          f"as {name}")
+    for arch in allowed:
+        _check_defined(source, name, arch, path)
     return ModelCode(source, name)
+
+
+def _check_defined(source: Path, name: str, arch: str, path: str) -> None:
+    """A FlashError unless `arch`'s module is a file of the shipped code whose source defines its factory."""
+    module, _, factory = arch.partition(":")
+    parts = module.split(".")[1:]
+    if source.is_file():
+        candidates = [source] if not parts else []
+    else:
+        base = source.joinpath(*parts)
+        candidates = [base.with_name(base.name + ".py"), base / "__init__.py"] if parts else [source / "__init__.py"]
+    file = next((c for c in candidates if c.is_file()), None)
+    if file is None:
+        raise FlashError(f"--allow-model-code {arch}: --model-code {path} has no module {module}")
+    try:
+        tree = ast.parse(file.read_text(errors="replace"), str(file))
+    except SyntaxError as exc:
+        raise FlashError(f"--allow-model-code {arch}: {file} is not valid Python (line {exc.lineno}: {exc.msg})") \
+            from None
+    if not _may_define(tree.body, factory):
+        raise FlashError(f"--allow-model-code {arch}: {file} defines no {factory}")
+
+
+def _may_define(body: list[ast.stmt], name: str) -> bool:
+    """True when top-level statements define `name`, or might (a star import, a module __getattr__)."""
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name in (name, "__getattr__"):
+            return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                if alias.name == "*" or (alias.asname or alias.name.split(".")[0]) == name:
+                    return True
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+        if any(isinstance(n, ast.Name) and n.id == name for t in targets for n in ast.walk(t)):
+            return True
+        nested = [getattr(node, f, []) for f in ("body", "orelse", "finalbody")] + \
+            [h.body for h in getattr(node, "handlers", [])]
+        if isinstance(node, (ast.If, ast.Try, ast.With)) and any(_may_define(b, name) for b in nested):
+            return True
+    return False
 
 
 def copy_model_code(code: ModelCode, bundle: Path) -> None:

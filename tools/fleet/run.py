@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pqsu.cloud.config import add_config_arguments, config_from_args
 from pqsu.protocol.errors import PqsuError
-from pqsu.tools.lab.process import Process, pqsu_env, reap
+from pqsu.protocol.process import Process, pqsu_env, reap
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -168,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
                                 + ([] if cfg.error_feedback else ["--no-error-feedback"]) + _model_code_flags(cfg),
                                 out / "logs" / f"{device}.log", threads=args.agent_threads))
         code = _follow(procs[0], out, cfg.rounds)
-        reap(procs[1:], grace_s=30)
+        # A finished coordinator has told the agents to stop; a failed one never will: stop them now.
+        reap(procs[1:], grace_s=30 if code == 0 else 5, signal_first=code != 0)
     except KeyboardInterrupt as exc:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # another SIGTERM must not cut the stopping short
         why = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
@@ -184,13 +185,20 @@ def run(args: argparse.Namespace) -> int:
             broker.close()
         signal.signal(signal.SIGTERM, stop_on_sigterm)
     if code != 0:
-        tail = (out / "logs" / "cloud.log").read_text(errors="replace").strip().splitlines()[-5:]
-        raise PqsuError(f"the coordinator exited with status {code}; see {out / 'logs' / 'cloud.log'}:\n  "
-                        + "\n  ".join(tail))
+        raise PqsuError(_coordinator_failure(code, out / "logs" / "cloud.log"))
     summary = json.loads((out / "summary.json").read_text())
     print(json.dumps(summary, indent=2))
     print(f"pqsu run: finished in {time.time() - start:.0f}s; results in {out}")
     return 0
+
+
+def _coordinator_failure(code: int, log: Path) -> str:
+    """The coordinator's own one-line error when it gave one (`pqsu cloud: error: ...`), else its log's tail."""
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    said = next((line for line in reversed(lines) if line.startswith("pqsu cloud: error: ")), None)
+    if said is not None:
+        return f"the coordinator stopped: {said.removeprefix('pqsu cloud: error: ')} (log: {log})"
+    return f"the coordinator exited with status {code}; see {log}:\n  " + "\n  ".join(lines[-5:])
 
 
 def write_device_shards(cfg, folder: Path) -> list[str]:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pqsu.protocol.errors import PqsuError
-from pqsu.tools.lab.process import Process, popen
+from pqsu.protocol.process import Process, popen
 
 DEBIAN_ARCH, MACHINE = "arm64", "aarch64"
 SUITE = "bookworm"                              # Raspberry Pi OS 64-bit is bookworm: Python 3.11, glibc 2.36

@@ -44,7 +44,7 @@ from pqsu.export.datasets import load_dataset
 from pqsu.protocol.errors import PqsuError
 from pqsu.tools.lab.board import CPUS, MACHINE, READY, Board, BoardError, build_root, check_host, default_cache
 from pqsu.tools.lab.broker import Mosquitto, free_port
-from pqsu.tools.lab.process import CLI, Process, reap
+from pqsu.protocol.process import CLI, Process, reap
 
 DEVICE, FLEET, USER = "pi-emu-01", "emu", "pqsu"
 VENV_PQSU = "/opt/pqsu/venv/bin/pqsu"

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from pqsu.protocol.errors import PqsuError
-from pqsu.tools.lab.process import popen  # its own process group, and it dies with us
+from pqsu.protocol.process import popen  # its own process group, and it dies with us
 
 log = logging.getLogger(__name__)
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto")

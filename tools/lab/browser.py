@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from pqsu.protocol.errors import PqsuError
-from pqsu.tools.lab.process import Process, reap
+from pqsu.protocol.process import Process, reap
 
 NAMES = ("chromium", "chromium-browser", "google-chrome")
 

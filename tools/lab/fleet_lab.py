@@ -16,7 +16,7 @@ import numpy as np
 
 from pqsu.tools.lab.broker import Mosquitto
 from pqsu.tools.lab.observer import Observer
-from pqsu.tools.lab.process import CLI, Process, pqsu_env, reap, wait_all
+from pqsu.protocol.process import CLI, Process, pqsu_env, reap, wait_all
 
 log = logging.getLogger(__name__)
 # Small and quick: what the scenarios check does not depend on accuracy.

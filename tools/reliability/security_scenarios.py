@@ -31,7 +31,7 @@ from pqsu.protocol.topics import Topics
 from pqsu.tools.lab.fleet_lab import TINY, flags, pqsu, read_metrics, write_shards
 from pqsu.tools.lab.observer import Observer, message_is, round_announced
 from pqsu.tools.lab.pki import make_pki
-from pqsu.tools.lab.process import reap
+from pqsu.protocol.process import reap
 from pqsu.tools.lab.secure_broker import COORDINATOR, MONITOR, SecureBroker
 
 FLEET = "secure"

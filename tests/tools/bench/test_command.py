@@ -159,3 +159,33 @@ def test_fleet_section_lists_both_fleet_sizes_and_the_overhead_verdict():
     assert "met (median 0.200 s)" in md
     fleet["overhead_median_s"] = 0.7
     assert "missed (median 0.700 s)" in bench.to_markdown({"machine": {"cores": 2, "python": "3"}, "fleet": fleet})
+
+
+def test_docs_keep_the_suites_a_run_did_not_remeasure(tmp_path):
+    docs_json = tmp_path / "docs" / "results.json"
+    machine = {"python": "3.11", "cpu": "x", "cores": 2}
+    first = bench.merge_into_docs({"machine": machine, "quick": False, "paper": {"v": 1}, "fleet": {"v": 1}}, docs_json)
+    assert first["paper"] == {"v": 1} and first["fleet"] == {"v": 1}
+    # a later run of one suite replaces that suite only, and the file on disk says the same
+    second = bench.merge_into_docs({"machine": machine, "quick": False, "fleet": {"v": 2}}, docs_json)
+    assert second["paper"] == {"v": 1} and second["fleet"] == {"v": 2}
+    assert json.loads(docs_json.read_text()) == second
+    # a smoke run is refused before anything is written
+    with pytest.raises(PqsuError, match="--quick"):
+        bench.merge_into_docs({"machine": machine, "quick": True, "fleet": {"v": 3}}, docs_json)
+    assert json.loads(docs_json.read_text())["fleet"] == {"v": 2}
+
+
+def test_docs_page_waits_for_every_default_suite(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # --docs writes docs/ under the working directory
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"codec": {"measured_at": "2026-12-02T06:00"}}))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results.md").write_text("the page as it was\n")
+    args = _args(tmp_path, "codec")
+    args.out, args.render, args.docs, args.quick = str(out), True, True, False
+    assert bench.run(args) == 0
+    assert json.loads((tmp_path / "docs" / "results.json").read_text())["codec"]["measured_at"] == "2026-12-02T06:00"
+    assert (tmp_path / "docs" / "results.md").read_text() == "the page as it was\n"
+    assert "docs/results.md left as it is" in capsys.readouterr().out

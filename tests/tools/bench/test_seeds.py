@@ -51,8 +51,12 @@ def test_merged_rows_are_means_over_seeds_with_paired_spread():
 
 
 @pytest.mark.parametrize("option, message", [(dict(seeds=0), "--seeds must be at least 1"),
-                                             (dict(rows="ours,adam"), "--rows: unknown adam"),
-                                             (dict(models="vgg"), "--models: vgg not in")])
+                                             (dict(rows="ours,adam"), "--rows: adam not a strategies row"),
+                                             (dict(rows="ours@fedadam", suites=["paper"]),
+                                              "--rows: ours@fedadam not a paper row"),
+                                             (dict(rows="ours", suites=["export"]), "--rows applies to the paper"),
+                                             (dict(models="vgg"), "--models: vgg not in the strategies plans"),
+                                             (dict(models="cnn", suites=["paper"]), "--models: cnn not in the paper")])
 def test_bad_bench_options_fail_before_any_work(tmp_path, option, message):
     import argparse
 

@@ -29,7 +29,7 @@ from pqsu.tools.flash import command as flash_mod
 from pqsu.tools.flash.boards import BOARDS, CPU, get_board
 from pqsu.tools.lab.broker import Mosquitto, free_port, mosquitto_path
 from pqsu.tools.cli import build_parser, main
-from pqsu.tools.lab.process import CLI, Process, reap
+from pqsu.protocol.process import CLI, Process, reap
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 BROKER = "mqtt://broker.example:1883"

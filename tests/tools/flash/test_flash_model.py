@@ -25,7 +25,7 @@ from pqsu.tools.cli import main
 from pqsu.tools.flash import model as model_mod
 from pqsu.tools.flash.request import STATE_MODEL_FILE
 from pqsu.tools.lab.broker import Mosquitto, free_port
-from pqsu.tools.lab.process import CLI, Process, reap
+from pqsu.protocol.process import CLI, Process, reap
 from tests.support.edge_models import int8_models
 from tests.support.mosquitto import require_mosquitto
 

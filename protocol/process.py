@@ -1,4 +1,6 @@
-"""The one wrapper around a child process: `pqsu run`'s cloud and agents, the lab's scenarios, the tests.
+"""The one wrapper around a child process: `pqsu run`'s cloud and agents, `pqsu cloud --workers`'
+aggregators, the lab's scenarios, the tests. It lives beside the wire code because the cloud uses it
+too, and imports run tools -> cloud/edge -> export -> protocol.
 
 Every child gets its own process group, so one signal reaches whatever it started itself, and on
 Linux it is SIGKILLed by the kernel when its parent dies (PR_SET_PDEATHSIG): a parent that is

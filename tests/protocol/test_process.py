@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pqsu.tools.lab.process import Process, reap
+from pqsu.protocol.process import Process, reap
 
 # Ignores SIGTERM (so only SIGKILL ends it), optionally starts a grandchild in its group, prints pids.
 STUBBORN = """
@@ -27,7 +27,7 @@ time.sleep(60)
 PARENT = """
 import sys, time
 from pathlib import Path
-from pqsu.tools.lab.process import Process
+from pqsu.protocol.process import Process
 child = Process([sys.executable, "-c", "import time; time.sleep(60)"], Path(sys.argv[1]))
 print("child", child.pid, flush=True)
 time.sleep(60)
