@@ -169,15 +169,15 @@ def paper_markdown(paper: dict, heading: str = "The paper's table (pqsu bench pa
                   f"{c['batch_size']}, lr {c['lr']}. Test sample: {c['eval_samples']}. Target accuracy "
                   f"{t['target_accuracy']:.2%}. Eager torch fp32 unpruned, batch 1: "
                   f"{t['torch_fp32_unpruned_b1_ms']:.2f} ms. Measured {t.get('measured_at', '?')}; the rows' runs "
-                  f"took {sum(r['wall_seconds'] for r in t['rows'].values()) / 60:.0f} min of wall time.", "",
-                  "| row | what | final acc | last-3 mean | vs FedAvg | vs prune50+int8 | rounds to target | uplink B | "
-                  "uplink ratio | downlink B | downlink ratio | edge round s | inference ms (ORT) | vs torch fp32 | "
-                  "model bytes |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        if t.get("seeds"):
+                  f"took {sum(r['wall_seconds'] for r in t['rows'].values()) / 60:.0f} min of wall time.", ""]
+        if t.get("seeds"):  # before the header: a line between header and rows would end the table
             lines += [f"Over seeds {', '.join(map(str, t['seeds']))}: accuracies are means over the seeds, ± the "
                       "sample stdev of the row's last-3 mean, and of its gap to FedAvg on the same seed; bytes and "
                       "times are the first seed's.", ""]
+        lines += ["| row | what | final acc | last-3 mean | vs FedAvg | vs prune50+int8 | rounds to target | uplink B | "
+                  "uplink ratio | downlink B | downlink ratio | edge round s | inference ms (ORT) | vs torch fp32 | "
+                  "model bytes |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for label, r in t["rows"].items():
             spread = f" ± {100 * r['last3_accuracy_spread']:.2f}" if "last3_accuracy_spread" in r else ""
             gap_spread = f" ± {r['last3_delta_pt_spread']:.2f}" if "last3_delta_pt_spread" in r else ""
