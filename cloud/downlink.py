@@ -115,6 +115,7 @@ class Step:
     seconds: float      # the cloud's model preparation time
     clipped: float = 0.0
     left_out: int = 0   # weight changes a capped patch left in the master for later
+    changed: int = 0    # int8 weights that changed from the previous version (0 after a keyframe: all new)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -184,7 +185,7 @@ class Downlink:
             nxt = exact
         self.since_keyframe += 1
         self._push(self._with(nxt.data, self.current),
-                   Step(kind, time.perf_counter() - t0, drift.clipped, left_out))
+                   Step(kind, time.perf_counter() - t0, drift.clipped, left_out, nxt.weights_changed))
         return self.step
 
     def _with(self, data: bytes, like: Exported) -> Exported:
