@@ -263,6 +263,8 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
                "(update norm relative to the weights above T) or relevance:T (sign agreement with the last "
                "global update at least T); join rules with +"),
     "select": ("SPEC", "which entries an upload carries: topk:F (the largest fraction F of each tensor), "
+               "tcs:F[:L] (time-correlated top-k: as many entries, a share L (default 0.25) of them the "
+               "largest anywhere, the rest the largest among those the last model change touched), "
                "threshold:T (entries with |value| >= T), dense (every entry, int8) or fp32 (every entry, float32)"),
     "error_feedback": ("BOOL", "true: a device keeps what it did not send (unselected entries, rounding, skipped "
                        "rounds) and adds it to its next update"),
