@@ -79,6 +79,7 @@ class FederatedConfig:
     keyframe_every: int | None = None
     keyframe_clip: float | None = 0.01
     patch_cap: int | None = None
+    patch_deadband: float = 0.5
     patch_bases: int = 4
     keyframe_headroom: float = 1.5
 
@@ -101,6 +102,9 @@ class FederatedConfig:
                 or (self.keyframe_clip is not None and not 0 <= self.keyframe_clip < 1):
             raise PqsuError("keyframe_every and patch_bases must be >= 1, patch_cap >= 256 bytes, "
                             "keyframe_headroom >= 1 and keyframe_clip in [0, 1)")
+        if not 0.5 <= self.patch_deadband <= 4 or (self.patch_deadband > 0.5 and self.patch_cap is not None):
+            raise PqsuError(f"patch_deadband must be in [0.5, 4] steps (0.5: exact patches), and not combined with "
+                            f"patch_cap; got {self.patch_deadband} with patch_cap {self.patch_cap}")
         prune_spec.check(self.prune, self.importance, self.ranking, self.distill, self.prune_steps)
         make_aggregator(self.aggregator, {}, self.clip_norm)  # a bad spec fails here, before any work
         make_strategy(self.server_opt, self.server_lr, self.server_momentum)
@@ -133,7 +137,7 @@ class FederatedConfig:
 
         downlink = DownlinkConfig(policy=self.downlink, keyframe_every=self.keyframe_every,
                                   keyframe_clip=self.keyframe_clip, patch_cap=self.patch_cap,
-                                  patch_bases=self.patch_bases, headroom=self.keyframe_headroom)
+                                  deadband=self.patch_deadband, patch_bases=self.patch_bases, headroom=self.keyframe_headroom)
         return ServerConfig(aggregator=self.aggregator, clip_norm=self.clip_norm, server_lr=self.server_lr,
                             server_momentum=self.server_momentum, server_opt=self.server_opt,
                             precision=self.precision, epochs=self.epochs,
@@ -259,6 +263,8 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
                "(update norm relative to the weights above T) or relevance:T (sign agreement with the last "
                "global update at least T); join rules with +"),
     "select": ("SPEC", "which entries an upload carries: topk:F (the largest fraction F of each tensor), "
+               "tcs:F[:L] (time-correlated top-k: as many entries, a share L (default 0.25) of them the "
+               "largest anywhere, the rest the largest among those the last model change touched), "
                "threshold:T (entries with |value| >= T), dense (every entry, int8) or fp32 (every entry, float32)"),
     "error_feedback": ("BOOL", "true: a device keeps what it did not send (unselected entries, rounding, skipped "
                        "rounds) and adds it to its next update"),
@@ -293,6 +299,9 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
                       "fraction of the int8 weights clip at the held scales; none: never"),
     "patch_cap": ("BYTES", "largest patch from the previous version: the largest weight changes first, the "
                   "rest stays in the master for later rounds; none: exact patches"),
+    "patch_deadband": ("STEPS", "an int8 weight the devices hold changes only when the master is more than this "
+                       "many steps away from it (0.5: whenever it rounds to another value, exact patches); "
+                       "larger values stop weights near a rounding boundary from flipping back and forth"),
     "patch_bases": ("N", "patches are retained from this many earlier versions; a device further behind "
                     "downloads the full model"),
     "keyframe_headroom": ("H", "at a keyframe, widen the int8 weight scales by H so the model can grow "

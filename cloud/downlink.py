@@ -13,6 +13,9 @@ Three things keep patches small and the delivered model close to the master
   grow for many rounds before entries clip (and a coarser step changes fewer entries a round);
 - `patch_cap`: a patch carries at most this many bytes, the largest changes first; the rest
   stays in the master, toward which the next patch moves (server-side error feedback);
+- `deadband`: a held int8 weight changes only when the master is more than this many steps from
+  it, so weights that sit near a rounding boundary do not flip back and forth with every round's
+  noise (what is not sent stays in the master, at most `deadband` steps of it per weight);
 - *soft keyframes*: when more than `keyframe_clip` of the int8 weights clip, only the scales
   of the channels that clip are widened (float32 raw data, so this is itself a patch).
 
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pqsu.export.pipeline import Exported
-from pqsu.export.requantize import QdqLayout, capped_requantize, fitting_scales, requantize, rescale
+from pqsu.export.requantize import QdqLayout, capped_requantize, deadband_keep, fitting_scales, requantize, rescale
 from pqsu.protocol.model_follow import offers_of, wire_bytes
 from pqsu.protocol.model_id import VerifiedModel, stamped
 from pqsu.protocol.patch import PatchError, make_patch
@@ -47,6 +50,7 @@ class DownlinkConfig:
     keyframe_every: int | None = None  # a full keyframe every this many versions (None: only the first)
     keyframe_clip: float | None = 0.01  # drift: fraction of all int8 weights the held scales clip
     patch_cap: int | None = None      # bytes a patch from the previous version may carry (None: exact)
+    deadband: float = 0.5             # steps the master must be from a held int8 weight to change it (0.5: exact)
     patch_bases: int = 4              # patches are kept from this many earlier versions
     headroom: float = 1.0             # weight scales x this at a keyframe
 
@@ -115,6 +119,7 @@ class Step:
     seconds: float      # the cloud's model preparation time
     clipped: float = 0.0
     left_out: int = 0   # weight changes a capped patch left in the master for later
+    changed: int = 0    # int8 weights that changed from the previous version (0 after a keyframe: all new)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -180,11 +185,14 @@ class Downlink:
             nxt = requantize(data, master, layout=self.layout)
         elif self.cfg.patch_cap is not None:
             nxt, left_out = capped_requantize(base, master, self.cfg.patch_cap, layout=self.layout)
+        elif self.cfg.deadband > 0.5:
+            nxt = requantize(base, master, layout=self.layout,
+                             keep=deadband_keep(base, master, self.layout, self.cfg.deadband))
         else:
             nxt = exact
         self.since_keyframe += 1
         self._push(self._with(nxt.data, self.current),
-                   Step(kind, time.perf_counter() - t0, drift.clipped, left_out))
+                   Step(kind, time.perf_counter() - t0, drift.clipped, left_out, nxt.weights_changed))
         return self.step
 
     def _with(self, data: bytes, like: Exported) -> Exported:

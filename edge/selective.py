@@ -6,8 +6,11 @@ A policy is three small swappable parts, configured by name:
   when the local loss improved on the last uploaded one); `norm:T` (the update's norm
   relative to the weights' above T); `relevance:T` (CMFL: the fraction of entries whose
   sign agrees with the last global update at least T). Combine with `+`: `loss+norm:0.01`.
-- entry selection: `topk:F` (the largest fraction F of each tensor), `threshold:T` (entries
-  with |v| >= T), `dense` (every entry, int8) or `fp32` (every entry, float32: the FedAvg
+- entry selection: `topk:F` (the largest fraction F of each tensor), `tcs:F[:L]` (time-
+  correlated top-k: the same F, but only a share L of it, default 0.25, chosen freely; the
+  rest from the entries the last global change touched, so the fleet's updates land on a
+  common support and the next model patch stays small), `threshold:T` (entries with
+  |v| >= T), `dense` (every entry, int8) or `fp32` (every entry, float32: the FedAvg
   baseline).
 - error feedback: what is not sent (entries not selected, quantization error, whole skipped
   rounds) is kept in a residual and added to the next round's update, so nothing is lost,
@@ -96,14 +99,32 @@ class Relevance:
 
 
 class Selector(Protocol):
-    def blocks(self, update: dict[str, np.ndarray]) -> list[TensorBlock]: ...
+    needs_previous: bool  # whether blocks() reads the last global change (a device then keeps last round's weights)
+
+    def blocks(self, update: dict[str, np.ndarray],
+               last_change: dict[str, np.ndarray] | None = None) -> list[TensorBlock]: ...
+
+
+def _k_of(fraction: float, size: int) -> int:
+    # round() first: 0.07 * 100 is 7.000000000000001 in floating point, and must send 7, not 8.
+    return min(size, max(1, math.ceil(round(fraction * size, 6))))
+
+
+def _largest(magnitude: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries of a flat array, unsorted."""
+    if k <= 0:
+        return np.empty(0, np.int64)
+    if k >= magnitude.size:
+        return np.arange(magnitude.size)
+    return np.argpartition(magnitude, magnitude.size - k)[magnitude.size - k:]
 
 
 @dataclass(frozen=True)
 class Dense:
     fp32: bool = False
+    needs_previous = False
 
-    def blocks(self, update: dict[str, np.ndarray]) -> list[TensorBlock]:
+    def blocks(self, update: dict[str, np.ndarray], last_change=None) -> list[TensorBlock]:
         if self.fp32:
             return [TensorBlock.dense_fp32(n, v) for n, v in update.items()]
         return [TensorBlock.dense(n, v, per_channel=True) for n, v in update.items()]
@@ -112,15 +133,50 @@ class Dense:
 @dataclass(frozen=True)
 class TopK:
     fraction: float
+    needs_previous = False
 
-    def blocks(self, update: dict[str, np.ndarray]) -> list[TensorBlock]:
+    def blocks(self, update: dict[str, np.ndarray], last_change=None) -> list[TensorBlock]:
         out = []
         for name, v in update.items():
             flat = v.ravel()
-            # round() first: 0.07 * 100 is 7.000000000000001 in floating point, and must send 7, not 8.
-            k = min(flat.size, max(1, math.ceil(round(self.fraction * flat.size, 6))))
-            idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]) if k < flat.size \
-                else np.arange(flat.size)
+            idx = np.sort(_largest(np.abs(flat), _k_of(self.fraction, flat.size)))
+            out.append(TensorBlock.sparse(name, v.shape, idx, flat[idx]))
+        return out
+
+
+@dataclass(frozen=True)
+class TimeCorrelated:
+    """Time-correlated top-k (Ozfatura et al. 2021): each tensor sends as many entries as `topk:F`, a
+    share `own` of them its own largest anywhere, the rest its largest among the entries the last global
+    change touched (the model it received minus the one before: no extra message). Devices that agree on
+    most of their support make an aggregate, and so a model patch, on few entries; what a device does
+    not send stays in its residual. Without a last change (the first round, a new architecture) it is
+    plain top-k."""
+
+    fraction: float
+    own: float = 0.25
+    needs_previous = True
+
+    def blocks(self, update: dict[str, np.ndarray],
+               last_change: dict[str, np.ndarray] | None = None) -> list[TensorBlock]:
+        out = []
+        for name, v in update.items():
+            flat = v.ravel()
+            magnitude = np.abs(flat)
+            k = _k_of(self.fraction, flat.size)
+            change = (last_change or {}).get(name)
+            if change is None or change.shape != v.shape:
+                idx = _largest(magnitude, k)
+            else:
+                free = _largest(magnitude, min(k, math.ceil(round(self.own * k, 6))))
+                on_support = np.flatnonzero(change.ravel())
+                on_support = on_support[~np.isin(on_support, free)]
+                picked = on_support[_largest(magnitude[on_support], k - free.size)]
+                idx = np.concatenate([free, picked])
+                if idx.size < k:  # a small support: fill with the next largest anywhere
+                    rest = np.setdiff1d(np.arange(flat.size), idx, assume_unique=True)
+                    idx = np.concatenate([idx, rest[_largest(magnitude[rest], k - idx.size)]])
+            idx = np.sort(idx)
             out.append(TensorBlock.sparse(name, v.shape, idx, flat[idx]))
         return out
 
@@ -128,8 +184,9 @@ class TopK:
 @dataclass(frozen=True)
 class Threshold:
     threshold: float
+    needs_previous = False
 
-    def blocks(self, update: dict[str, np.ndarray]) -> list[TensorBlock]:
+    def blocks(self, update: dict[str, np.ndarray], last_change=None) -> list[TensorBlock]:
         out = []
         for name, v in update.items():
             idx = np.flatnonzero(np.abs(v.ravel()) >= self.threshold)
@@ -157,8 +214,8 @@ class SelectivePolicy:
 
     @property
     def needs_previous(self) -> bool:
-        """Whether a device must keep last round's weights (only the relevance rule reads them)."""
-        return any(isinstance(r, Relevance) for r in self.rules)
+        """Whether a device must keep last round's weights (the relevance rule and the tcs selection read them)."""
+        return any(isinstance(r, Relevance) for r in self.rules) or self.selector.needs_previous
 
     def prepare(self, ctx: RoundContext) -> Prepared:
         """Decide, select and quantize; return what to send and the residual to keep."""
@@ -167,7 +224,7 @@ class SelectivePolicy:
             decisions.append(rule.decide(ctx))
             if not decisions[-1].upload:
                 return Prepared(decisions[-1], None, dict(ctx.update) if self.error_feedback else {})
-        blocks = self.selector.blocks(ctx.update)
+        blocks = self.selector.blocks(ctx.update, ctx.global_update)
         residual = {b.name: ctx.update[b.name] - b.dequantize() for b in blocks} if self.error_feedback else {}
         return Prepared(Decision(True, "; ".join(d.reason for d in decisions)), blocks, residual)
 
@@ -202,8 +259,14 @@ def _parse_selector(spec: str) -> Selector:
         if not 0 < fraction <= 1:
             raise PolicyError(f"topk fraction must be in (0, 1], got {fraction}")
         return TopK(fraction)
+    if name == "tcs":
+        fraction, _, own = arg.partition(":")
+        fraction, own = _number(fraction, "tcs:F"), _number(own or "0.25", "tcs:F:L")
+        if not 0 < fraction <= 1 or not 0 <= own <= 1:
+            raise PolicyError(f"tcs needs a fraction F in (0, 1] and an own share L in [0, 1], got {arg!r}")
+        return TimeCorrelated(fraction, own)
     if name == "threshold":
         return Threshold(_number(arg, "threshold:T"))
     if name in ("dense", "fp32") and not arg:
         return Dense(fp32=name == "fp32")
-    raise PolicyError(f"unknown entry selection {spec!r}; use topk:F, threshold:T, dense or fp32")
+    raise PolicyError(f"unknown entry selection {spec!r}; use topk:F, tcs:F[:L], threshold:T, dense or fp32")

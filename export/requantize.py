@@ -191,6 +191,21 @@ def step_changes(base: bytes, master: Mapping[str, np.ndarray], layout: QdqLayou
     return out
 
 
+def deadband_keep(base: bytes, master: Mapping[str, np.ndarray], layout: QdqLayout,
+                  band: float) -> dict[str, np.ndarray]:
+    """Per int8 weight, the entries to leave at the base's value (`requantize(keep=...)`): those whose
+    master value is at most `band` steps from it. 0.5 keeps none that would change; above it an entry
+    has to move past the rounding boundary by a margin, so noise around a boundary does not flip it
+    every round (hysteresis), and the devices' model stays within `band` steps of the master."""
+    keep = {}
+    for name, t in layout.tensors.items():
+        if t.kind == "weight" and name in master:
+            q, _ = t.quantize(master[name])  # shape checks; clipped entries move toward the range's end
+            x = np.asarray(master[name], np.float32).reshape(t.shape) / t.scale + t.zero_point
+            keep[name] = (np.abs(x - t.read(base)) <= band) | (q == t.read(base))
+    return keep
+
+
 def capped_requantize(base: bytes, master: Mapping[str, np.ndarray], max_patch_bytes: int, *,
                       layout: QdqLayout | None = None) -> tuple[Requantized, int]:
     """The next file whose patch from `base` fits `max_patch_bytes`: the largest weight changes

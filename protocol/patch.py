@@ -5,8 +5,10 @@ is A with some int8 weights, the int32 biases and the model id changed, every ot
 equal (pqsu.export.requantize writes B into A's bytes, so this holds by construction). A
 patch lists those changes as operations on A's bytes at absolute offsets:
 
-- "tensor": new element values of one initializer, sparse (the update codec's index coding,
-  `varint.encode_index_set`) or dense, whichever is smaller;
+- "tensor": new element values of one initializer, dense, sparse (the update codec's index
+  coding, `varint.encode_index_set`, then B's values) or, for integer tensors, step-coded
+  (`pqsu.protocol.stepcode`: Rice-coded gaps and mostly ±1 steps from A's values, about one
+  byte per change), whichever is smallest;
 - "splice": a byte range of A replaced by new bytes of any length (a changed metadata entry).
 
 Applying is splicing and hashing, no protobuf parsing, so a board without the onnx package
@@ -23,18 +25,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pqsu.protocol import model_id, varint
+from pqsu.protocol import model_id, stepcode, varint
 from pqsu.protocol.errors import CodecError, PqsuError
 from pqsu.protocol.onnx_wire import ITEMSIZE, WireError, spans
 
 MAGIC = b"PQSP"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the step coding (version 1 patches are refused, never misread)
 OP_TENSOR, OP_SPLICE = 1, 2
-CODING_DENSE, CODING_SPARSE = 0, 1
+CODING_DENSE, CODING_SPARSE, CODING_STEPS = 0, 1, 2
 
 _HEAD = struct.Struct("<4sBB32s32sIII")  # magic, version, flags, base id, target id, base len, target len, ops
 _TENSOR = struct.Struct("<BIIB")          # data type, offset, numel, coding (after kind + name)
 _SPLICE = struct.Struct("<III")           # offset, old length, new length (after kind + key)
+_STEPS = struct.Struct("<IBI")            # nnz, Rice parameter, stream length (step coding)
 _U8, _U16, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I")
 _CRC_BYTES = 4
 
@@ -66,7 +69,8 @@ class PatchInfo:
 
 @dataclass(frozen=True)
 class TensorChange:
-    """One "tensor" operation: `values` (raw element bytes) at flat `indices` (None: dense)."""
+    """One "tensor" operation: `values` (raw element bytes) at flat `indices` (None: dense), or
+    `steps` (B - A, int64) at `indices` for the step coding."""
 
     name: str
     data_type: int
@@ -75,6 +79,8 @@ class TensorChange:
     indices: np.ndarray | None
     values: bytes  # B's bytes of the changed elements (all of them when dense)
     full: bytes = b""  # B's bytes of the whole tensor, for the dense coding
+    old: bytes = b""   # A's bytes of the changed elements, for the step coding
+    steps: np.ndarray | None = None
 
     @property
     def changed(self) -> int:
@@ -121,7 +127,7 @@ def diff(a: bytes, b: bytes) -> tuple[list[TensorChange], list[tuple[str, int, i
         idx = np.flatnonzero(ua != ub)
         if idx.size:
             tensors.append(TensorChange(x.key, x.data_type, x.start, ua.size, idx, ub[idx].tobytes(),
-                                        b[y.start:y.end]))
+                                        b[y.start:y.end], ua[idx].tobytes()))
     return tensors, splices
 
 
@@ -150,10 +156,15 @@ def _name(text: str) -> bytes:
 def _encode_tensor(c: TensorChange) -> bytes:
     head = [_U8.pack(OP_TENSOR), _name(c.name)]
     coding, index_data = varint.encode_index_set(c.indices, c.numel)
-    sparse = [_U32.pack(c.indices.size), _U8.pack(coding), index_data, c.values]
-    if sum(map(len, sparse)) < len(c.full):
-        return b"".join(head + [_TENSOR.pack(c.data_type, c.offset, c.numel, CODING_SPARSE)] + sparse)
-    return b"".join(head + [_TENSOR.pack(c.data_type, c.offset, c.numel, CODING_DENSE), c.full])
+    candidates = [(CODING_DENSE, [c.full]),
+                  (CODING_SPARSE, [_U32.pack(c.indices.size), _U8.pack(coding), index_data, c.values])]
+    signed = stepcode.STEP_TYPES.get(c.data_type)
+    if signed is not None:
+        k, stream = stepcode.encode(c.indices, np.frombuffer(c.old, signed), np.frombuffer(c.values, signed))
+        candidates.append((CODING_STEPS, [_STEPS.pack(c.indices.size, k, len(stream)), stream]))
+    # the smallest; ties go to the simpler coding (dense, then sparse)
+    coding, body = min(candidates, key=lambda cand: (sum(map(len, cand[1])), cand[0]))
+    return b"".join(head + [_TENSOR.pack(c.data_type, c.offset, c.numel, coding)] + body)
 
 
 def _encode_splice(key: str, offset: int, old: int, new: bytes) -> bytes:
@@ -220,6 +231,16 @@ def _read_tensor(r: _Reader, i: int, base_len: int) -> TensorChange:
         raise PatchError("bad-offset", f"tensor {name!r} at {offset}+{numel * size} runs past A ({base_len} bytes)")
     if coding == CODING_DENSE:
         return TensorChange(name, data_type, offset, numel, None, r.take(numel * size, f"tensor {name!r} values"))
+    if coding == CODING_STEPS:
+        if data_type not in stepcode.STEP_TYPES:
+            raise PatchError("bad-op", f"tensor {name!r}: the step coding is for integer tensors, not type {data_type}")
+        nnz, k, nbytes = r.unpack(_STEPS, f"tensor {name!r} step header")
+        stream = r.take(nbytes, f"tensor {name!r} step stream")
+        try:
+            indices, steps = stepcode.decode(stream, nnz, k, numel)
+        except CodecError as exc:
+            raise PatchError("bad-index", f"tensor {name!r}: {exc}") from None
+        return TensorChange(name, data_type, offset, numel, indices, b"", steps=steps)
     if coding != CODING_SPARSE:
         raise PatchError("bad-op", f"tensor {name!r}: unknown coding {coding}")
     nnz, index_coding = r.unpack(struct.Struct("<IB"), f"tensor {name!r} sparse header")
@@ -286,6 +307,14 @@ def apply_patch(a: bytes, patch: bytes) -> bytes:
     pieces, at = [], 0
     for op in ops:
         if isinstance(op, TensorChange):
+            if op.steps is not None:
+                view = np.frombuffer(out, stepcode.STEP_TYPES[op.data_type], op.numel, op.offset)
+                try:
+                    view[op.indices] = stepcode.stepped(view[op.indices], op.steps)
+                except CodecError as exc:
+                    raise PatchError("bad-index", f"tensor {op.name!r}: {exc}") from None
+                del view
+                continue
             view = np.frombuffer(out, f"<u{ITEMSIZE.get(op.data_type, 1)}", op.numel, op.offset)
             new = np.frombuffer(op.values, view.dtype)
             if op.indices is None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from pqsu.edge.selective import (Always, Dense, LossImproved, NormAbove, PolicyError, Relevance,
-                                 RoundContext, SelectivePolicy, Threshold, TopK)
+                                 RoundContext, SelectivePolicy, Threshold, TimeCorrelated, TopK)
 from pqsu.protocol.codec import TensorBlock, Update, decode, encode
 from pqsu.protocol.errors import PqsuError
 
@@ -100,9 +100,10 @@ def test_rules_compose_with_plus_and_all_must_agree():
     assert not loss_fails.decision.upload and "did not improve" in loss_fails.decision.reason
 
 
-def test_only_the_relevance_rule_needs_previous_weights():
+def test_only_the_relevance_rule_and_tcs_need_previous_weights():
     assert _policy("always+relevance:0.3").needs_previous
     assert not _policy("loss+norm:0.1").needs_previous
+    assert _policy("always", "tcs:0.02").needs_previous
 
 
 # ------------------------------------------------------------------------ entry selection
@@ -138,6 +139,43 @@ def test_topk_count_is_not_inflated_by_float_rounding(fraction, n, k):
     # 0.07 * 100 == 7.000000000000001 in floating point: a plain ceil would send 8
     update = {"w": _distinct((n,), np.random.default_rng(0))}
     assert TopK(fraction).blocks(update)[0].nnz == k
+
+
+def test_tcs_sends_topk_many_its_own_largest_share_and_the_rest_on_the_last_change():
+    rng = np.random.default_rng(4)
+    update = {"fc": _distinct((40, 50), rng), "bias": _distinct((10,), rng)}
+    change = {"fc": np.zeros((40, 50), np.float32), "bias": np.zeros(10, np.float32)}
+    support = rng.choice(2000, 300, replace=False)
+    change["fc"].ravel()[support] = 0.01
+    change["bias"][:] = 0.5  # every bias moved: the whole tensor is the support
+    blocks = {b.name: b for b in TimeCorrelated(0.02, own=0.25).blocks(update, change)}
+    v = np.abs(update["fc"].ravel())
+    k = 40  # ceil(0.02 * 2000)
+    sent = set(blocks["fc"].indices.tolist())
+    assert len(sent) == k
+    own = set(np.argsort(-v)[:10].tolist())  # ceil(0.25 * 40) of its own largest, anywhere
+    assert own <= sent
+    rest = [i for i in np.argsort(-v) if i in set(support.tolist()) and i not in own][:k - len(own)]
+    assert sent == own | set(rest)  # the others: the largest on the last change's support
+    assert blocks["bias"].nnz == 1
+    # the round trip through the codec carries what was selected, error feedback keeps the rest
+    policy = SelectivePolicy(selector=TimeCorrelated(0.02))
+    prepared = policy.prepare(_ctx(update, global_update=change))
+    np.testing.assert_allclose(sum(b.dequantize() for b in prepared.blocks if b.name == "fc")
+                               + prepared.residual["fc"], update["fc"], atol=1e-6)
+
+
+def test_tcs_is_topk_without_a_last_change_and_fills_up_a_small_support():
+    rng = np.random.default_rng(5)
+    update = {"w": _distinct((1000,), rng)}
+    plain = TopK(0.05).blocks(update)[0].indices.tolist()
+    assert TimeCorrelated(0.05).blocks(update, None)[0].indices.tolist() == plain
+    assert TimeCorrelated(0.05).blocks(update, {"w": np.zeros((3,), np.float32)})[0].indices.tolist() == plain
+    tiny = {"w": np.zeros(1000, np.float32)}
+    tiny["w"][[1, 2]] = 1.0  # a support of 2 for 38 entries on it: the remaining ones are the next largest
+    got = set(TimeCorrelated(0.05, own=0.2).blocks(update, tiny)[0].indices.tolist())
+    others = [int(i) for i in np.argsort(-np.abs(update["w"])) if i not in (1, 2)]
+    assert got == {1, 2} | set(others[:48])
 
 
 def test_threshold_sends_entries_at_or_above_it_and_skips_empty_tensors():
@@ -181,10 +219,13 @@ def test_spec_builds_the_named_parts():
     assert SelectivePolicy.from_spec("relevance", "dense").rules == (Relevance(0.5),)
     assert SelectivePolicy.from_spec("loss", "threshold:0.2").selector == Threshold(0.2)
     assert SelectivePolicy.from_spec("loss", "fp32").selector == Dense(fp32=True)
+    assert SelectivePolicy.from_spec("always", "tcs:0.02").selector == TimeCorrelated(0.02, 0.25)
+    assert SelectivePolicy.from_spec("always", "tcs:0.02:0.5").selector == TimeCorrelated(0.02, 0.5)
 
 
 @pytest.mark.parametrize("select", ["topk:0", "topk:1.5", "topk:-0.1", "topk:abc", "topk:nan", "topk", "foo",
-                                    "threshold:-1", "threshold:x", "dense:2", "", "topk:inf"])
+                                    "threshold:-1", "threshold:x", "dense:2", "", "topk:inf", "tcs", "tcs:0",
+                                    "tcs:0.02:1.5", "tcs:0.02:x"])
 def test_bad_selection_spec_raises_policy_error(select):
     with pytest.raises(PolicyError) as info:
         SelectivePolicy.from_spec("always", select)

@@ -9,7 +9,8 @@ from onnx import numpy_helper
 from pqsu.export import measure
 from pqsu.export.bridge import read_int8_weights
 from pqsu.export.onnx_export import read_info
-from pqsu.export.requantize import QdqLayout, RequantizeError, capped_requantize, requantize, step_changes
+from pqsu.export.requantize import (QdqLayout, RequantizeError, capped_requantize, deadband_keep, requantize,
+                                   step_changes)
 from pqsu.protocol import model_id
 from pqsu.protocol.patch import apply_patch, changed_entries, make_patch
 
@@ -144,6 +145,26 @@ def test_a_capped_patch_sends_the_largest_changes_and_keeps_the_rest_pending(bas
     again, left_again = capped_requantize(capped.data, master, 2000, layout=layout)
     assert left_again < left
     assert apply_patch(capped.data, make_patch(capped.data, again.data)) == again.data
+
+
+def test_a_deadband_changes_only_weights_the_master_moved_past_it(base, exported):
+    layout = QdqLayout.of(base)
+    master = moved(base, exported, 1.6, seed=5)
+    exact = requantize(base, master, layout=layout)
+    banded = requantize(base, master, layout=layout, keep=deadband_keep(base, master, layout, 1.0))
+    assert 0 < banded.weights_changed < exact.weights_changed
+    assert requantize(base, master, layout=layout, keep=deadband_keep(base, master, layout, 0.5)).data == exact.data
+    for name, t in layout.tensors.items():
+        if t.kind != "weight":
+            continue
+        x = master[name].reshape(t.shape) / t.scale
+        held, old = t.read(banded.data), t.read(base)
+        far = np.abs(x - old) > 1.0
+        assert (held[~far] == old[~far]).all()  # within the band: kept
+        exact_q = t.read(exact.data)
+        assert (held[far] == exact_q[far]).all()  # past it: rounded as an exact patch would
+        assert np.abs(x - held).max() <= 1.0 + 1e-4 or (np.abs(exact_q) == 127).any()  # never over a band away
+    assert apply_patch(base, make_patch(base, banded.data)) == banded.data
 
 
 def test_the_wire_walker_finds_every_initializer_value_where_onnx_reads_it(base):

@@ -135,8 +135,9 @@ def test_wrong_magic_and_unknown_version_are_refused(pair):
     patch = bytearray(make_patch(a, b))
     assert reason(a, b"PQSU" + bytes(patch[4:])) == "bad-magic"
     assert reason(a, b) == "bad-magic"  # a full model file is not a patch
-    patch[4] = 2
-    assert reason(a, reseal(patch)) == "unsupported"
+    for version in (1, 3):  # 1: the format before the step coding, never misread as this one
+        patch[4] = version
+        assert reason(a, reseal(patch)) == "unsupported"
 
 
 def test_a_patch_for_another_base_is_refused(pair):
@@ -236,9 +237,9 @@ def test_patch_errors_are_pqsu_errors_with_a_short_reason(pair):
 # ---------------------------------------------------------------------------- worked example
 
 def example_pair() -> tuple[bytes, bytes]:
-    """docs/patches.md, "Worked example": 64 int8 weights, two of them change, and a metadata value."""
+    """docs/patches.md, "Worked example": 64 int8 weights, three of them change, and a metadata value."""
     w = W.copy()
-    w[[3, 40]] = (100, -100)
+    w[[3, 40, 41]] = (-28, 7, 100)  # steps +1, -1 and +91
     return tiny_model(W), tiny_model(w, extra='{"round": 1}')
 
 

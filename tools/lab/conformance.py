@@ -143,7 +143,7 @@ def control_messages(model_id: str, model_bytes: int) -> dict[str, tuple[str, by
     task = RoundTask(round=3, model_id=model_id, epochs=1.0, batch_size=16, lr=0.05, momentum=0.0,
                      time_budget_s=60.0, seed=7, devices=(DEMO_DEVICE, "pi-07"), deadline=1764630300.0,
                      model_bytes=model_bytes, job=DEMO_JOB, remaining_s=300.0,
-                     patches=({"base": "628505e63d622f6266833a8943fbd638", "bytes": 176,  # docs/patches.md's example
+                     patches=({"base": "628505e63d622f6266833a8943fbd638", "bytes": 177,  # docs/patches.md's example
                                "sha256": hashlib.sha256(b"the example patch").hexdigest()},))
     closed = dataclasses.replace(task, deadline=1764630123.5, remaining_s=0.0)
     minimal = json.dumps({"v": 1, "type": "round", "round": 1, "model_id": model_id}).encode()
