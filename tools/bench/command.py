@@ -22,7 +22,7 @@ suites:
 With --docs, this run's suites replace theirs in docs/results.json (the committed measurements, so
 one suite can be remeasured without rerunning the others), and docs/results.md, the plots in
 docs/img/ and README.md's generated results block (between its results markers) are rendered
-from that file once it holds every default suite (until then the page is left as it is).
+from that file; the page names the default suites it holds no measurements of.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from pqsu.tools.lab import results as results_runner
 log = logging.getLogger(__name__)
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 DOCS_RESULTS = Path("docs/results.json")
-# docs/results.md is rendered only once docs/results.json holds all of these (the default suites)
+# the default suites; docs/results.md names those it has no measurements of
 DOCS_SUITES = ("export", "codec", "paper", "fleet", "scale")
 MODEL_PLANS = {"paper": ("alexnet", "vgg16"), "recovery": ("cnn", "alexnet"), "strategies": ("cnn", "alexnet")}
 
@@ -99,12 +99,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "results.md").write_text(to_markdown(results, {p.name: p.name for p in plots}))
     if args.docs:
         documented = merge_into_docs(results, DOCS_RESULTS)
-        missing = [name for name in DOCS_SUITES if name not in documented]
-        if missing:  # a page without the paper's table and its Targets would read as if they had gone
-            print(f"docs/results.md left as it is: {DOCS_RESULTS} has no {', '.join(missing)} measurements yet "
-                  f"(this run's suites are kept there; run those suites with --docs to render the page)")
-        else:
-            write_docs(documented, bench_plots.all_plots(documented, out / "docs-img"))
+        write_docs(documented, bench_plots.all_plots(documented, out / "docs-img"))
     print(to_markdown(results))
     print(f"written: {out / 'results.json'}, {out / 'results.md'}")
     return 0
@@ -271,6 +266,12 @@ def to_markdown(results: dict, images: dict[str, str] | None = None) -> str:
              f"Python {results['machine']['python']}); each suite says when it was measured. Do not edit by hand: "
              "rerun `pqsu bench SUITE --out DIR --docs`.", ""]
     images = images or {}
+
+    missing = [name for name in DOCS_SUITES if name not in results]
+    if missing:
+        lines += [f"Not measured on this code yet: {', '.join(missing)} (`pqsu bench {' '.join(missing)} --docs`). "
+                  "Pages generated from earlier code, with their figures and Targets verdicts, are kept in "
+                  "[docs/archive/](archive/).", ""]
 
     def image(name: str, alt: str) -> list[str]:
         return [f"![{alt}]({images[name]})", ""] if name in images else []

@@ -245,7 +245,9 @@ def readme_block(results: dict, plot: str | None) -> str:
     """The README's generated results paragraph (between the results markers)."""
     paper = results.get("paper")
     if not paper or not paper.get("tables"):
-        return "Run `pqsu bench paper --docs` to generate the headline figures.\n"
+        return ("The paper bench has not been run on this code yet: `pqsu bench paper --docs` generates the headline "
+                "figures here. Pages from earlier code, with their headline and Targets verdicts, are in "
+                "[docs/archive/](docs/archive/).\n")
     name, t = next(iter(paper["tables"].items()))
     ours, rows = t["rows"]["ours"], t["rows"]
     nb = ours["radio"]["nbiot"]

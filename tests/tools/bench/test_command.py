@@ -176,16 +176,15 @@ def test_docs_keep_the_suites_a_run_did_not_remeasure(tmp_path):
     assert json.loads(docs_json.read_text())["fleet"] == {"v": 2}
 
 
-def test_docs_page_waits_for_every_default_suite(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # --docs writes docs/ under the working directory
+def test_docs_page_names_the_default_suites_it_has_no_measurements_of(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --docs writes docs/ and README.md under the working directory
     out = tmp_path / "b"
     out.mkdir()
     (out / "results.json").write_text(json.dumps({"codec": {"measured_at": "2026-12-02T06:00"}}))
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "results.md").write_text("the page as it was\n")
     args = _args(tmp_path, "codec")
     args.out, args.render, args.docs, args.quick = str(out), True, True, False
     assert bench.run(args) == 0
     assert json.loads((tmp_path / "docs" / "results.json").read_text())["codec"]["measured_at"] == "2026-12-02T06:00"
-    assert (tmp_path / "docs" / "results.md").read_text() == "the page as it was\n"
-    assert "docs/results.md left as it is" in capsys.readouterr().out
+    page = (tmp_path / "docs" / "results.md").read_text()
+    assert "## Update codec (measured 2026-12-02T06:00)" in page
+    assert "Not measured on this code yet: export, paper, fleet, scale" in page
