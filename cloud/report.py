@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 from pathlib import Path
 
 from pqsu.cloud.run_plots import write_run_plots
@@ -67,12 +68,11 @@ def device_evaluation(evaluations: dict[str, dict]) -> dict | None:
         return None
     total = sum(e["samples"] for e in reports)
     acc = [e["accuracy"] for e in reports]
-    mean = sum(acc) / len(acc)
     return {"devices": len(reports), "samples": total,
             "accuracy": sum(e["accuracy"] * e["samples"] for e in reports) / total,
             "loss": sum(e["loss"] * e["samples"] for e in reports) / total,
             "accuracy_min": min(acc), "accuracy_max": max(acc),
-            "accuracy_std": (sum((a - mean) ** 2 for a in acc) / len(acc)) ** 0.5}
+            "accuracy_std": statistics.pstdev(acc)}
 
 
 def device_eval_text(ev: dict | None, lead: str = "  ") -> str:

@@ -123,7 +123,7 @@ class RoundRunner:
         closed = server.close_round(skipped=sum(v == "skipped" for v in answered.values()))
         closed.bytes_down = downlink["bytes_down"]  # what the devices downloaded, not file x devices
         # the devices' evaluation of the model they received this round (the one before this close's step)
-        closed.device_eval = report.device_evaluation(getattr(transport, "evaluations", dict)())
+        closed.device_eval = report.device_evaluation(transport.evaluations())
         transport.close_round(task)
         rep = closed.to_dict()
         rep.update(downlink)

@@ -202,7 +202,8 @@ def deadband_keep(base: bytes, master: Mapping[str, np.ndarray], layout: QdqLayo
         if t.kind == "weight" and name in master:
             q, _ = t.quantize(master[name])  # shape checks; clipped entries move toward the range's end
             x = np.asarray(master[name], np.float32).reshape(t.shape) / t.scale + t.zero_point
-            keep[name] = (np.abs(x - t.read(base)) <= band) | (q == t.read(base))
+            held = t.read(base)
+            keep[name] = (np.abs(x - held) <= band) | (q == held)
     return keep
 
 

@@ -315,8 +315,8 @@ def _projection(r: dict) -> list[str]:
     per_worker = w["one"]["updates_per_s"]
     update_bytes = r["one_core"]["cnn"]["update_bytes"]
     lines = ["### Projection to N machines (from the 1-worker rate above; broker figures are the vendors')", "",
-             f"One worker drained {per_worker:,.0f} updates/s of {update_bytes:,} bytes here (one core, loaded "
-             "machine). Workers share nothing but the broker, so N machines of C cores run N x C workers; the "
+             f"One worker drained {per_worker:,.0f} updates/s of {update_bytes:,} bytes here (one core; the "
+             "load average is in the table above). Workers share nothing but the broker, so N machines of C cores run N x C workers; the "
              "coordinator only grants claims and adds one partial per worker per flush. What then bounds a round "
              "is the broker, which must carry every update once in and once out:", "",
              f"| machines x cores | workers | updates/s, linear | at the measured 2-worker efficiency "
