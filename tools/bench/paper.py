@@ -70,6 +70,8 @@ ROWS: dict[str, tuple[str, dict]] = {  # label -> (scheme or ablation preset, ov
     # fell round after round, while without it it did not: both are measured here.
     "ours@m0": ("ours", {"server_momentum": 0.0}),
     "ours@70%": ("ours", {"prune": 0.7}),
+    # The same run as "ours" but with the whole int8 model downloaded every round: what patches cost in accuracy.
+    "ours@full": ("ours", {"downlink": "full"}),
 }
 TARGET_FRACTION = 0.95
 # A row's simulated times per downlink view (tools/bench/radio.py VIEWS), every scheme alike: "radio" the
@@ -186,7 +188,7 @@ def _row(scheme: str, cfg: FederatedConfig, result, ort_ms: float, ft: float) ->
         "scheme": scheme, "prune": cfg.prune, "precision": cfg.precision, "upload": cfg.upload, "select": cfg.select,
         "error_feedback": cfg.error_feedback, "server_momentum": cfg.server_momentum, "server_opt": cfg.server_opt,
         "server_lr": cfg.server_lr, "local_prox": cfg.local_prox, "importance": cfg.importance, "ranking": cfg.ranking, "distill": cfg.distill,
-        "prune_steps": cfg.prune_steps, "finetune_epochs": ft,
+        "prune_steps": cfg.prune_steps, "finetune_epochs": ft, "downlink": cfg.downlink,
         "initial_accuracy": result.summary["initial_accuracy"],
         "accuracy_per_round": [r["accuracy"] for r in rounds],
         "final_accuracy": rounds[-1]["accuracy"],

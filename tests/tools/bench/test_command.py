@@ -93,7 +93,12 @@ def test_quick_run_writes_report_plots_and_targets(quick, tmp_path):
     for name in ("accuracy-vs-nbiot-cnn-fashion-mnist.png", "bytes-cnn-fashion-mnist.png", "aggregator-memory.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     verdicts = bench_report.verdicts(results)
-    assert len(verdicts) == 6 * len(bench_report.OUR_ROWS) + 1
+    assert len(verdicts) == 6 * len(bench_report.OUR_ROWS) + 1 + 1  # + memory + patches against ours@full
+    patches = next(v for v in verdicts if v.target.startswith("model patches"))
+    rows = results["paper"]["tables"]["cnn/fashion-mnist"]["rows"]
+    delta = 100 * (rows["ours"]["last3_accuracy"] - rows["ours@full"]["last3_accuracy"])
+    assert patches.measured == f"{delta:+.2f} pt" and patches.met == (delta >= -bench_report.PATCH_PT)
+    assert rows["ours@full"]["downlink"] == "full" and rows["ours"]["downlink"] != "full"
     ours = results["paper"]["tables"]["cnn/fashion-mnist"]["rows"]["ours"]
     down = next(v for v in verdicts if v.where.endswith(" ours") and v.target.startswith("downlink"))
     assert down.met == (ours["downlink_flashed_ratio_vs_fedavg"] >= bench_report.DOWNLINK_X)
