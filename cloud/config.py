@@ -324,11 +324,11 @@ def config_from_args(args: argparse.Namespace) -> FederatedConfig:
             check_type(name, value, hints[name])
         except PqsuError as exc:
             raise PqsuError(f"settings file {path}: {exc}") from None
-    try:  # a value of the right type that means nothing (prune = "half") names the file too
-        prune_spec.check(values.get("prune"), values.get("importance", "l1"), values.get("ranking", "uniform"),
-                         values.get("distill", 0.0), values.get("prune_steps", 1))
-    except PqsuError as exc:
-        raise PqsuError(f"settings file {path}: {exc}") from None
+    if values and scheme in SCHEMES:  # a value of the right type that means nothing (prune = "half",
+        try:                           # local_prox = -1) names the file too: the file's values alone, checked
+            FederatedConfig.for_scheme(scheme, **values)
+        except PqsuError as exc:
+            raise PqsuError(f"settings file {path}: {exc}") from None
     given = {n: getattr(args, n) for n in hints if getattr(args, n, None) is not None}
     values.update({n: None if v is NONE_GIVEN else v for n, v in given.items()})
     others = {k: v for k, v in settings.items() if k not in hints}

@@ -35,6 +35,8 @@ WRONG_TYPES = [
     ("model = 5", "model = 5: expected a string"),
     ("clip_norm = [1, 2]", "clip_norm = [1, 2]: expected a number or a string"),
     ("scheme = 1", "scheme = 1: expected a string"),
+    ("local_prox = -1", "local_prox must be in [0, 1000], got -1"),  # the right type, out of range
+    ('downlink = "sometimes"', "downlink must be one of full, hard, soft, got 'sometimes'"),
 ]
 
 
