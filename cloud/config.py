@@ -78,7 +78,7 @@ class FederatedConfig:
     downlink: str = "hard"           # keyframe policy: full (no patches), hard or soft
     keyframe_every: int | None = None
     keyframe_clip: float | None = 0.01
-    patch_cap: int | None = None
+    patch_cap: int | float | None = None  # bytes, or a fraction of the int8 model file (DownlinkConfig)
     patch_deadband: float = 0.5
     patch_bases: int = 4
     keyframe_headroom: float = 1.5
@@ -98,10 +98,13 @@ class FederatedConfig:
         if self.downlink not in DOWNLINKS:
             raise PqsuError(f"downlink must be one of {', '.join(DOWNLINKS)}, got {self.downlink!r}")
         if (self.keyframe_every is not None and self.keyframe_every < 1) or self.patch_bases < 1 \
-                or (self.patch_cap is not None and self.patch_cap < 256) or self.keyframe_headroom < 1 \
-                or (self.keyframe_clip is not None and not 0 <= self.keyframe_clip < 1):
-            raise PqsuError("keyframe_every and patch_bases must be >= 1, patch_cap >= 256 bytes, "
-                            "keyframe_headroom >= 1 and keyframe_clip in [0, 1)")
+                or self.keyframe_headroom < 1 or (self.keyframe_clip is not None and not 0 <= self.keyframe_clip < 1):
+            raise PqsuError("keyframe_every and patch_bases must be >= 1, keyframe_headroom >= 1 and keyframe_clip "
+                            "in [0, 1)")
+        cap = self.patch_cap
+        if cap is not None and not (cap >= 256 if isinstance(cap, numbers.Integral) else 0 < cap < 1):
+            raise PqsuError(f"patch_cap must be a number of bytes >= 256 or a fraction of the model file in (0, 1), "
+                            f"got {cap}")
         if not 0.5 <= self.patch_deadband <= 4 or (self.patch_deadband > 0.5 and self.patch_cap is not None):
             raise PqsuError(f"patch_deadband must be in [0.5, 4] steps (0.5: exact patches), and not combined with "
                             f"patch_cap; got {self.patch_deadband} with patch_cap {self.patch_cap}")
@@ -208,7 +211,9 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(FederatedConfig):
         kind = field_types()[f.name]
         base = next((t for t in (bool, int, float, str) if t is kind or t in typing.get_args(kind)), str)
-        parse = _boolean if base is bool else _optional(_number_or_text if str in typing.get_args(kind) else base)
+        args = typing.get_args(kind)
+        parse = _boolean if base is bool else _optional(
+            _number_or_text if str in args else _int_or_float if float in args and int in args else base)
         metavar, text = FIELD_HELP[f.name]
         p.add_argument("--" + f.name.replace("_", "-"), type=parse, default=None, metavar=metavar,
                        help=f"{text}{_defaults(f.name, f.default)}")
@@ -297,8 +302,9 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
                        "only the first)"),
     "keyframe_clip": ("F", "drift threshold: act (hard: full keyframe, soft: widen scales) when more than this "
                       "fraction of the int8 weights clip at the held scales; none: never"),
-    "patch_cap": ("BYTES", "largest patch from the previous version: the largest weight changes first, the "
-                  "rest stays in the master for later rounds; none: exact patches"),
+    "patch_cap": ("CAP", "largest patch from the previous version, in bytes (5800) or as a fraction of the int8 "
+                  "model file (0.05, which scales with the model): the largest weight changes first, the rest "
+                  "stays in the master for later rounds; none: exact patches"),
     "patch_deadband": ("STEPS", "an int8 weight the devices hold changes only when the master is more than this "
                        "many steps away from it (0.5: whenever it rounds to another value, exact patches); "
                        "larger values stop weights near a rounding boundary from flipping back and forth"),
@@ -390,6 +396,14 @@ def _boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _int_or_float(text: str) -> int | float:
+    """5800 is a count, 0.05 a fraction: the type the text has, not the wider one."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def _number_or_text(text: str) -> float | str:
     try:
         return float(text)
@@ -410,5 +424,5 @@ NONE_GIVEN = _NoneGiven()
 def _optional(kind: type):
     def parse(text: str):
         return NONE_GIVEN if text.lower() == "none" else kind(text)
-    parse.__name__ = kind.__name__
+    parse.__name__ = "number" if kind is _int_or_float else kind.__name__  # argparse: "invalid number value"
     return parse

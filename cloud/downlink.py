@@ -11,8 +11,8 @@ Three things keep patches small and the delivered model close to the master
 
 - `headroom`: at a keyframe the weight scales are widened by this factor, so the master can
   grow for many rounds before entries clip (and a coarser step changes fewer entries a round);
-- `patch_cap`: a patch carries at most this many bytes, the largest changes first; the rest
-  stays in the master, toward which the next patch moves (server-side error feedback);
+- `patch_cap`: a patch carries at most this many bytes (or this fraction of the int8 file), the
+  largest changes first; the rest stays in the master, toward which the next patch moves (server-side error feedback);
 - `deadband`: a held int8 weight changes only when the master is more than this many steps from
   it, so weights that sit near a rounding boundary do not flip back and forth with every round's
   noise (what is not sent stays in the master, at most `deadband` steps of it per weight);
@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import numbers
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -49,10 +50,16 @@ class DownlinkConfig:
     policy: str = "full"              # a KEYFRAME_POLICIES name
     keyframe_every: int | None = None  # a full keyframe every this many versions (None: only the first)
     keyframe_clip: float | None = 0.01  # drift: fraction of all int8 weights the held scales clip
-    patch_cap: int | None = None      # bytes a patch from the previous version may carry (None: exact)
+    patch_cap: int | float | None = None  # bytes a patch from the previous version may carry, or a fraction
+                                          # of the int8 file (float in (0, 1)); None: exact
     deadband: float = 0.5             # steps the master must be from a held int8 weight to change it (0.5: exact)
     patch_bases: int = 4              # patches are kept from this many earlier versions
     headroom: float = 1.0             # weight scales x this at a keyframe
+
+
+def cap_bytes(cap: int | float, file_bytes: int) -> int:
+    """A patch cap in bytes: a fraction (float) is of the int8 file, so one setting fits every model size."""
+    return int(cap) if isinstance(cap, numbers.Integral) else max(256, int(cap * file_bytes))
 
 
 @dataclass(frozen=True)
@@ -184,7 +191,7 @@ class Downlink:
                                                                           only_clipping=True))
             nxt = requantize(data, master, layout=self.layout)
         elif self.cfg.patch_cap is not None:
-            nxt, left_out = capped_requantize(base, master, self.cfg.patch_cap, layout=self.layout)
+            nxt, left_out = capped_requantize(base, master, cap_bytes(self.cfg.patch_cap, len(base)), layout=self.layout)
         elif self.cfg.deadband > 0.5:
             nxt = requantize(base, master, layout=self.layout,
                              keep=deadband_keep(base, master, self.layout, self.cfg.deadband))

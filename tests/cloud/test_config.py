@@ -37,6 +37,8 @@ WRONG_TYPES = [
     ("scheme = 1", "scheme = 1: expected a string"),
     ("local_prox = -1", "local_prox must be in [0, 1000], got -1"),  # the right type, out of range
     ('downlink = "sometimes"', "downlink must be one of full, hard, soft, got 'sometimes'"),
+    ("patch_cap = 1.5", "patch_cap must be a number of bytes >= 256 or a fraction of the model file in (0, 1), got 1.5"),
+    ("patch_cap = 100", "patch_cap must be a number of bytes >= 256 or a fraction of the model file in (0, 1), got 100"),
 ]
 
 
@@ -151,3 +153,9 @@ def test_local_prox_reaches_every_round_task_and_a_bad_value_is_one_line():
     assert RoundTask.from_json(RoundTask(1, "m").to_json()).prox == 0.0  # an older coordinator's task: plain SGD
     with pytest.raises(PqsuError, match="local_prox"):
         FederatedConfig(local_prox=-1.0)
+
+
+def test_a_patch_cap_flag_is_bytes_or_a_fraction_of_the_model_file():
+    assert _config("--patch-cap", "5800").patch_cap == 5800 and isinstance(_config("--patch-cap", "5800").patch_cap, int)
+    assert _config("--patch-cap", "0.05").patch_cap == 0.05
+    assert _config("--patch-cap", "none").patch_cap is None

@@ -136,12 +136,14 @@ def test_the_full_policy_exports_every_version_and_offers_no_patch(trained_cnn):
     assert [r["downloads"] for r in runner.rounds] == [{"patch": 0, "full": 1}] * 2
 
 
-@pytest.mark.parametrize("cap", [1024, 3000])
+@pytest.mark.parametrize("cap", [1024, 3000, 0.02])
 def test_a_capped_patch_fits_its_cap_and_the_rest_follows_later(trained_cnn, cap):
+    """A cap is bytes, or a fraction of the int8 file (0.02: 2 in 100 of its bytes)."""
     server = PatchingServer(trained_cnn, DownlinkConfig(policy="soft", patch_cap=cap, headroom=1.5))
     runner, _, _ = run(server, ["dev-a"], rounds=3)
+    limit = cap if isinstance(cap, int) else int(cap * runner.rounds[0]["model_bytes"])
     for rep in runner.rounds[1:]:
-        assert rep["bytes_down"] <= wire_bytes(cap, LIMIT)
+        assert rep["bytes_down"] <= wire_bytes(limit, LIMIT)
     assert runner.rounds[-1]["downlink"]["left_out"] > 0  # the master is ahead of the devices' model
 
 
