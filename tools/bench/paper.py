@@ -72,6 +72,9 @@ ROWS: dict[str, tuple[str, dict]] = {  # label -> (scheme or ablation preset, ov
     "ours@70%": ("ours", {"prune": 0.7}),
     # The same run as "ours" but with the whole int8 model downloaded every round: what patches cost in accuracy.
     "ours@full": ("ours", {"downlink": "full"}),
+    # Patches capped at 5% of the int8 file (largest changes first, the rest kept in the master) and weight scales
+    # widened 2x at a keyframe: on the main job's cnn this is what reaches 20x below full downloads (docs/design.md).
+    "ours@cap5%": ("ours", {"patch_cap": 0.05, "keyframe_headroom": 2.0}),
 }
 TARGET_FRACTION = 0.95
 # A row's simulated times per downlink view (tools/bench/radio.py VIEWS), every scheme alike: "radio" the
@@ -129,11 +132,13 @@ def plans(quick: bool, mnist: str | None = None, cifar10: str | None = None) -> 
 
 
 def run_table(overrides: dict, rows: dict[str, tuple[str, dict]] = ROWS, latency_repeats: int = 30,
-              seeds: int = 1) -> dict:
+              seeds: int = 1, extend: dict | None = None) -> dict:
     """Every row on the same split and seed; returns per-row measurements plus the radio analysis.
 
     With `seeds` > 1 the whole table is run once per seed (seed, seed + 1, ...: each its own data split,
-    initial weights and training) and merged by `merge_seeds`."""
+    initial weights and training) and merged by `merge_seeds`. `extend`: a saved one-seed table of the same
+    overrides; only the rows it lacks are run (on the same seed and the same round-0 pre-training), each
+    stamped with its own `measured_at`."""
     if seeds > 1:
         first = overrides.get("seed", 0)
         return merge_seeds([run_table({**overrides, "seed": first + i}, rows, latency_repeats) for i in range(seeds)])
@@ -141,10 +146,13 @@ def run_table(overrides: dict, rows: dict[str, tuple[str, dict]] = ROWS, latency
     data = cloud_data(base)
     pretrained = pretrain(base.prepare_config(), data.proxy)  # round 0's pre-training, shared by every row
     x1 = data.test_x[:1]
-    table = {"config": {k: v for k, v in base.to_dict().items() if k in overrides or k in ("epochs", "batch_size", "lr")},
-             "torch_fp32_unpruned_b1_ms": measure.torch_latency_ms(copy.deepcopy(pretrained), x1, latency_repeats),
-             "rows": {}}
+    table = extend or {
+        "config": {k: v for k, v in base.to_dict().items() if k in overrides or k in ("epochs", "batch_size", "lr")},
+        "torch_fp32_unpruned_b1_ms": measure.torch_latency_ms(copy.deepcopy(pretrained), x1, latency_repeats),
+        "rows": {}}
     for label, (scheme, extra) in rows.items():
+        if label in table["rows"]:
+            continue
         cfg = row_config(scheme, **{**overrides, **extra})
         ft = extra.get("finetune_epochs", base.finetune_epochs)  # a row may buy round 0 more epochs, on purpose
         log.info("paper %s / %s: %d rounds, %d clients", cfg.model, label, cfg.rounds, cfg.clients)
@@ -153,6 +161,8 @@ def run_table(overrides: dict, rows: dict[str, tuple[str, dict]] = ROWS, latency
                           server=server)
         ort_ms = measure.ort_latency_ms(measure.ort_session(result.model), x1, latency_repeats)
         table["rows"][label] = {**_row(scheme, cfg, result, ort_ms, ft), "prune_chosen": round0.ratio}
+        if extend:
+            table["rows"][label]["measured_at"] = dt.datetime.now().isoformat(timespec="minutes")
     analyze(table)
     return table
 
@@ -188,7 +198,8 @@ def _row(scheme: str, cfg: FederatedConfig, result, ort_ms: float, ft: float) ->
         "scheme": scheme, "prune": cfg.prune, "precision": cfg.precision, "upload": cfg.upload, "select": cfg.select,
         "error_feedback": cfg.error_feedback, "server_momentum": cfg.server_momentum, "server_opt": cfg.server_opt,
         "server_lr": cfg.server_lr, "local_prox": cfg.local_prox, "importance": cfg.importance, "ranking": cfg.ranking, "distill": cfg.distill,
-        "prune_steps": cfg.prune_steps, "finetune_epochs": ft, "downlink": cfg.downlink,
+        "prune_steps": cfg.prune_steps, "finetune_epochs": ft, "downlink": cfg.downlink, "patch_cap": cfg.patch_cap,
+        "keyframe_headroom": cfg.keyframe_headroom,
         "initial_accuracy": result.summary["initial_accuracy"],
         "accuracy_per_round": [r["accuracy"] for r in rounds],
         "final_accuracy": rounds[-1]["accuracy"],
@@ -313,8 +324,14 @@ def run(quick: bool = False, mnist: str | None = None, cifar10: str | None = Non
         saved = out / f"paper-{name.replace('/', '-')}{tag}.json" if out else None
         if saved and saved.exists():
             log.info("paper %s: reusing %s (delete it to measure again)", name, saved)
-            tables[name] = json.loads(saved.read_text())
-            tables[name].setdefault("measured_at", dt.datetime.fromtimestamp(saved.stat().st_mtime).isoformat("T", "minutes"))
+            kept = json.loads(saved.read_text())
+            kept.setdefault("measured_at", dt.datetime.fromtimestamp(saved.stat().st_mtime).isoformat("T", "minutes"))
+            missing = [k for k in chosen if k not in kept["rows"]]
+            if missing and seeds == 1:  # rows added since it was measured: run those alone, on its seed
+                log.info("paper %s: measuring the rows it lacks: %s", name, ", ".join(missing))
+                kept = run_table(overrides, chosen, latency_repeats=5 if quick else 30, extend=kept)
+                saved.write_text(json.dumps(kept, indent=2) + "\n")
+            tables[name] = kept
             analyze(tables[name])
             continue
         tables[name] = run_table(overrides, chosen, latency_repeats=5 if quick else 30, seeds=seeds)

@@ -93,8 +93,9 @@ def test_quick_run_writes_report_plots_and_targets(quick, tmp_path):
     for name in ("accuracy-vs-nbiot-cnn-fashion-mnist.png", "bytes-cnn-fashion-mnist.png", "aggregator-memory.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     verdicts = bench_report.verdicts(results)
-    assert len(verdicts) == 6 * len(bench_report.OUR_ROWS) + 1 + 1  # + memory + patches against ours@full
-    patches = next(v for v in verdicts if v.target.startswith("model patches"))
+    # six per row of ours, one per patched row against ours@full, and the coordinator's memory
+    assert len(verdicts) == 6 * len(bench_report.OUR_ROWS) + len(bench_report.PATCHED_ROWS) + 1
+    patches = next(v for v in verdicts if v.target.startswith("model patches") and " ours vs" in v.where)
     rows = results["paper"]["tables"]["cnn/fashion-mnist"]["rows"]
     delta = 100 * (rows["ours"]["last3_accuracy"] - rows["ours@full"]["last3_accuracy"])
     assert patches.measured == f"{delta:+.2f} pt" and patches.met == (delta >= -bench_report.PATCH_PT)
