@@ -99,7 +99,11 @@ def decode(stream: bytes, nnz: int, k: int, numel: int) -> tuple[np.ndarray, np.
     """(sorted indices, int64 steps) from a stream `encode` made; StepCodeError else.
 
     Work is bounded by the stream's length: every change takes at least k + 3 bits, so nnz
-    is checked against it before anything is decoded.
+    is checked against it before anything is decoded. A code word's length depends only on
+    where it starts, so the end of a word starting at every bit is computed at once with
+    numpy; the one sequential part, hopping from word to word, is a loop over plain ints.
+    A stream that does not decode is decoded again word by word (`_decode_words`), which
+    names the first change that is wrong and why.
     """
     if k > MAX_RICE_K:
         raise StepCodeError(f"Rice parameter {k} is over {MAX_RICE_K}")
@@ -109,10 +113,62 @@ def decode(stream: bytes, nnz: int, k: int, numel: int) -> tuple[np.ndarray, np.
         raise StepCodeError(f"{nnz} changes need at least {nnz * (k + 3)} bits, the stream has {8 * len(stream)}")
     bits = np.unpackbits(np.frombuffer(stream, np.uint8))
     n = bits.size
-    zeros = np.flatnonzero(bits == 0)
-    ones = np.flatnonzero(bits == 1)
-    next_zero = np.append(zeros, n)[np.searchsorted(zeros, np.arange(n + 1))]
-    next_one = np.append(ones, n)[np.searchsorted(ones, np.arange(n + 1))]
+    next_zero, next_one = _next_bits(bits)
+    sink = n + 1  # where a word that cannot be read "ends"; it ends there too
+    z = next_zero
+    flag_at = z + 1 + k
+    ok = (z < n) & (flag_at + 2 <= n)
+    flag_at = np.minimum(flag_at, n - 1) if n else flag_at
+    escaped = ok & (bits[flag_at] == 1) if n else ok
+    o = next_one[np.minimum(flag_at + 1, n)]
+    lead = o - (flag_at + 1)
+    ok &= ~escaped | ((lead <= MAX_GOLOMB_PREFIX) & (o + lead < n))
+    ends = np.where(ok, np.where(escaped, o + lead + 1, flag_at + 2), sink)
+    hop = np.append(ends, sink).tolist()
+    words = [0] * nnz
+    p = 0
+    for i in range(nnz):
+        words[i] = p
+        p = hop[p]
+    if p == sink or (n - p) >= 8 or bits[p:].any():
+        return _decode_words(bits, nnz, k, numel, next_zero, next_one)
+    at = np.asarray(words, np.int64)
+    gaps = (next_zero[at] - at) << k
+    padded = np.concatenate([bits, np.zeros(MAX_RICE_K, np.uint8)]).astype(np.int64)
+    for j in range(k):
+        gaps |= padded[next_zero[at] + 1 + j] << (k - 1 - j)
+    indices = np.cumsum(gaps + 1) - 1
+    if indices.size and indices[-1] >= numel:
+        return _decode_words(bits, nnz, k, numel, next_zero, next_one)
+    flags = next_zero[at] + 1 + k
+    steps = np.where(padded[flags + 1] == 1, -1, 1).astype(np.int64)
+    big = np.flatnonzero(padded[flags] == 1)
+    if big.size:
+        first = next_one[flags[big] + 1]
+        width = first - (flags[big] + 1) + 1      # the Exp-Golomb value's bits, from its leading one
+        m = np.zeros(big.size, np.int64)
+        for j in range(int(width.max())):
+            live = width > j
+            m[live] = (m[live] << 1) | padded[first[live] + j]
+        zz = m + 2
+        steps[big] = np.where(zz % 2 == 0, zz // 2, -(zz + 1) // 2)
+    return indices, steps
+
+
+def _next_bits(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each position 0..n, the position of the next zero bit and of the next one bit (n: none)."""
+    n = bits.size
+    at = np.arange(n + 1)
+    one = np.append(bits, 1) == 1  # past the end counts as both, so a search from n finds n
+    zero = np.append(bits, 0) == 0
+    return (np.minimum.accumulate(np.where(zero, at, n)[::-1])[::-1],
+            np.minimum.accumulate(np.where(one, at, n)[::-1])[::-1])
+
+
+def _decode_words(bits: np.ndarray, nnz: int, k: int, numel: int, next_zero: np.ndarray,
+                  next_one: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`decode` one change at a time: slower, and the first wrong change is named with its reason."""
+    n = bits.size
     padded = np.concatenate([bits, np.zeros(_WINDOW, np.uint8)]).astype(np.int64)
     window = np.zeros(n + 1, np.int64)
     for j in range(_WINDOW):

@@ -1,6 +1,8 @@
 """The step coding of a patch's integer changes: exact round trips, sizes, and hostile streams refused."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -107,3 +109,30 @@ def test_a_step_past_int8_in_a_resealed_patch_is_refused():
     sign = (62 >> k) + 1 + k + 1  # the bit after the unary quotient, its end and the remainder, and the 0 flag
     patch[at + 10 + sign // 8] ^= 0x80 >> (sign % 8)  # -1 becomes +1: 127 + 1 leaves int8
     assert reason(a, reseal(patch)) == "bad-index"
+
+
+def test_the_fast_decoder_and_the_word_by_word_one_agree_on_any_stream():
+    """decode reads every word's end at once; _decode_words hops one word at a time: same answer,
+    on good streams and on damaged ones (where the word-by-word path names the reason)."""
+    rng = np.random.default_rng(11)
+    for trial in range(200):
+        old, idx, new = _changes(rng, 3_000, rng.choice([0.001, 0.05, 0.5]), np.int8)
+        k, stream = encode(idx, old[idx], new)
+        if trial % 2:  # flip a few bits, or cut the stream
+            raw = bytearray(stream)
+            for at in rng.integers(0, len(raw), rng.integers(1, 4)):
+                raw[at] ^= 1 << int(rng.integers(0, 8))
+            stream = bytes(raw[: len(raw) - int(rng.integers(0, 2))])
+        bits = np.unpackbits(np.frombuffer(stream, np.uint8))
+        try:
+            fast = decode(stream, idx.size, k, old.size)
+        except StepCodeError as exc:
+            if "need at least" in str(exc):  # refused on its length, before either path reads a word
+                continue
+            with pytest.raises(StepCodeError, match=re.escape(str(exc))):
+                stepcode._decode_words(bits, idx.size, k, old.size, *stepcode._next_bits(bits))
+            continue
+        slow = stepcode._decode_words(bits, idx.size, k, old.size, *stepcode._next_bits(bits))
+        assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1])
+        if trial % 2 == 0:
+            assert np.array_equal(fast[0], idx) and np.array_equal(stepped(old[idx], fast[1]), new)
