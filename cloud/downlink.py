@@ -214,6 +214,10 @@ class Downlink:
         self.versions.move_to_end(exported.info.model_id)
         while len(self.versions) > self.cfg.patch_bases + 1:
             self.versions.popitem(last=False)
+        if self.patching:  # the announcement offers the patches: making them is part of preparing the version
+            t0 = time.perf_counter()
+            self.patches()
+            self.step = dataclasses.replace(step, seconds=step.seconds + time.perf_counter() - t0)
 
     def state(self) -> tuple[dict[str, bytes], dict]:
         """(files by model id, chain facts) for a checkpoint: a coordinator resumed from it announces the file it

@@ -41,8 +41,10 @@ def main() -> int:
         between.append(time.perf_counter() - t0)
     k, b = statistics.median(keyframe), statistics.median(between)
     print(f"{args.model}, median of {args.repeats}: keyframe (export_model + quantize_static) {1000 * k:.0f} ms, "
-          f"between keyframes ({step.kind}: requantize in place + {len(downlink.patches())} patches) "
-          f"{1000 * b:.1f} ms: {k / b:.0f}x faster")
+          f"between keyframes ({step.kind}: requantize in place + {len(downlink.patches())} patches, "
+          f"{step.changed:,} int8 weights of {sum(v.size for v in server.master.values()):,} parameters changed) "
+          f"{1000 * b:.1f} ms: "
+          f"{k / b:.0f}x faster")
     return 0
 
 
