@@ -193,7 +193,9 @@ def paper_markdown(paper: dict, heading: str = "The paper's table (pqsu bench pa
                   f"{c['batch_size']}, lr {c['lr']}. Test sample: {c['eval_samples']}. Target accuracy "
                   f"{t['target_accuracy']:.2%}. Eager torch fp32 unpruned, batch 1: "
                   f"{t['torch_fp32_unpruned_b1_ms']:.2f} ms. Measured {t.get('measured_at', '?')}; the rows' runs "
-                  f"took {sum(r['wall_seconds'] for r in t['rows'].values()) / 60:.0f} min of wall time.", ""]
+                  f"took {sum(r['wall_seconds'] for r in t['rows'].values()) / 60:.0f} min of wall time." +
+                  "".join(f" Row {k} added {r['measured_at']}, on the same seed and pre-training." for k, r in
+                          t["rows"].items() if r.get("measured_at")), ""]
         if t.get("seeds"):  # before the header: a line between header and rows would end the table
             lines += [f"Over seeds {', '.join(map(str, t['seeds']))}: accuracies are means over the seeds, ± the "
                       "sample stdev of the row's last-3 mean, and of its gap to FedAvg on the same seed; bytes and "
