@@ -82,6 +82,7 @@ class FederatedConfig:
     patch_deadband: float = 0.5
     patch_bases: int = 4
     keyframe_headroom: float = 1.5
+    patch_saturate: bool = False     # the master's weights clipped to the held scales (DownlinkConfig.saturate)
 
     def __post_init__(self) -> None:
         from pqsu.cloud.aggregate import make_aggregator  # numpy: not needed to build a parser
@@ -140,7 +141,8 @@ class FederatedConfig:
 
         downlink = DownlinkConfig(policy=self.downlink, keyframe_every=self.keyframe_every,
                                   keyframe_clip=self.keyframe_clip, patch_cap=self.patch_cap,
-                                  deadband=self.patch_deadband, patch_bases=self.patch_bases, headroom=self.keyframe_headroom)
+                                  deadband=self.patch_deadband, patch_bases=self.patch_bases, headroom=self.keyframe_headroom,
+                                  saturate=self.patch_saturate)
         return ServerConfig(aggregator=self.aggregator, clip_norm=self.clip_norm, server_lr=self.server_lr,
                             server_momentum=self.server_momentum, server_opt=self.server_opt,
                             precision=self.precision, epochs=self.epochs,
@@ -310,6 +312,10 @@ FIELD_HELP: dict[str, tuple[str, str]] = {
                        "larger values stop weights near a rounding boundary from flipping back and forth"),
     "patch_bases": ("N", "patches are retained from this many earlier versions; a device further behind "
                     "downloads the full model"),
+    "patch_saturate": ("BOOL", "true: between keyframes, clip the master's weights to the held int8 scales, as "
+                       "devices see them, so updates cannot push the master's copy of a clipped weight further out "
+                       "unseen (a later keyframe would ship the overshoot); the keyframe drift counts the weights "
+                       "pressed past the scales"),
     "keyframe_headroom": ("H", "at a keyframe, widen the int8 weight scales by H so the model can grow "
                           "before it clips (coarser steps by the same factor)"),
 }

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pqsu.export.pipeline import Exported
-from pqsu.export.requantize import QdqLayout, capped_requantize, deadband_keep, fitting_scales, requantize, rescale
+from pqsu.export.requantize import (QdqLayout, capped_requantize, deadband_keep, fitting_scales, requantize, rescale,
+                                    saturate)
 from pqsu.protocol.model_follow import offers_of, wire_bytes
 from pqsu.protocol.model_id import VerifiedModel, stamped
 from pqsu.protocol.patch import PatchError, make_patch
@@ -55,6 +56,7 @@ class DownlinkConfig:
     deadband: float = 0.5             # steps the master must be from a held int8 weight to change it (0.5: exact)
     patch_bases: int = 4              # patches are kept from this many earlier versions
     headroom: float = 1.0             # weight scales x this at a keyframe
+    saturate: bool = False            # clip the master's weights to the held scales (drift: how many pressed past)
 
 
 def cap_bytes(cap: int | float, file_bytes: int) -> int:
@@ -178,8 +180,10 @@ class Downlink:
             return self.step
         t0 = time.perf_counter()
         base = self.current.data
+        pressed = saturate(master, self.layout) if self.cfg.saturate else None
         exact = requantize(base, master, layout=self.layout)
-        drift = Drift(self.since_keyframe + 1, exact.weights_clipped / max(1, exact.weight_entries))
+        clipped = exact.weights_clipped if pressed is None else pressed
+        drift = Drift(self.since_keyframe + 1, clipped / max(1, exact.weight_entries))
         kind = self.policy.decide(drift)
         if kind == "full":
             self.keyframe()

@@ -147,6 +147,28 @@ class Requantized:
         return sum(self.entries[k] for k in self.clipped)
 
 
+def saturate(master: Mapping[str, np.ndarray], layout: QdqLayout) -> int:
+    """Clip the master's weights, in place, to what the held int8 scales represent; returns how many
+    entries were beyond them. Devices only ever see a clipped weight at the range's end, and train from
+    there; without this the master's own copy keeps moving outward on their updates, unseen, until a
+    keyframe ships it (docs/design.md, "Downlink")."""
+    lo, hi = WEIGHT_RANGE
+    beyond = 0
+    for name, t in layout.tensors.items():
+        if t.kind != "weight" or name not in master:
+            continue
+        values = master[name]
+        view = values.reshape(t.shape)
+        if not np.shares_memory(view, values):
+            raise RequantizeError(f"{name}: the master's array cannot be clipped in place")
+        low = ((lo - t.zero_point) * t.scale).astype(view.dtype)
+        high = ((hi - t.zero_point) * t.scale).astype(view.dtype)
+        q = np.round(view.astype(np.float32) / t.scale) + t.zero_point  # counted as `quantize` counts clipping
+        beyond += int(np.count_nonzero((q < lo) | (q > hi)))
+        np.clip(view, low, high, out=view)
+    return beyond
+
+
 def requantize(base: bytes, master: Mapping[str, np.ndarray], *, layout: QdqLayout | None = None,
                keep: Mapping[str, np.ndarray] | None = None) -> Requantized:
     """The file that follows `base` for fp32 `master` (torch state_dict names, BN folded).

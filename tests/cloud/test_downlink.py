@@ -163,3 +163,20 @@ def test_a_checkpointed_chain_resumes_on_the_same_file_with_its_patches(trained_
     fresh = Downlink(server.downlink.cfg, server.export, server.master)
     fresh.resume(files, chain)
     assert fresh.current is None and not fresh.versions
+
+
+def test_a_saturating_downlink_keeps_the_master_what_the_devices_hold_and_keyframes_on_pressure(trained_cnn):
+    """With saturate, a weight past the held scales stays at the range's end in the master too, so the master
+    is the devices' model; the weights pressed past the scales are the drift that calls a keyframe."""
+    server = PatchingServer(trained_cnn, DownlinkConfig(policy="hard", saturate=True, keyframe_clip=0.001))
+    for v in server.master.values():
+        v *= np.float32(1.3)  # the master grew past the base file's scales
+    runner, _, _ = run(server, ["dev-a"], rounds=3)
+    kinds = [r["downlink"]["kind"] for r in runner.rounds]
+    assert kinds[0] == "keyframe" and runner.rounds[0]["downlink"]["clipped"] > 0.001  # pressure: a keyframe
+    assert kinds[-1] == "patch"  # the pressure relieved: patches again, from a master within the held scales
+    layout = server.downlink.layout
+    for name, t in layout.tensors.items():
+        if t.kind == "weight" and name in server.master:
+            q = np.round(server.master[name].reshape(t.shape) / t.scale) + t.zero_point
+            assert q.min() >= -127 and q.max() <= 127, name

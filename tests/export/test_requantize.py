@@ -10,7 +10,7 @@ from pqsu.export import measure
 from pqsu.export.bridge import read_int8_weights
 from pqsu.export.onnx_export import read_info
 from pqsu.export.requantize import (QdqLayout, RequantizeError, capped_requantize, deadband_keep, requantize,
-                                   step_changes)
+                                   saturate, step_changes)
 from pqsu.protocol import model_id
 from pqsu.protocol.patch import apply_patch, changed_entries, make_patch
 
@@ -180,3 +180,22 @@ def test_the_wire_walker_finds_every_initializer_value_where_onnx_reads_it(base)
             assert base[s.start:s.end] == expected and s.data_type == t.data_type, t.name
     meta = [s.key for s in spans(base) if s.kind == "meta"]
     assert meta == [p.key for p in proto.metadata_props]
+
+
+def test_saturating_clips_the_master_in_place_to_what_the_held_scales_represent(base, exported):
+    """A weight past the held scale reaches devices at the range's end; saturated, the master holds just that,
+    so requantizing it gives the same file and clips nothing."""
+    master = {k: v * 3.0 for k, v in exported.items()}  # grown far past the held scales
+    layout = QdqLayout.of(base)
+    grown = requantize(base, master, layout=layout)
+    assert grown.weights_clipped > 0
+    before = {k: v.copy() for k, v in master.items()}
+    pressed = saturate(master, layout)
+    assert pressed == grown.weights_clipped
+    after = requantize(base, master, layout=layout)
+    assert after.weights_clipped == 0 and after.data == grown.data  # the devices' model is the same
+    for name, t in layout.tensors.items():
+        if t.kind == "weight" and name in master:
+            inside = np.abs(before[name]).reshape(t.shape) <= 127 * t.scale
+            assert np.array_equal(master[name].reshape(t.shape)[inside], before[name].reshape(t.shape)[inside])
+    assert saturate(master, layout) == 0  # idempotent
