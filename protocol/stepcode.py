@@ -115,9 +115,8 @@ def decode(stream: bytes, nnz: int, k: int, numel: int) -> tuple[np.ndarray, np.
     n = bits.size
     next_zero, next_one = _next_bits(bits)
     sink = n + 1  # where a word that cannot be read "ends"; it ends there too
-    z = next_zero
-    flag_at = z + 1 + k
-    ok = (z < n) & (flag_at + 2 <= n)
+    flag_at = next_zero + 1 + k  # a word starting at p: unary ones up to next_zero[p], then k bits, then the flag
+    ok = (next_zero < n) & (flag_at + 2 <= n)
     flag_at = np.minimum(flag_at, n - 1) if n else flag_at
     escaped = ok & (bits[flag_at] == 1) if n else ok
     o = next_one[np.minimum(flag_at + 1, n)]
@@ -133,14 +132,15 @@ def decode(stream: bytes, nnz: int, k: int, numel: int) -> tuple[np.ndarray, np.
     if p == sink or (n - p) >= 8 or bits[p:].any():
         return _decode_words(bits, nnz, k, numel, next_zero, next_one)
     at = np.asarray(words, np.int64)
-    gaps = (next_zero[at] - at) << k
+    quotient_end = next_zero[at]
+    gaps = (quotient_end - at) << k
     padded = np.concatenate([bits, np.zeros(MAX_RICE_K, np.uint8)]).astype(np.int64)
     for j in range(k):
-        gaps |= padded[next_zero[at] + 1 + j] << (k - 1 - j)
+        gaps |= padded[quotient_end + 1 + j] << (k - 1 - j)
     indices = np.cumsum(gaps + 1) - 1
     if indices.size and indices[-1] >= numel:
         return _decode_words(bits, nnz, k, numel, next_zero, next_one)
-    flags = next_zero[at] + 1 + k
+    flags = quotient_end + 1 + k
     steps = np.where(padded[flags + 1] == 1, -1, 1).astype(np.int64)
     big = np.flatnonzero(padded[flags] == 1)
     if big.size:
